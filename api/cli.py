@@ -1,0 +1,204 @@
+"""`sidecar`: the command line. Each subcommand has --help; errors print one line, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from worker.errors import ConfigError, SchemaOutdated
+from worker.settings import Settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, SchemaOutdated) as exc:
+        print(f"sidecar: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from api import demo, emulator
+
+    parser = argparse.ArgumentParser(
+        prog="sidecar",
+        description="Keep a Qdrant vector store in sync with your application's text, embedding with "
+        "DashScope and recording every provider request in a SQL spend ledger. Settings come from "
+        "SIDECAR_* environment variables (and .env); see README.md.",
+    )
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    p = sub.add_parser("worker", help="run the Celery worker: ingest events and embed pending work",
+                       description="Consume sidecar.ingest / sidecar.ingest_many from the broker, record "
+                       "desired state in SQL, and embed, upsert and ledger pending documents.")
+    p.add_argument("--pool", choices=("threads", "prefork", "solo"), default="threads",
+                   help="Celery pool; local-mode Qdrant (no SIDECAR_QDRANT_URL) needs threads or solo "
+                   "(default: threads)")
+    p.add_argument("--concurrency", type=int, default=None,
+                   help="ingest task slots (default: SIDECAR_WORKER_CONCURRENCY, 4)")
+    p.add_argument("--embed-threads", type=int, default=2,
+                   help="embedding loops per process; each claims its own batches (default: 2)")
+    p.add_argument("--loglevel", default=None, help="log level (default: SIDECAR_LOG_LEVEL, INFO)")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("migrate", help="upgrade the SQL schema to the current revision",
+                       description="Run Alembic migrations on SIDECAR_DATABASE_URL (SQLite file in the "
+                       "data dir by default).")
+    p.add_argument("--revision", default="head", help="target revision for upgrade (default: head)")
+    p.add_argument("--downgrade", metavar="REV", help="downgrade to REV instead (e.g. base)")
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("status", help="documents by status, requests by outcome, backlog age",
+                       description="Counts of documents (pending, indexed, deleted, rejected, dead) and "
+                       "provider requests, read from SQL.")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("spend", help="provider requests, billed tokens and cost by day and model",
+                       description="The spend ledger summed by UTC day and model. Tokens are the "
+                       "provider-billed tokens; cost is CNY at the model's real-time price.")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_spend)
+
+    p = sub.add_parser("api", help="serve the HTTP API", description="Serve the HTTP API with uvicorn.")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.set_defaults(func=cmd_api)
+
+    emulator.add_parser(sub)
+    demo.add_parser(sub)
+    return parser
+
+
+def _engine(settings: Settings, *, check: bool = True) -> Any:
+    from worker import db, schema
+
+    engine = db.make_engine(settings.resolved_database_url())
+    if check:
+        schema.check_schema(engine)
+    return engine
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from worker import logs, tasks
+
+    settings = Settings()
+    logs.configure(args.loglevel or settings.log_level)
+    settings.model_spec()
+    if settings.dashscope_api_key is None:
+        raise ConfigError(
+            "DASHSCOPE_API_KEY is not set; set it (and SIDECAR_DASHSCOPE_URL for the emulator), "
+            "or run `sidecar demo`, which starts the emulator"
+        )
+    if settings.qdrant_url is None and args.pool == "prefork":
+        raise ConfigError(
+            "--pool prefork needs a Qdrant server (SIDECAR_QDRANT_URL): local mode "
+            "(SIDECAR_QDRANT_PATH) can be opened by one process only"
+        )
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    _engine(settings).dispose()
+    return run_worker(settings, pool=args.pool, concurrency=args.concurrency or settings.worker_concurrency,
+                      embed_threads=args.embed_threads, loglevel=args.loglevel or settings.log_level)
+
+
+def run_worker(settings: Settings, *, pool: str, concurrency: int, embed_threads: int, loglevel: str) -> int:
+    from celery import signals
+
+    from worker import tasks
+
+    app = tasks.create_celery(settings)
+    start = lambda **_: tasks.start_embedding(embed_threads)  # noqa: E731
+    if pool == "prefork":
+        signals.worker_process_init.connect(start, weak=False)
+    else:
+        signals.worker_ready.connect(start, weak=False)
+    app.worker_main(
+        ["worker", f"--pool={pool}", f"--concurrency={concurrency}", f"--loglevel={loglevel}",
+         "--hostname=sidecar@%h", "--without-gossip", "--without-mingle"]
+    )
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from worker import schema
+
+    settings = Settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    url = settings.resolved_database_url()
+    if args.downgrade:
+        schema.downgrade(url, args.downgrade)
+    else:
+        schema.upgrade(url, args.revision)
+    engine = _engine(settings, check=False)
+    print(f"schema at revision {schema.current_revision(engine) or 'base'}")
+    engine.dispose()
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from worker import reports
+
+    print(render_status(reports_of(reports.status), as_json=args.json))
+    return 0
+
+
+def cmd_spend(args: argparse.Namespace) -> int:
+    from worker import reports
+
+    print(render_spend(reports_of(reports.spend), as_json=args.json))
+    return 0
+
+
+def reports_of(report: Any) -> dict[str, Any]:
+    from sqlalchemy.orm import Session
+
+    engine = _engine(Settings())
+    try:
+        with Session(engine) as session:
+            return report(session)
+    finally:
+        engine.dispose()
+
+
+def render_status(data: dict[str, Any], *, as_json: bool) -> str:
+    if as_json:
+        return json.dumps(data, indent=2)
+    docs, reqs = data["documents"], data["requests"]
+    lines = ["documents"] + [f"  {k:<10}{v:>10}" for k, v in docs.items()]
+    lines += ["requests"] + [f"  {k:<10}{v:>10}" for k, v in reqs.items()]
+    age = data["oldest_pending_age_s"]
+    lines.append(f"oldest pending: {'-' if age is None else f'{age:.1f}s'}")
+    return "\n".join(lines)
+
+
+def render_spend(data: dict[str, Any], *, as_json: bool) -> str:
+    if as_json:
+        return json.dumps(data, indent=2)
+    head = f"{'day':<12}{'model':<20}{'requests':>10}{'failed':>8}{'rows':>9}{'tokens':>12}{'cost CNY':>16}"
+    lines = [head, "-" * len(head)]
+    for r in [*data["rows"], {"day": "total", "model": "", **data["total"]}]:
+        lines.append(f"{r['day']:<12}{r['model']:<20}{r['requests']:>10}{r['failed']:>8}{r['rows']:>9}"
+                     f"{r['tokens']:>12}{r['cost_cny']:>16}")
+    return "\n".join(lines)
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from api.app import create_app
+
+    uvicorn.run(create_app(Settings()), host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

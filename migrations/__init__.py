@@ -1,0 +1,1 @@
+"""Alembic revisions of the vector-sidecar schema (run with `sidecar migrate`)."""

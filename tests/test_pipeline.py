@@ -1,0 +1,151 @@
+"""The pipeline in-process on real parts: SQL, local-mode Qdrant, HTTP to the emulator."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from api.emulator import expected_vector
+from worker import pipeline, state
+from worker.db import Document, ProviderRequest, RequestItem
+from worker.events import parse_event
+from worker.tasks import ingest_events
+
+
+def drain(rt, max_cycles: int = 100) -> list[pipeline.Cycle]:
+    cycles = []
+    for _ in range(max_cycles):
+        cycle = pipeline.run_cycle(rt)
+        cycles.append(cycle)
+        if cycle.idle:
+            return cycles
+    raise AssertionError("work did not drain")
+
+
+def upsert(doc_id: str, text: str, version: int | None = None, **extra) -> dict:
+    event = {"op": "upsert", "doc_id": doc_id, "text": text, **extra}
+    if version is not None:
+        event["version"] = version
+    return event
+
+
+def test_events_become_points_with_ledger_rows_equal_to_the_bill(make_runtime, emulator):
+    rt = make_runtime()
+    outcome = ingest_events(rt, [upsert(f"d{i}", f"document number {i} about tea") for i in range(25)])
+    assert outcome == {"accepted": 25}
+    drain(rt)
+
+    assert rt.store.count("documents") == 25
+    points = rt.store.document_points("documents", "default", "d7")
+    assert [p.payload["version"] for p in points] == [0]
+    expected = expected_vector(rt.embedder.model, rt.embedder.dimensions, "document number 7 about tea")
+    assert max(abs(a - b) for a, b in zip(points[0].vector, expected)) < 1e-6
+    with rt.sessions() as session:
+        rows = session.execute(sa.select(ProviderRequest)).scalars().all()
+        items = session.execute(sa.select(sa.func.count()).select_from(RequestItem)).scalar_one()
+    assert [r.rows for r in rows] == [10, 10, 5]  # full batches across documents
+    assert items == 25
+    bill = emulator.bill()
+    assert sum(r.billed_tokens for r in rows) == bill["total_tokens"]
+    assert {r.provider_request_id for r in rows} == {b["request_id"] for b in bill["requests"]}
+    assert all(r.cost_nano_cny == r.billed_tokens * 500 for r in rows)
+
+
+def test_versions_reorder_and_deletes(make_runtime):
+    rt = make_runtime()
+    ingest_events(rt, [upsert("a", "second", version=2), upsert("a", "first", version=1)])
+    drain(rt)
+    assert [p.payload["version"] for p in rt.store.document_points("documents", "default", "a")] == [2]
+    ingest_events(rt, [{"op": "delete", "doc_id": "a", "version": 3}, upsert("a", "late", version=2)])
+    drain(rt)
+    assert rt.store.document_points("documents", "default", "a") == []
+    with rt.sessions() as session:
+        assert session.execute(sa.select(Document.status)).scalar_one() == "deleted"
+
+
+def test_unchanged_text_costs_nothing_again(make_runtime, emulator):
+    rt = make_runtime()
+    ingest_events(rt, [upsert("a", "same words", version=1)])
+    drain(rt)
+    ingest_events(rt, [upsert("a", "same words", version=2, metadata={"k": 1})])
+    drain(rt)
+    assert len(emulator.bill()["requests"]) == 1
+    points = rt.store.document_points("documents", "default", "a")
+    assert points[0].payload["version"] == 2 and points[0].payload["meta"] == {"k": 1}
+
+
+def test_long_text_is_chunked_and_shrinks(make_runtime):
+    rt = make_runtime(chunk_max_tokens=50, chunk_overlap_tokens=0)
+    long_text = " ".join(f"Sentence {i} tells a small story." for i in range(60))
+    ingest_events(rt, [upsert("long", long_text, version=1)])
+    drain(rt)
+    first = rt.store.document_points("documents", "default", "long")
+    assert len(first) > 3
+    ingest_events(rt, [upsert("long", "now short", version=2)])
+    drain(rt)
+    assert [(p.payload["chunk_index"], p.payload["version"]) for p in
+            rt.store.document_points("documents", "default", "long")] == [(0, 2)]
+
+
+def test_bad_events_are_rejected_and_the_rest_flow(make_runtime):
+    rt = make_runtime()
+    outcome = ingest_events(rt, [{"op": "upsert", "doc_id": "x"}, "junk", upsert("ok", "fine")])
+    assert outcome == {"rejected": 2, "accepted": 1}
+    drain(rt)
+    with rt.sessions() as session:
+        counts = state.document_counts(session)
+    assert counts["rejected"] == 2 and counts["indexed"] == 1
+
+
+def test_moderation_rejection_is_narrowed_to_one_document(make_runtime, emulator):
+    rt = make_runtime()
+    events = [upsert(f"d{i}", f"text {i}") for i in range(10)]
+    events[4] = upsert("d4", "bad <<BLOCKED>> words")
+    ingest_events(rt, events)
+    drain(rt)
+    with rt.sessions() as session:
+        statuses = dict(session.execute(sa.select(Document.doc_id, Document.status)).all())
+        last_error = session.execute(sa.select(Document.last_error).where(Document.doc_id == "d4")).scalar_one()
+    assert statuses.pop("d4") == "dead"
+    assert set(statuses.values()) == {"indexed"}
+    assert "DataInspectionFailed" in last_error or "inspection" in last_error.lower()
+
+
+def test_provider_errors_retry_and_never_reach_the_store(make_runtime, emulator):
+    rt = make_runtime()
+    emulator.configure(error_rate=1.0)
+    ingest_events(rt, [upsert("a", "hello")])
+    cycle = pipeline.run_cycle(rt)
+    assert cycle.failed == 1 and rt.store.count("documents") == 0 if cycle.failed else True
+    with rt.sessions() as session:
+        doc = session.execute(sa.select(Document)).scalar_one()
+        assert doc.status == "pending" and doc.last_error
+        session.execute(sa.update(Document).values(lease_until=None))
+        session.commit()
+    emulator.configure(error_rate=0.0)
+    drain(rt)
+    with rt.sessions() as session:
+        assert session.execute(sa.select(Document.status)).scalar_one() == "indexed"
+        statuses = sorted(session.execute(sa.select(ProviderRequest.status)).scalars())
+    assert statuses == ["failed", "succeeded"]
+
+
+def test_parse_event_names_field_and_rule():
+    import pytest
+
+    from worker.errors import InvalidEvent
+
+    kwargs = dict(default_collection="c", default_tenant="t", max_text_bytes=10, max_metadata_bytes=20)
+    cases = [
+        ({"op": "put", "doc_id": "a"}, "op"),
+        ({"op": "upsert", "doc_id": ""}, "doc_id"),
+        ({"op": "upsert", "doc_id": "a", "text": "x" * 11}, "text"),
+        ({"op": "upsert", "doc_id": "a", "text": "x", "version": -1}, "version"),
+        ({"op": "upsert", "doc_id": "a", "text": "x", "collection": "a b"}, "collection"),
+        ({"op": "upsert", "doc_id": "a", "text": "x", "metadata": {"k": "v" * 30}}, "metadata"),
+        ({"op": "delete", "doc_id": "a", "surprise": 1}, "surprise"),
+    ]
+    for raw, field in cases:
+        with pytest.raises(InvalidEvent) as info:
+            parse_event(raw, **kwargs)
+        assert info.value.field == field
+    assert parse_event({"op": "delete", "doc_id": "a"}, **kwargs).collection == "c"

@@ -1,0 +1,1 @@
+"""vector-sidecar worker: events → SQL desired state → chunks → DashScope embeddings → Qdrant + ledger."""

@@ -1,0 +1,205 @@
+"""SQL schema (desired state, ledger, cache, rejects) and the engine factory.
+
+SQLite runs in WAL mode and begins every transaction with BEGIN IMMEDIATE, so a transaction
+that reads and then writes never fails with SQLITE_BUSY half way (reliability.md §5).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# Integer primary keys: BIGINT on PostgreSQL, INTEGER (the rowid alias) on SQLite.
+BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class UTCDateTime(sa.TypeDecorator[dt.datetime]):
+    """Timezone-aware UTC datetimes on both dialects (SQLite stores them naive)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given; use worker.db.utcnow()")
+        return value.astimezone(dt.timezone.utc)
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=dt.timezone.utc)
+        return value
+
+
+class Base(DeclarativeBase):
+    metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {dict[str, Any]: sa.JSON, dt.datetime: UTCDateTime()}
+
+
+class Document(Base):
+    """Desired state of one document: the latest accepted version and how far it got."""
+
+    __tablename__ = "documents"
+    __table_args__ = (
+        sa.UniqueConstraint("tenant", "collection", "doc_id"),
+        sa.Index("ix_documents_status_updated", "status", "updated_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    tenant: Mapped[str] = mapped_column(sa.String(64))
+    collection: Mapped[str] = mapped_column(sa.String(64))
+    doc_id: Mapped[str] = mapped_column(sa.String(512))
+    version: Mapped[int] = mapped_column(sa.BigInteger)
+    op: Mapped[str] = mapped_column(sa.String(8))  # upsert | delete
+    text: Mapped[str | None] = mapped_column(sa.Text)
+    text_hash: Mapped[str | None] = mapped_column(sa.String(64))
+    meta: Mapped[dict[str, Any] | None]
+    status: Mapped[str] = mapped_column(sa.String(16))  # pending | indexed | deleted | dead
+    indexed_version: Mapped[int | None] = mapped_column(sa.BigInteger)
+    indexed_hash: Mapped[str | None] = mapped_column(sa.String(64))
+    chunk_count: Mapped[int | None]
+    attempts: Mapped[int] = mapped_column(default=0)
+    lease_owner: Mapped[str | None] = mapped_column(sa.String(128))
+    lease_until: Mapped[dt.datetime | None]
+    last_error: Mapped[str | None] = mapped_column(sa.Text)
+    event_id: Mapped[str | None] = mapped_column(sa.String(256))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class RejectedEvent(Base):
+    """An event that broke the contract, kept with its reason (and the event, capped)."""
+
+    __tablename__ = "rejected_events"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    received_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
+    field: Mapped[str] = mapped_column(sa.String(64))
+    reason: Mapped[str] = mapped_column(sa.Text)
+    collection: Mapped[str | None] = mapped_column(sa.String(64))
+    doc_id: Mapped[str | None] = mapped_column(sa.String(512))
+    event_json: Mapped[str | None] = mapped_column(sa.Text)
+
+
+class SeenEvent(Base):
+    """Idempotency keys (`event_id`) of accepted events."""
+
+    __tablename__ = "seen_events"
+
+    event_id: Mapped[str] = mapped_column(sa.String(256), primary_key=True)
+    received_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class ProviderRequest(Base):
+    """One provider call: written before it is sent, completed after (DESIGN §1)."""
+
+    __tablename__ = "provider_requests"
+
+    id: Mapped[str] = mapped_column(sa.String(36), primary_key=True)
+    provider_request_id: Mapped[str | None] = mapped_column(sa.String(128), index=True)
+    status: Mapped[str] = mapped_column(sa.String(16))  # sent | succeeded | failed | unknown
+    model: Mapped[str] = mapped_column(sa.String(64))
+    dimensions: Mapped[int]
+    api: Mapped[str] = mapped_column(sa.String(16))
+    rows: Mapped[int]
+    est_tokens: Mapped[int]
+    billed_tokens: Mapped[int | None]
+    # Money as integer nano-CNY (1e-9): exact on every dialect, and a token at 0.0005 CNY/1K is 500.
+    cost_nano_cny: Mapped[int | None] = mapped_column(sa.BigInteger)
+    http_status: Mapped[int | None]
+    error_code: Mapped[str | None] = mapped_column(sa.String(64))
+    error_message: Mapped[str | None] = mapped_column(sa.Text)
+    latency_ms: Mapped[float | None]
+    attempt: Mapped[int] = mapped_column(default=1)
+    key_fingerprint: Mapped[str | None] = mapped_column(sa.String(32))
+    worker: Mapped[str | None] = mapped_column(sa.String(128))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
+    completed_at: Mapped[dt.datetime | None]
+
+
+class RequestItem(Base):
+    """Which document version and chunk one row of a provider request served."""
+
+    __tablename__ = "provider_request_items"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    request_id: Mapped[str] = mapped_column(
+        sa.ForeignKey("provider_requests.id", ondelete="CASCADE"), index=True
+    )
+    document_id: Mapped[int] = mapped_column(sa.ForeignKey("documents.id"), index=True)
+    version: Mapped[int] = mapped_column(sa.BigInteger)
+    chunk_index: Mapped[int]
+    content_hash: Mapped[str] = mapped_column(sa.String(64))
+    est_tokens: Mapped[int]
+
+
+class CachedEmbedding(Base):
+    """Paid-for vectors by content, so unchanged or redelivered text costs nothing again."""
+
+    __tablename__ = "embedding_cache"
+
+    key: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    model: Mapped[str] = mapped_column(sa.String(64))
+    dimensions: Mapped[int]
+    vector: Mapped[bytes] = mapped_column(sa.LargeBinary)  # float32, little-endian
+    sparse: Mapped[dict[str, Any] | None]
+    request_id: Mapped[str | None] = mapped_column(sa.String(36))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+def make_engine(url: str, **kwargs: Any) -> Engine:
+    """An engine with the project's connection settings for SQLite or PostgreSQL."""
+    if url.startswith("sqlite"):
+        engine = sa.create_engine(url, connect_args={"timeout": 30}, **kwargs)
+        _sqlite_setup(engine)
+        return engine
+    return sa.create_engine(url, pool_pre_ping=True, **kwargs)
+
+
+def _sqlite_setup(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # let SQLAlchemy's begin event issue BEGIN
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def insert_ignore(session: Any, model: type[Base], rows: dict[str, Any] | list[dict[str, Any]]) -> int:
+    """INSERT … ON CONFLICT DO NOTHING on either dialect; returns how many rows went in."""
+    dialect = session.get_bind().dialect.name
+    insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
+    # rowcount is not reliable here (psycopg reports -1), so count the RETURNING rows.
+    key = sa.inspect(model).primary_key[0]
+    return len(session.execute(insert(model).values(rows).on_conflict_do_nothing().returning(key)).all())
+
+
+def make_sessionmaker(engine: Engine) -> sessionmaker:
+    return sessionmaker(engine, expire_on_commit=False)

@@ -1,0 +1,99 @@
+"""Every error vector-sidecar raises on purpose.
+
+    SidecarError
+    ├── ConfigError            settings that cannot work (stops start-up, names the setting)
+    ├── SchemaOutdated         the database is behind the code's migrations (run `sidecar migrate`)
+    ├── InvalidEvent           an event breaks the contract (names the field and the rule)
+    ├── RetryLater             transient: try the same work again after a backoff
+    │   ├── ProviderThrottled  429 from the provider (RPM, TPM, burst)
+    │   ├── ProviderUnavailable 5xx, timeouts, connection errors
+    │   ├── MalformedResponse  wrong count, dimension, index, NaN, truncated JSON
+    │   └── StoreUnavailable   the vector store did not answer
+    └── GiveUp                 permanent for this input: record why, do not retry as is
+        ├── InputRejected      the provider refused some texts (moderation, length, empty)
+        └── AccountError       key, arrears, not purchased, quota: pauses embedding for everyone
+
+The worker acts only on the split RetryLater versus GiveUp; adapters translate library
+exceptions into these at the boundary (`raise ... from exc`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CallInfo:
+    """What is known of one failed provider call, for the ledger."""
+
+    http_status: int | None = None
+    error_code: str | None = None
+    request_id: str | None = None
+    latency_ms: float | None = None
+    message: str | None = None
+
+
+class SidecarError(Exception):
+    """Root of vector-sidecar's own errors."""
+
+    call: CallInfo | None = None
+
+
+class ConfigError(SidecarError):
+    """A setting cannot work; the message names it."""
+
+
+class SchemaOutdated(SidecarError):
+    """The database schema is not at the code's head revision."""
+
+
+class InvalidEvent(SidecarError):
+    """An event breaks the contract of DESIGN §2."""
+
+    def __init__(self, field: str, rule: str) -> None:
+        self.field = field
+        self.rule = rule
+        super().__init__(f"{field}: {rule}")
+
+
+class RetryLater(SidecarError):
+    """Transient failure: the same work may succeed later."""
+
+    def __init__(
+        self, message: str, *, retry_after_s: float | None = None, call: CallInfo | None = None
+    ) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        self.call = call
+
+
+class ProviderThrottled(RetryLater):
+    """The provider answered 429 for a rate limit."""
+
+
+class ProviderUnavailable(RetryLater):
+    """5xx, timeout or connection failure talking to the provider."""
+
+
+class MalformedResponse(RetryLater):
+    """The provider's 2xx answer cannot be trusted (count, dimension, index, NaN, JSON)."""
+
+
+class StoreUnavailable(RetryLater):
+    """The vector store did not answer."""
+
+
+class GiveUp(SidecarError):
+    """Permanent for this input: record the reason, do not retry it unchanged."""
+
+    def __init__(self, message: str, *, call: CallInfo | None = None) -> None:
+        super().__init__(message)
+        self.call = call
+
+
+class InputRejected(GiveUp):
+    """The provider refused the input (moderation, too long, empty, too many rows)."""
+
+
+class AccountError(GiveUp):
+    """The account cannot be used (key, arrears, not purchased, free quota used up)."""

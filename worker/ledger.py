@@ -1,0 +1,89 @@
+"""The spend ledger: one row per provider call, written before the call and completed after.
+
+A crash between the provider's answer and our commit leaves a `sent` row with its estimate,
+never a silent gap; the reconciler closes such rows as `unknown`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from worker.db import ProviderRequest, RequestItem, utcnow
+from worker.embedding import EmbedResult
+from worker.errors import CallInfo
+
+
+@dataclass(frozen=True)
+class ItemRef:
+    """One row of a request: which document version and chunk it serves."""
+
+    document_id: int
+    version: int
+    chunk_index: int
+    content_hash: str
+    est_tokens: int
+
+
+def open_request(
+    session: Session,
+    *,
+    request_id: str,
+    model: str,
+    dimensions: int,
+    api: str,
+    rows: int,
+    est_tokens: int,
+    items: list[ItemRef],
+    attempt: int,
+    key_fingerprint: str | None,
+    worker: str,
+) -> None:
+    session.add(
+        ProviderRequest(
+            id=request_id, status="sent", model=model, dimensions=dimensions, api=api, rows=rows,
+            est_tokens=est_tokens, attempt=attempt, key_fingerprint=key_fingerprint, worker=worker,
+            created_at=utcnow(),
+        )
+    )
+    session.flush()
+    if items:
+        session.execute(
+            sa.insert(RequestItem),
+            [{"request_id": request_id, **item.__dict__} for item in items],
+        )
+
+
+def record_success(session: Session, request_id: str, result: EmbedResult, cost_nano_cny: int) -> None:
+    session.execute(
+        sa.update(ProviderRequest)
+        .where(ProviderRequest.id == request_id)
+        .values(
+            status="succeeded", provider_request_id=result.request_id, billed_tokens=result.billed_tokens,
+            cost_nano_cny=cost_nano_cny, http_status=result.http_status, latency_ms=result.latency_ms,
+            completed_at=utcnow(),
+        )
+    )
+
+
+def record_failure(
+    session: Session, request_id: str, call: CallInfo | None, *, message: str, unknown: bool = False
+) -> None:
+    """A failed call: nothing billed, or (`unknown`) the outcome cannot be known (timeout)."""
+    call = call or CallInfo()
+    session.execute(
+        sa.update(ProviderRequest)
+        .where(ProviderRequest.id == request_id)
+        .values(
+            status="unknown" if unknown else "failed",
+            provider_request_id=call.request_id,
+            billed_tokens=None if unknown else 0,
+            cost_nano_cny=None if unknown else 0,
+            http_status=call.http_status,
+            error_code=call.error_code,
+            error_message=message[:2000],
+            latency_ms=call.latency_ms,
+            completed_at=utcnow(),
+        )
+    )

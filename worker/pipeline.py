@@ -1,0 +1,262 @@
+"""What happens to pending work, top to bottom: one call per stage (DESIGN §1).
+
+    claim documents (lease) → deletes: remove points
+    upserts: chunk → look up paid-for vectors → plan batches of ≤ max rows
+    → for each batch: limiter.reserve → ledger intent → embed → ledger result + cache
+    → Qdrant write (version guard, stale chunks removed) → document indexed
+
+Under a backlog only full batches go out; the rows of a partial batch wait (their documents
+are handed back) until company arrives or the oldest has waited `batch_max_delay_s`.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from worker import batching, cache, chunking, ledger, state
+from worker.db import utcnow
+from worker.errors import (
+    AccountError,
+    InputRejected,
+    MalformedResponse,
+    RetryLater,
+    SidecarError,
+    StoreUnavailable,
+)
+from worker.runtime import Runtime
+from worker.store import ChunkVector
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Cycle:
+    """What one pass did; `idle` means nothing was pending."""
+
+    claimed: int = 0
+    indexed: int = 0
+    deleted: int = 0
+    requests: int = 0
+    rows: int = 0
+    held_back: int = 0
+    failed: int = 0
+    dead: int = 0
+    idle: bool = False
+
+
+@dataclass
+class _Work:
+    """Upserts of this cycle, their chunks and who needs which vector."""
+
+    docs: list[state.Claimed]
+    chunks: dict[int, list[chunking.Chunk]] = field(default_factory=dict)
+    keys: dict[int, list[str]] = field(default_factory=dict)
+    users: dict[str, list[tuple[state.Claimed, chunking.Chunk]]] = field(default_factory=lambda: defaultdict(list))
+    vectors: dict[str, list[float]] = field(default_factory=dict)
+    errors: dict[int, SidecarError] = field(default_factory=dict)
+
+
+def run_cycle(rt: Runtime) -> Cycle:
+    limit = rt.settings.claim_docs
+    with rt.sessions.begin() as session:
+        docs = state.claim(session, owner=rt.owner, limit=limit, lease_s=rt.settings.lease_s)
+    if not docs:
+        return Cycle(idle=True)
+    cycle = Cycle(claimed=len(docs))
+    live = []
+    for doc in docs:
+        if doc.attempts > rt.settings.max_attempts:  # leased again and again, never finished
+            with rt.sessions.begin() as session:
+                state.give_up(session, doc, owner=rt.owner,
+                              error=f"gave up after {doc.attempts - 1} attempts that never finished")
+            cycle.dead += 1
+        elif doc.op == "delete":
+            apply_delete(rt, doc, cycle)
+        else:
+            live.append(doc)
+    work = _Work(docs=live)
+    if not work.docs:
+        return cycle
+
+    plan_chunks(rt, work)
+    rows = missing_rows(rt, work)
+    batches = batching.plan_batches(
+        rows, max_rows=rt.spec.max_rows, max_tokens_per_row=rt.spec.max_tokens_per_row
+    )
+    full, rest = batching.split_full(batches, rt.spec.max_rows)
+    if rest and (len(docs) < limit or _oldest_wait_s(work, rest) >= rt.settings.batch_max_delay_s):
+        full.append(rest)
+    for batch in full:
+        if not embed_rows(rt, work, batch, cycle):
+            break  # the provider asked us to back off: leave the rest for later
+    finish(rt, work, cycle)
+    return cycle
+
+
+def apply_delete(rt: Runtime, doc: state.Claimed, cycle: Cycle) -> None:
+    try:
+        rt.store.delete_document(
+            doc.collection, doc.tenant, doc.doc_id, doc.version, dimensions=rt.embedder.dimensions
+        )
+    except RetryLater as exc:
+        _retry(rt, doc, exc, cycle)
+        return
+    with rt.sessions.begin() as session:
+        if state.mark_deleted(session, doc, owner=rt.owner):
+            cycle.deleted += 1
+
+
+def plan_chunks(rt: Runtime, work: _Work) -> None:
+    for doc in work.docs:
+        chunks = chunking.split_text(
+            doc.text or "", max_tokens=rt.chunk_max_tokens, overlap_tokens=rt.settings.chunk_overlap_tokens
+        )
+        work.chunks[doc.id] = chunks
+        keys = [rt.cache_key(chunk.content_hash) for chunk in chunks]
+        work.keys[doc.id] = keys
+        for key, chunk in zip(keys, chunks):
+            work.users[key].append((doc, chunk))
+
+
+def missing_rows(rt: Runtime, work: _Work) -> list[batching.Row]:
+    """Rows still to embed: chunks whose vectors were never paid for, each text once."""
+    with rt.sessions.begin() as session:
+        work.vectors.update(cache.get_many(session, work.users))
+    rows = []
+    for key, users in work.users.items():
+        if key not in work.vectors:
+            chunk = users[0][1]
+            rows.append(batching.Row(key=key, text=chunk.text, tokens=chunk.tokens))
+    return rows
+
+
+def embed_rows(rt: Runtime, work: _Work, rows: list[batching.Row], cycle: Cycle) -> bool:
+    """Embed one batch; False when the provider or the limiter asks everyone to wait."""
+    try:
+        work.vectors.update(call_provider(rt, work, rows, cycle))
+        return True
+    except InputRejected as exc:
+        if len(rows) > 1:  # narrow the rejection down to the offending text
+            half = len(rows) // 2
+            return embed_rows(rt, work, rows[:half], cycle) and embed_rows(rt, work, rows[half:], cycle)
+        for doc, _chunk in work.users[rows[0].key]:
+            work.errors[doc.id] = exc
+        return True
+    except (RetryLater, AccountError) as exc:
+        for row in rows:
+            for doc, _chunk in work.users[row.key]:
+                work.errors.setdefault(doc.id, exc)
+        return False
+
+
+def call_provider(rt: Runtime, work: _Work, rows: list[batching.Row], cycle: Cycle) -> dict[str, list[float]]:
+    est_tokens = sum(row.tokens for row in rows)
+    permit = rt.limiter.acquire(est_tokens, timeout_s=rt.settings.lease_s / 4)
+    request_id = str(uuid.uuid4())
+    items = [
+        ledger.ItemRef(doc.id, doc.version, chunk.index, chunk.content_hash, chunk.tokens)
+        for row in rows
+        for doc, chunk in work.users[row.key]
+    ]
+    with rt.sessions.begin() as session:
+        ledger.open_request(
+            session, request_id=request_id, model=rt.embedder.model, dimensions=rt.embedder.dimensions,
+            api=rt.embedder.api, rows=len(rows), est_tokens=est_tokens, items=items,
+            attempt=max(doc.attempts for doc, _ in work.users[rows[0].key]),
+            key_fingerprint=rt.settings.key_fingerprint(), worker=rt.owner,
+        )
+    cycle.requests += 1
+    try:
+        result = rt.embedder.embed([row.text for row in rows])
+    except SidecarError as exc:
+        rt.limiter.settle(permit, 0)
+        if exc.call is not None and exc.call.http_status == 429:
+            rt.limiter.throttled(getattr(exc, "retry_after_s", None))
+        unknown = exc.call is None or exc.call.http_status is None  # timeout: billing unknown
+        with rt.sessions.begin() as session:
+            ledger.record_failure(session, request_id, exc.call, message=str(exc), unknown=unknown)
+        log.warning("embed.failed id=%s rows=%d error=%s", request_id, len(rows), type(exc).__name__)
+        raise
+    rt.limiter.settle(permit, result.billed_tokens)
+    vectors = {row.key: vector for row, vector in zip(rows, result.vectors)}
+    with rt.sessions.begin() as session:
+        ledger.record_success(session, request_id, result, rt.spec.cost_nano_cny(result.billed_tokens))
+        cache.put_many(
+            session, vectors, model=rt.embedder.model, dimensions=rt.embedder.dimensions,
+            request_id=request_id,
+        )
+    cycle.rows += len(rows)
+    log.info(
+        "embed.done request_id=%s rows=%d tokens=%d ms=%.0f",
+        result.request_id, len(rows), result.billed_tokens, result.latency_ms,
+    )
+    return vectors
+
+
+def finish(rt: Runtime, work: _Work, cycle: Cycle) -> None:
+    """Write every document whose vectors are all there; the rest fail or wait."""
+    for doc in work.docs:
+        error = work.errors.get(doc.id)
+        if error is not None:
+            _failed(rt, doc, error, cycle)
+            continue
+        keys = work.keys[doc.id]
+        if not all(key in work.vectors for key in keys):
+            with rt.sessions.begin() as session:
+                state.release(session, doc, owner=rt.owner)
+            cycle.held_back += 1
+            continue
+        chunks = [
+            ChunkVector(chunk.index, chunk.text, chunk.content_hash, work.vectors[key])
+            for chunk, key in zip(work.chunks[doc.id], keys)
+        ]
+        try:
+            rt.store.ensure_collection(doc.collection, rt.embedder.dimensions)
+            written = rt.store.write_document(
+                doc.collection, doc.tenant, doc.doc_id, doc.version, chunks,
+                meta=doc.meta or {}, model=rt.embedder.model, dimensions=rt.embedder.dimensions,
+            )
+        except RetryLater as exc:
+            _retry(rt, doc, exc, cycle)
+            continue
+        if not written:  # the store holds a newer version or a delete: SQL will catch up or give up
+            _retry(rt, doc, MalformedResponse(f"the store holds a newer state than version {doc.version}"),
+                   cycle)
+            continue
+        with rt.sessions.begin() as session:
+            if state.mark_indexed(session, doc, owner=rt.owner, chunk_count=len(chunks)):
+                cycle.indexed += 1
+
+
+def _failed(rt: Runtime, doc: state.Claimed, error: SidecarError, cycle: Cycle) -> None:
+    if isinstance(error, InputRejected):
+        with rt.sessions.begin() as session:
+            state.give_up(session, doc, owner=rt.owner, error=f"provider rejected the text: {error}")
+        cycle.dead += 1
+        log.warning("document.dead id=%d reason=%s", doc.id, type(error).__name__)
+    else:
+        _retry(rt, doc, error, cycle)
+
+
+def _retry(rt: Runtime, doc: state.Claimed, error: SidecarError, cycle: Cycle) -> None:
+    """Back to pending after a backoff; only failures that may be the document's own count."""
+    counts = isinstance(error, (MalformedResponse, StoreUnavailable))
+    delay = 60.0 if isinstance(error, AccountError) else min(60.0, 0.5 * 2 ** min(doc.attempts, 7))
+    retry_after = getattr(error, "retry_after_s", None) or 0.0
+    with rt.sessions.begin() as session:
+        outcome = state.fail(
+            session, doc, owner=rt.owner, error=f"{type(error).__name__}: {error}",
+            retry_after_s=max(delay, retry_after),
+            max_attempts=rt.settings.max_attempts if counts else None,
+        )
+    cycle.failed += 1
+    cycle.dead += outcome == "dead"
+
+
+def _oldest_wait_s(work: _Work, rows: list[batching.Row]) -> float:
+    now = utcnow()
+    oldest = min(doc.updated_at for row in rows for doc, _ in work.users[row.key])
+    return (now - oldest).total_seconds()

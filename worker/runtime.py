@@ -1,0 +1,96 @@
+"""Wiring: the one place that picks an implementation for each seam from the settings.
+
+Built after fork (Celery's worker_process_init) or on first use, never at import time.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import sessionmaker
+
+from worker import cache, catalog, chunking, db
+from worker.embedding import Embedder
+from worker.limiter import Limits, LocalRateLimiter, RateLimiter
+from worker.settings import Settings
+from worker.store import QdrantStore, VectorStore
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker
+    store: VectorStore
+    embedder: Embedder
+    limiter: RateLimiter
+    spec: catalog.ModelSpec
+    owner: str
+    chunk_max_tokens: int
+    wake: threading.Event = field(default_factory=threading.Event)
+
+    def cache_key(self, content_hash: str) -> str:
+        return cache.cache_key(self.embedder.model, self.embedder.dimensions, content_hash)
+
+    def close(self) -> None:
+        self.embedder.close()
+        self.store.close()
+        self.engine.dispose()
+
+
+class SerializedStore:
+    """One call at a time into a store that is not thread-safe (qdrant-client local mode)."""
+
+    def __init__(self, store: VectorStore) -> None:
+        self._store = store
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._store, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                return attr(*args, **kwargs)
+
+        return call
+
+
+def build_store(settings: Settings) -> VectorStore:
+    store = QdrantStore.from_settings(settings)
+    return store if settings.qdrant_url else SerializedStore(store)  # type: ignore[return-value]
+
+
+def build_embedder(settings: Settings) -> Embedder:
+    from worker.dashscope import DashScopeEmbedder
+
+    return DashScopeEmbedder.from_settings(settings)
+
+
+def build_limiter(settings: Settings) -> RateLimiter:
+    limits = settings.rate_limits()
+    return LocalRateLimiter(Limits(limits.requests_per_minute, limits.tokens_per_minute))
+
+
+def build_runtime(settings: Settings, *, store: VectorStore | None = None,
+                  embedder: Embedder | None = None) -> Runtime:
+    spec = settings.model_spec()  # a configuration the model cannot serve stops here
+    engine = db.make_engine(settings.resolved_database_url())
+    max_tokens = settings.chunk_max_tokens or chunking.default_max_tokens(spec.max_tokens_per_row)
+    return Runtime(
+        settings=settings,
+        engine=engine,
+        sessions=db.make_sessionmaker(engine),
+        store=store or build_store(settings),
+        embedder=embedder or build_embedder(settings),
+        limiter=build_limiter(settings),
+        spec=spec,
+        owner=f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident() % 10000}",
+        chunk_max_tokens=min(max_tokens, spec.max_tokens_per_row),
+    )

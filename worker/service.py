@@ -1,0 +1,51 @@
+"""The embedding loop: threads in each worker process that drain pending work from SQL.
+
+Ingest tasks only record desired state and return, so a provider cooldown never holds a
+broker message; these threads claim work, wait on the limiter and write results.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from worker import pipeline
+from worker.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+class EmbedService:
+    def __init__(self, rt: Runtime, *, threads: int = 2) -> None:
+        self.rt = rt
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"sidecar-embed-{i}", daemon=True)
+            for i in range(threads)
+        ]
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+        log.info("embed.started threads=%d", len(self._threads))
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._stop.set()
+        self.rt.wake.set()
+        for thread in self._threads:
+            thread.join(timeout_s)
+
+    def _loop(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                cycle = pipeline.run_cycle(self.rt)
+                failures = 0
+            except Exception:  # a bug or an outage must not end the loop; the lease recovers the work
+                failures += 1
+                log.exception("embed.cycle_failed consecutive=%d", failures)
+                self._stop.wait(min(30.0, 0.5 * 2**failures))
+                continue
+            if cycle.idle or (cycle.held_back and not cycle.requests):
+                self.rt.wake.wait(self.rt.settings.poll_interval_s)
+                self.rt.wake.clear()

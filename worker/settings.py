@@ -1,0 +1,100 @@
+"""Settings from the environment (and a `.env` file); names are a contract (DESIGN §5).
+
+Built by `Settings()` in a factory, never at import time. The API key is a SecretStr: it is
+never printed, logged, sent through Celery or written to the ledger (only its fingerprint).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from worker import catalog
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="SIDECAR_", env_file=".env", extra="ignore", populate_by_name=True
+    )
+
+    data_dir: Path = Path(".sidecar")
+    broker_url: str | None = None
+    redis_url: str | None = None
+    database_url: str | None = None
+    qdrant_url: str | None = None
+    qdrant_api_key: SecretStr | None = None
+    qdrant_path: Path | None = None
+    collection_prefix: str = ""
+
+    dashscope_api_key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("DASHSCOPE_API_KEY", "SIDECAR_DASHSCOPE_API_KEY")
+    )
+    dashscope_url: str | None = None
+    region: Literal["beijing", "singapore"] = "beijing"
+    embedding_api: Literal["compatible", "native"] = "compatible"
+    embedding_model: str = "text-embedding-v4"
+    embedding_dimensions: int = 1024
+    request_timeout_s: float = 30.0
+
+    default_collection: str = "documents"
+    default_tenant: str = "default"
+    max_text_bytes: int = 1 << 20
+    max_metadata_bytes: int = 16 << 10
+    store_text: bool = True
+
+    chunk_max_tokens: int | None = None  # default: just under the model's max tokens per row
+    chunk_overlap_tokens: int = 64
+
+    claim_docs: int = 64  # documents claimed per cycle
+    lease_s: float = 120.0
+    batch_max_delay_s: float = 1.0  # a lone event waits at most this long for company
+    poll_interval_s: float = 0.1
+    max_attempts: int = 8  # embedding attempts before a document becomes a dead letter
+
+    requests_per_minute: int | None = None  # default: the model's limit in the region
+    tokens_per_minute: int | None = None
+
+    worker_concurrency: int = 4
+    log_level: str = "INFO"
+
+    @field_validator("dashscope_url")
+    @classmethod
+    def _strip_slash(cls, v: str | None) -> str | None:
+        return v.rstrip("/") if v else v
+
+    # --- derived values -------------------------------------------------------------------
+
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or f"sqla+sqlite:///{(self.data_dir / 'broker.sqlite').resolve()}"
+
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'sidecar.sqlite').resolve()}"
+
+    def resolved_qdrant_path(self) -> Path:
+        return self.qdrant_path or self.data_dir / "qdrant"
+
+    def provider_root(self) -> str:
+        return self.dashscope_url or catalog.REGION_URLS[self.region]
+
+    def model_spec(self) -> catalog.ModelSpec:
+        """The model spec, after checking the model can serve the configured size and region."""
+        return catalog.check_serving(self.embedding_model, self.embedding_dimensions, self.region)
+
+    def rate_limits(self) -> catalog.RateLimits:
+        spec = self.model_spec()
+        base = spec.rate_limits[self.region]
+        return catalog.RateLimits(
+            requests_per_minute=self.requests_per_minute or base.requests_per_minute,
+            tokens_per_minute=self.tokens_per_minute or base.tokens_per_minute,
+        )
+
+    def key_fingerprint(self) -> str | None:
+        """A short, non-reversible id of the API key, safe to store and show."""
+        if self.dashscope_api_key is None:
+            return None
+        digest = hashlib.sha256(self.dashscope_api_key.get_secret_value().encode()).hexdigest()
+        return f"sha256:{digest[:12]}"

@@ -1,0 +1,278 @@
+"""Desired state in SQL: accepting events (version rule), claiming work with leases, finishing it.
+
+The broker is a hint, SQL is the truth (DESIGN §1): an event is acknowledged only after its
+desired state is committed here. Every function takes a Session and leaves the commit to the
+caller, so each accept or claim is one short transaction.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from worker import tokens
+from worker.db import Document, RejectedEvent, SeenEvent, insert_ignore, utcnow
+from worker.events import Event
+
+Outcome = Literal["accepted", "stale", "duplicate"]
+REJECTED_EVENT_MAX_CHARS = 64 << 10
+
+
+def text_hash(text: str) -> str:
+    return hashlib.sha256(tokens.normalize(text).encode("utf-8")).hexdigest()
+
+
+def accept(session: Session, event: Event) -> Outcome:
+    """Record an event as the document's desired state, unless an equal or newer version is there.
+
+    Without a `version`, arrival order is the version (the stored one plus one).
+    """
+    now = utcnow()
+    if event.event_id is not None:
+        inserted = insert_ignore(session, SeenEvent, {"event_id": event.event_id, "received_at": now})
+        if not inserted:
+            return "duplicate"
+    values: dict[str, Any] = {
+        "op": event.op,
+        "text": event.text,
+        "text_hash": text_hash(event.text) if event.text is not None else None,
+        "meta": event.metadata,
+        "status": "pending",
+        "attempts": 0,
+        "last_error": None,
+        "event_id": event.event_id,
+        "updated_at": now,
+    }
+    key = {"tenant": event.tenant, "collection": event.collection, "doc_id": event.doc_id}
+    if insert_ignore(session, Document, {**key, **values, "version": event.version or 0, "created_at": now}):
+        return "accepted"
+
+    doc = session.execute(
+        sa.select(Document).filter_by(**key).with_for_update()
+    ).scalar_one()
+    if event.version is None:
+        version = doc.version + 1
+    elif event.version < doc.version:
+        return "stale"
+    elif event.version == doc.version:
+        return "duplicate"
+    else:
+        version = event.version
+    # A lease held on an older version stays: its holder sees the new version when it finishes
+    # and hands the document back, so two workers never write one document at once.
+    for name, value in {**values, "version": version}.items():
+        setattr(doc, name, value)
+    return "accepted"
+
+
+def reject(session: Session, raw: Any, field: str, reason: str) -> None:
+    """Keep a malformed event with its reason (and the event itself, capped) for later review."""
+    try:
+        event_json = json.dumps(raw, ensure_ascii=False, default=repr)
+    except (ValueError, TypeError):
+        event_json = repr(raw)
+    doc_id = raw.get("doc_id") if isinstance(raw, dict) else None
+    collection = raw.get("collection") if isinstance(raw, dict) else None
+    session.add(
+        RejectedEvent(
+            field=field[:64],
+            reason=reason,
+            doc_id=doc_id[:512] if isinstance(doc_id, str) else None,
+            collection=collection[:64] if isinstance(collection, str) else None,
+            event_json=event_json[:REJECTED_EVENT_MAX_CHARS],
+        )
+    )
+
+
+_one_less = sa.case((Document.attempts > 0, Document.attempts - 1), else_=0)
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A document leased to one worker for one version."""
+
+    id: int
+    tenant: str
+    collection: str
+    doc_id: str
+    version: int
+    op: str
+    text: str | None
+    text_hash: str | None
+    meta: dict[str, Any] | None
+    attempts: int
+    updated_at: dt.datetime
+
+
+def claim(session: Session, *, owner: str, limit: int, lease_s: float) -> list[Claimed]:
+    """Lease up to `limit` pending documents, oldest first (SKIP LOCKED on PostgreSQL)."""
+    now = utcnow()
+    ready = (
+        sa.select(Document.id)
+        .where(Document.status == "pending")
+        .where(sa.or_(Document.lease_until.is_(None), Document.lease_until < now))
+        .order_by(Document.updated_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    rows = session.execute(
+        sa.update(Document)
+        .where(Document.id.in_(ready))
+        .values(
+            lease_owner=owner,
+            lease_until=now + dt.timedelta(seconds=lease_s),
+            attempts=Document.attempts + 1,
+        )
+        .returning(
+            Document.id, Document.tenant, Document.collection, Document.doc_id, Document.version,
+            Document.op, Document.text, Document.text_hash, Document.meta, Document.attempts,
+            Document.updated_at,
+        )
+        .execution_options(synchronize_session=False)
+    ).all()
+    return sorted((Claimed(*row) for row in rows), key=lambda c: c.updated_at)
+
+
+def _mine(doc: Claimed, owner: str) -> sa.ColumnElement[bool]:
+    return sa.and_(
+        Document.id == doc.id, Document.version == doc.version, Document.lease_owner == owner
+    )
+
+
+def _handed_back(session: Session, doc: Claimed, owner: str) -> None:
+    """The document moved on to a newer version while leased: give it back for another round."""
+    session.execute(
+        sa.update(Document)
+        .where(Document.id == doc.id, Document.lease_owner == owner)
+        .values(lease_owner=None, lease_until=None, attempts=0)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def mark_indexed(session: Session, doc: Claimed, *, owner: str, chunk_count: int) -> bool:
+    """Finish an upsert; False when a newer version arrived meanwhile (it stays pending)."""
+    done = session.execute(
+        sa.update(Document)
+        .where(_mine(doc, owner))
+        .values(
+            status="indexed", indexed_version=doc.version, indexed_hash=doc.text_hash,
+            chunk_count=chunk_count, attempts=0, lease_owner=None, lease_until=None,
+            last_error=None,
+        )
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if not done:
+        _handed_back(session, doc, owner)
+    return bool(done)
+
+
+def mark_deleted(session: Session, doc: Claimed, *, owner: str) -> bool:
+    done = session.execute(
+        sa.update(Document)
+        .where(_mine(doc, owner))
+        .values(
+            status="deleted", indexed_version=doc.version, indexed_hash=None, chunk_count=0,
+            text=None, attempts=0, lease_owner=None, lease_until=None, last_error=None,
+        )
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if not done:
+        _handed_back(session, doc, owner)
+    return bool(done)
+
+
+def release(session: Session, doc: Claimed, *, owner: str) -> None:
+    """Hand a document back untouched (its rows wait for a fuller batch); not an attempt."""
+    session.execute(
+        sa.update(Document)
+        .where(Document.id == doc.id, Document.lease_owner == owner)
+        .values(
+            lease_owner=None,
+            lease_until=None,
+            attempts=_one_less,
+        )
+        .execution_options(synchronize_session=False)
+    )
+
+
+def fail(
+    session: Session,
+    doc: Claimed,
+    *,
+    owner: str,
+    error: str,
+    retry_after_s: float,
+    max_attempts: int | None,
+) -> str:
+    """Record a failed attempt: back to pending after `retry_after_s`, or dead after max_attempts.
+
+    `max_attempts=None` is a failure that says nothing about the document (throttling, an
+    outage): it does not count as an attempt and never makes a dead letter.
+    """
+    dead = max_attempts is not None and doc.attempts >= max_attempts
+    values: dict[str, Any] = {
+        "status": "dead" if dead else "pending",
+        "last_error": error[:2000],
+        "lease_owner": None,
+        "lease_until": None if dead else utcnow() + dt.timedelta(seconds=retry_after_s),
+    }
+    if max_attempts is None:
+        values["attempts"] = _one_less
+    session.execute(
+        sa.update(Document)
+        .where(Document.id == doc.id, Document.lease_owner == owner)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    return "dead" if dead else "pending"
+
+
+def give_up(session: Session, doc: Claimed, *, owner: str, error: str) -> None:
+    """The provider refused this document's text for good: a dead letter with the reason."""
+    session.execute(
+        sa.update(Document)
+        .where(_mine(doc, owner))
+        .values(status="dead", last_error=error[:2000], lease_owner=None, lease_until=None)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def has_more_pending(session: Session) -> bool:
+    now = utcnow()
+    return (
+        session.execute(
+            sa.select(Document.id)
+            .where(Document.status == "pending")
+            .where(sa.or_(Document.lease_until.is_(None), Document.lease_until < now))
+            .limit(1)
+        ).first()
+        is not None
+    )
+
+
+def document_counts(session: Session) -> dict[str, int]:
+    counts = {"pending": 0, "indexed": 0, "deleted": 0, "rejected": 0, "dead": 0}
+    for status, n in session.execute(
+        sa.select(Document.status, sa.func.count()).group_by(Document.status)
+    ):
+        counts[status] = n
+    counts["rejected"] = session.execute(sa.select(sa.func.count()).select_from(RejectedEvent)).scalar_one()
+    return counts
+
+
+def oldest_pending_age_s(session: Session) -> float | None:
+    oldest = session.execute(
+        sa.select(sa.func.min(Document.updated_at)).where(Document.status == "pending")
+    ).scalar_one()
+    if oldest is None:
+        return None
+    if oldest.tzinfo is None:
+        oldest = oldest.replace(tzinfo=dt.timezone.utc)
+    return max(0.0, (utcnow() - oldest).total_seconds())

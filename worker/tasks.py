@@ -1,0 +1,120 @@
+"""The Celery app and its tasks: `sidecar.ingest` (one event) and `sidecar.ingest_many` (a list).
+
+A task validates each event, commits its desired state (or its rejection) in SQL, and
+returns; the message is acknowledged after that (acks_late). A malformed event never raises.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from typing import Any
+
+from celery import Celery, signals
+
+from worker import state
+from worker.errors import InvalidEvent
+from worker.events import parse_event
+from worker.runtime import Runtime, build_runtime
+from worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+VISIBILITY_TIMEOUT_S = 3600
+
+_runtime: Runtime | None = None
+_runtime_lock = threading.Lock()
+
+
+def runtime() -> Runtime:
+    """This process's Runtime, built on first use (after fork)."""
+    global _runtime
+    with _runtime_lock:
+        if _runtime is None:
+            _runtime = build_runtime(Settings())
+        return _runtime
+
+
+def ingest_events(rt: Runtime, raw_events: list[Any]) -> dict[str, int]:
+    """Validate and record each event in its own transaction; returns counts by outcome."""
+    s = rt.settings
+    outcomes: Counter[str] = Counter()
+    for raw in raw_events:
+        try:
+            event = parse_event(
+                raw, default_collection=s.default_collection, default_tenant=s.default_tenant,
+                max_text_bytes=s.max_text_bytes, max_metadata_bytes=s.max_metadata_bytes,
+            )
+        except InvalidEvent as exc:
+            with rt.sessions.begin() as session:
+                state.reject(session, raw, exc.field, exc.rule)
+            log.warning("event.rejected field=%s rule=%s", exc.field, exc.rule)
+            outcomes["rejected"] += 1
+            continue
+        with rt.sessions.begin() as session:
+            outcomes[state.accept(session, event)] += 1
+    if outcomes["accepted"]:
+        rt.wake.set()
+    return dict(outcomes)
+
+
+def create_celery(settings: Settings) -> Celery:
+    app = Celery("sidecar", broker=settings.resolved_broker_url(), set_as_current=False)
+    transport = {"visibility_timeout": VISIBILITY_TIMEOUT_S}
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=4,
+        worker_hijack_root_logger=False,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options=transport,
+        visibility_timeout=VISIBILITY_TIMEOUT_S,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+    )
+
+    # Both take *args/**kwargs so that a call with the wrong shape is recorded as rejected
+    # instead of failing inside Celery before our code runs.
+    @app.task(name="sidecar.ingest", bind=True, max_retries=None)
+    def ingest(self: Any, *args: Any, **kwargs: Any) -> dict[str, int]:
+        if len(args) == 1 and not kwargs:
+            return _run(self, [args[0]])
+        return _run(self, [], bad_call="sidecar.ingest takes one positional argument: an event object")
+
+    @app.task(name="sidecar.ingest_many", bind=True, max_retries=None)
+    def ingest_many(self: Any, *args: Any, **kwargs: Any) -> dict[str, int]:
+        if len(args) == 1 and not kwargs and isinstance(args[0], list):
+            return _run(self, args[0])
+        return _run(self, [], bad_call="sidecar.ingest_many takes one positional argument: a list of events")
+
+    return app
+
+
+def _run(task: Any, events: list[Any], *, bad_call: str | None = None) -> dict[str, int]:
+    try:
+        rt = runtime()
+        if bad_call is not None:
+            with rt.sessions.begin() as session:
+                state.reject(session, {"args": task.request.args, "kwargs": task.request.kwargs},
+                             "arguments", bad_call)
+            return {"rejected": 1}
+        return ingest_events(rt, events)
+    except Exception as exc:  # SQL unavailable and the like: the same message is retried
+        log.warning("ingest.retry error=%s", type(exc).__name__)
+        raise task.retry(exc=exc, countdown=min(60, 2 ** min(task.request.retries, 6)))
+
+
+def start_embedding(threads: int) -> None:
+    """Start this process's embedding loop once the worker (or its pool child) is up."""
+    from worker.service import EmbedService
+
+    service = EmbedService(runtime(), threads=threads)
+    service.start()
+
+    @signals.worker_shutdown.connect(weak=False)
+    def _stop(**_: Any) -> None:
+        service.stop()
