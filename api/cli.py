@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from api import demo, emulator
+    from api import audit, demo, emulator
 
     parser = argparse.ArgumentParser(
         prog="sidecar",
@@ -63,12 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("spend", help="provider requests, billed tokens and cost by day and model",
-                       description="The spend ledger summed by UTC day and model. Tokens are the "
-                       "provider-billed tokens; cost is CNY at the model's real-time price.")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_spend)
-
     p = sub.add_parser("api", help="serve the HTTP API", description="Serve the HTTP API with uvicorn.")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
@@ -76,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     emulator.add_parser(sub)
     demo.add_parser(sub)
+    audit.add_parsers(sub)
     return parser
 
 
@@ -151,13 +146,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_spend(args: argparse.Namespace) -> int:
-    from worker import reports
-
-    print(render_spend(reports_of(reports.spend), as_json=args.json))
-    return 0
-
-
 def reports_of(report: Any) -> dict[str, Any]:
     from sqlalchemy.orm import Session
 
@@ -177,17 +165,9 @@ def render_status(data: dict[str, Any], *, as_json: bool) -> str:
     lines += ["requests"] + [f"  {k:<10}{v:>10}" for k, v in reqs.items()]
     age = data["oldest_pending_age_s"]
     lines.append(f"oldest pending: {'-' if age is None else f'{age:.1f}s'}")
-    return "\n".join(lines)
-
-
-def render_spend(data: dict[str, Any], *, as_json: bool) -> str:
-    if as_json:
-        return json.dumps(data, indent=2)
-    head = f"{'day':<12}{'model':<20}{'requests':>10}{'failed':>8}{'rows':>9}{'tokens':>12}{'cost CNY':>16}"
-    lines = [head, "-" * len(head)]
-    for r in [*data["rows"], {"day": "total", "model": "", **data["total"]}]:
-        lines.append(f"{r['day']:<12}{r['model']:<20}{r['requests']:>10}{r['failed']:>8}{r['rows']:>9}"
-                     f"{r['tokens']:>12}{r['cost_cny']:>16}")
+    for key, value in data.items():  # anything else the report carries (pauses, budgets)
+        if key not in ("documents", "requests", "oldest_pending_age_s"):
+            lines.append(f"{key}: {json.dumps(value)}")
     return "\n".join(lines)
 
 

@@ -44,11 +44,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
+# Two events that break the contract, sent along with the sample: they are recorded as rejected
+# with their reasons (see `sidecar status`) and everything else flows on.
+MALFORMED = [
+    {"op": "upsert", "doc_id": "demo-missing-text", "collection": "demo"},
+    {"op": "rename", "doc_id": "demo-bad-op", "collection": "demo", "text": "?"},
+]
+
+
 def load_events(path: Path | None) -> list[Any]:
     if path is None:
         text = resources.files("worker").joinpath("data/sample_events.jsonl").read_text("utf-8")
+        extra: list[Any] = list(MALFORMED)
     else:
         text = path.read_text("utf-8")
+        extra = []
     events = []
     for number, line in enumerate(text.splitlines(), 1):
         if line.strip():
@@ -56,7 +66,7 @@ def load_events(path: Path | None) -> list[Any]:
                 events.append(json.loads(line))
             except json.JSONDecodeError:
                 events.append({"_unparsable_line": number})  # the worker records it as rejected
-    return events
+    return events + extra
 
 
 def expected_state(events: list[Any], default_collection: str) -> dict[tuple[str, str], int]:
@@ -200,6 +210,7 @@ def summary(settings: Any, elapsed_s: float, query: str, emulator: Any) -> str:
         st = reports.status(session)
         spend = reports.spend(session)["total"]
     engine.dispose()
+    bill = emulator.bill() if emulator is not None else None  # before the search query is charged
     store = QdrantStore.from_settings(settings)
     embedder = build_embedder(settings)
     try:
@@ -223,8 +234,7 @@ def summary(settings: Any, elapsed_s: float, query: str, emulator: Any) -> str:
         f"cost     : CNY {spend['cost_cny']} at the real-time price",
         f"time     : {elapsed_s:.1f}s from first publish to drained",
     ]
-    if emulator is not None:
-        bill = emulator.bill()
+    if bill is not None:
         match = "matches the ledger" if bill["total_tokens"] == spend["tokens"] else "DIFFERS from the ledger"
         lines.append(f"bill     : the emulator charged {bill['total_tokens']} tokens in "
                      f"{len(bill['requests'])} requests; {match}")

@@ -33,7 +33,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import math
 import random
 import threading
 import time
@@ -125,11 +124,13 @@ def _token_counts(ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
     return unique, 1.0 + np.log(counts)
 
 
-def _dense(model: str, dims: int, text: str, ids: list[int], text_type: str, instruct: str | None) -> np.ndarray:
+def _dense(
+    model: str, dims: int, text: str, ids: list[int], text_type: str, instruct: str | None
+) -> np.ndarray:
     salt = np.uint64(int.from_bytes(_seed(model, dims)[:8], "little"))
     unique, weights = _token_counts(ids)
-    keys = unique[:, None] * np.uint64(_SLOTS_PER_TOKEN) + np.arange(_SLOTS_PER_TOKEN, dtype=np.uint64)
-    hashed = _mix(keys + salt)
+    slots = np.arange(_SLOTS_PER_TOKEN, dtype=np.uint64)
+    hashed = _mix(unique[:, None] * np.uint64(_SLOTS_PER_TOKEN) + slots + salt)
     signs = np.where(hashed >> np.uint64(63), 1.0, -1.0) * weights[:, None]
     tokens = np.bincount((hashed % np.uint64(dims)).astype(np.intp).ravel(), signs.ravel(), dims)
     seed = _seed(model, dims, text_type, instruct, text)
@@ -202,8 +203,11 @@ class ProviderError(Exception):
     def body(self, api: str, request_id: str) -> dict:
         if api == "native":
             return {"code": self.code, "message": self.message, "request_id": request_id}
-        error = {"message": self.compat_message, "type": self.compat_type, "param": None, "code": self.compat_code}
-        return {"error": error, "request_id": request_id}
+        error = {"message": self.compat_message, "type": self.compat_type, "param": None}
+        return {"error": {**error, "code": self.compat_code}, "request_id": request_id}
+
+
+_ILLEGAL = "BadRequest.IllegalInput"
 
 
 def _invalid(message: str, code: str = "InvalidParameter") -> ProviderError:
@@ -227,7 +231,8 @@ def _too_long(spec: ModelSpec) -> ProviderError:
 
 def _rpm() -> ProviderError:
     return ProviderError(
-        429, "Throttling.RateQuota", "limit_requests", "Requests rate limit exceeded, please try again later.",
+        429, "Throttling.RateQuota", "limit_requests",
+        "Requests rate limit exceeded, please try again later.",
         compat_message="You exceeded your current requests list.", compat_type="limit_requests",
     )
 
@@ -236,7 +241,8 @@ def _tpm() -> ProviderError:
     return ProviderError(
         429, "Throttling.AllocationQuota", "insufficient_quota",
         "Allocated quota exceeded, please increase your quota limit.",
-        compat_message="You exceeded your current quota, please check your plan and billing details.",
+        compat_message="You exceeded your current quota, please check your plan and billing "
+        "details.",
         compat_type="insufficient_quota",
     )
 
@@ -332,7 +338,9 @@ def _parse(api: str, body: dict, config: EmulatorConfig) -> _Call:
         if body.get("encoding_format", "float") not in ("float", None):
             raise _invalid("Value error, encoding_format only supports float.")
     if len(texts) > spec.max_rows:
-        raise _invalid(f"Value error, batch size is invalid, it should not be larger than {spec.max_rows}.")
+        raise _invalid(
+            f"Value error, batch size is invalid, it should not be larger than {spec.max_rows}."
+        )
     dims = spec.default_dimensions if dims is None else dims
     if type(dims) is not int or dims not in spec.dimensions:
         allowed = ", ".join(str(d) for d in spec.dimensions)
@@ -354,27 +362,29 @@ def _parse(api: str, body: dict, config: EmulatorConfig) -> _Call:
         if not text.strip() or len(row) * config.token_factor > spec.max_tokens_per_row:
             raise _too_long(spec)
     tokens = round(sum(len(row) for row in ids) * config.token_factor)
-    return _Call(spec, texts, ids, tokens, dims, text_type, instruct, "dense" in output_type, "sparse" in output_type)
+    dense, sparse = "dense" in output_type, "sparse" in output_type
+    return _Call(spec, texts, ids, tokens, dims, text_type, instruct, dense, sparse)
 
 
 def _answer(api: str, call: _Call, request_id: str) -> dict:
-    model, dims = call.spec.name, call.dimensions
-    if api == "compatible":
-        data = [
-            {"object": "embedding", "index": i, "embedding": _dense(model, dims, t, ids, "document", None).tolist()}
-            for i, (t, ids) in enumerate(zip(call.texts, call.ids))
-        ]
-        usage = {"prompt_tokens": call.tokens, "total_tokens": call.tokens}
-        return {"object": "list", "model": model, "data": data, "usage": usage, "id": request_id}
-    rows = []
+    model, rows = call.spec.name, []
     for i, (text, ids) in enumerate(zip(call.texts, call.ids)):
         row: dict = {"text_index": i}
         if call.dense:
-            row["embedding"] = _dense(model, dims, text, ids, call.text_type, call.instruct).tolist()
+            vector = _dense(model, call.dimensions, text, ids, call.text_type, call.instruct)
+            row["embedding"] = vector.tolist()
         if call.sparse:
             row["sparse_embedding"] = _sparse(model, ids)
         rows.append(row)
-    return {"output": {"embeddings": rows}, "usage": {"total_tokens": call.tokens}, "request_id": request_id}
+    if api == "native":
+        usage = {"total_tokens": call.tokens}
+        return {"output": {"embeddings": rows}, "usage": usage, "request_id": request_id}
+    data = [
+        {"object": "embedding", "index": row["text_index"], "embedding": row["embedding"]}
+        for row in rows
+    ]
+    usage = {"prompt_tokens": call.tokens, "total_tokens": call.tokens}
+    return {"object": "list", "model": model, "data": data, "usage": usage, "id": request_id}
 
 
 # --- state --------------------------------------------------------------------------------
@@ -474,8 +484,16 @@ def create_app(config: EmulatorConfig) -> Starlette:
     async def embed(request: Request, api: str) -> Response:
         request_id = str(uuid.uuid4())
         cfg = state.config
-        entry = {"request_id": request_id, "api": api, "model": None, "status": 200,
-                 "code": None, "rows": 0, "tokens": 0, "at": time.time()}
+        entry = {
+            "request_id": request_id,
+            "api": api,
+            "model": None,
+            "status": 200,
+            "code": None,
+            "rows": 0,
+            "tokens": 0,
+            "at": time.time(),
+        }
         charged, truncate, hang = False, False, False
         try:
             if _bearer(request) not in cfg.api_keys:
@@ -483,9 +501,9 @@ def create_app(config: EmulatorConfig) -> Starlette:
             try:
                 body = json.loads(await request.body())
             except ValueError:
-                raise _invalid("The request body is not valid JSON.", "BadRequest.IllegalInput") from None
+                raise _invalid("The request body is not valid JSON.", _ILLEGAL) from None
             if not isinstance(body, dict):
-                raise _invalid("The request body must be a JSON object.", "BadRequest.IllegalInput")
+                raise _invalid("The request body must be a JSON object.", _ILLEGAL)
             entry["model"], entry["rows"] = _describe(api, body)
             call = _parse(api, body, cfg)
             throttled = state.admit(call.spec.name, call.tokens)
@@ -559,10 +577,73 @@ def serve(config: EmulatorConfig, host: str = "127.0.0.1", port: int = 8765) -> 
     uvicorn.run(create_app(config), host=host, port=port, log_level="warning", access_log=False)
 
 
+class RunningEmulator:
+    """An emulator serving from a background thread of this process (demo, tests, benchmarks)."""
+
+    def __init__(self, config: EmulatorConfig, host: str = "127.0.0.1", port: int = 0,
+                 start_timeout_s: float = 10.0) -> None:
+        import socket
+
+        import httpx
+        import uvicorn
+
+        # IPPROTO_TCP explicitly: asyncio then sets TCP_NODELAY on accepted connections
+        # (without it every small answer waits ~40 ms for delayed ACKs).
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((host, port))
+        self.url = f"http://{host}:{self._sock.getsockname()[1]}"
+        self.config = config
+        self.api_key = config.api_keys[0] if config.api_keys else None
+        self._server = uvicorn.Server(uvicorn.Config(
+            create_app(config), log_level="warning", access_log=False, timeout_graceful_shutdown=1
+        ))
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
+                                        name="sidecar-emulator", daemon=True)
+        self._thread.start()
+        self.client = httpx.Client(base_url=self.url, timeout=10.0)
+        deadline = time.monotonic() + start_timeout_s
+        while True:
+            try:
+                self.client.get("/_emulator/config").raise_for_status()
+                return
+            except httpx.TransportError:
+                if time.monotonic() > deadline or not self._thread.is_alive():
+                    self.stop()
+                    raise RuntimeError(f"the emulator did not start on {self.url}") from None
+                time.sleep(0.02)
+
+    def configure(self, **fields: object) -> dict:
+        return self.client.post("/_emulator/config", json=fields).raise_for_status().json()
+
+    def bill(self) -> dict:
+        return self.client.get("/_emulator/bill").raise_for_status().json()
+
+    def log(self) -> list[dict]:
+        return self.client.get("/_emulator/log").raise_for_status().json()
+
+    def reset(self) -> None:
+        self.client.post("/_emulator/reset").raise_for_status()
+        self.configure(**dataclasses.asdict(self.config))
+
+    def stop(self) -> None:
+        if hasattr(self, "client"):
+            self.client.close()
+        self._server.should_exit = True
+        self._thread.join(timeout=10.0)
+        self._sock.close()
+
+
+def start_in_thread(config: EmulatorConfig, host: str = "127.0.0.1", port: int = 0) -> RunningEmulator:
+    """Start the emulator on a background thread; `port=0` picks a free port (see `.url`)."""
+    return RunningEmulator(config, host, port)
+
+
 # --- CLI ----------------------------------------------------------------------------------
 
 
-def _config_from_args(args: argparse.Namespace) -> EmulatorConfig:
+def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
+    """The EmulatorConfig of parsed `sidecar emulator` flags (unset flags keep defaults)."""
     fields = {f.name for f in dataclasses.fields(EmulatorConfig)} - {"api_keys"}
     values = {name: getattr(args, name) for name in fields if getattr(args, name) is not None}
     if args.api_key:
@@ -572,11 +653,12 @@ def _config_from_args(args: argparse.Namespace) -> EmulatorConfig:
 
 def _run(args: argparse.Namespace) -> int:
     try:
-        config = _config_from_args(args)
+        config = config_from_args(args)
     except ValueError as exc:
         print(f"sidecar emulator: {exc}")
         return 2
-    print(f"emulator.listening url=http://{args.host}:{args.port} region={config.region}", flush=True)
+    url = f"http://{args.host}:{args.port}"
+    print(f"emulator.listening url={url} region={config.region}", flush=True)
     serve(config, args.host, args.port)
     return 0
 
@@ -603,11 +685,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add("--latency-ms", type=float, help="added latency of every answer in milliseconds")
     add("--error-rate", type=float, help="share of requests answered 500/503 (0..1)")
     add("--throttle-rate", type=float, help="share of requests answered 429 at random (0..1)")
-    add("--hang-rate", type=float, help="share of requests that hang --hang-s before answering (0..1)")
+    add("--hang-rate", type=float, help="share of requests that sleep --hang-s first (0..1)")
     add("--hang-s", type=float, help="how long a hanging request sleeps (default 30)")
-    add("--truncate-rate", type=float, help="share of 200 answers with a truncated JSON body (0..1)")
-    add("--inspection-marker", help="texts containing this fail DataInspectionFailed (default <<BLOCKED>>)")
-    add("--token-factor", type=float, help="multiply counted tokens by this (simulates estimate drift)")
+    add("--truncate-rate", type=float, help="share of 200 answers with a cut JSON body (0..1)")
+    add("--inspection-marker",
+        help="texts containing this fail with DataInspectionFailed (default <<BLOCKED>>)")
+    add("--token-factor", type=float, help="scale counted tokens by this (simulates drift)")
     add("--seed", type=int, help="seed of the fault-injection random draws (default 0)")
     parser.set_defaults(func=_run)
     return parser

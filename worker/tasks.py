@@ -60,8 +60,14 @@ def ingest_events(rt: Runtime, raw_events: list[Any]) -> dict[str, int]:
 
 
 def create_celery(settings: Settings) -> Celery:
-    app = Celery("sidecar", broker=settings.resolved_broker_url(), set_as_current=False)
-    transport = {"visibility_timeout": VISIBILITY_TIMEOUT_S}
+    broker = settings.resolved_broker_url()
+    app = Celery("sidecar", broker=broker, set_as_current=False)
+    # Redis emulates acks with a visibility timeout (set it everywhere it is read); the SQLAlchemy
+    # transport of the embedded default hands its options to create_engine instead.
+    transport: dict[str, Any] = (
+        {"visibility_timeout": VISIBILITY_TIMEOUT_S} if broker.startswith(("redis", "rediss"))
+        else {"connect_args": {"timeout": 30}} if broker.startswith("sqla+sqlite") else {}
+    )
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],

@@ -1,0 +1,55 @@
+"""Migrations upgrade and downgrade on SQLite and PostgreSQL; autogenerate finds no difference."""
+
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+
+from worker import db, schema
+from worker.errors import SchemaOutdated
+
+
+def test_upgrade_downgrade_and_no_drift(database_url):
+    engine = db.make_engine(database_url)
+    with pytest.raises(SchemaOutdated, match="sidecar migrate"):
+        schema.check_schema(engine)
+
+    schema.upgrade(database_url)
+    schema.check_schema(engine)
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), db.Base.metadata)
+    assert diff == []
+
+    schema.downgrade(database_url, "base")
+    assert set(sa.inspect(engine).get_table_names()) <= {"alembic_version"}
+    schema.upgrade(database_url)
+    schema.check_schema(engine)
+    engine.dispose()
+
+
+def test_cli_migrate_and_worker_refuses_outdated_schema(tmp_path, monkeypatch, capsys):
+    from api.cli import main
+
+    monkeypatch.setenv("SIDECAR_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("DASHSCOPE_API_KEY", "sk-test")
+    monkeypatch.delenv("SIDECAR_DATABASE_URL", raising=False)
+    assert main(["worker"]) == 2
+    assert "run `sidecar migrate` first" in capsys.readouterr().err
+    assert main(["migrate"]) == 0
+    assert "schema at revision 0001" in capsys.readouterr().out
+
+
+def test_worker_refuses_a_model_that_cannot_serve_the_configuration(tmp_path, monkeypatch, capsys):
+    from api.cli import main
+
+    monkeypatch.setenv("SIDECAR_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("SIDECAR_EMBEDDING_MODEL", "text-embedding-v2")
+    assert main(["worker"]) == 2
+    assert "SIDECAR_EMBEDDING_DIMENSIONS=1024" in capsys.readouterr().err
+    monkeypatch.setenv("SIDECAR_EMBEDDING_MODEL", "text-embedding-v1")
+    monkeypatch.setenv("SIDECAR_EMBEDDING_DIMENSIONS", "1536")
+    monkeypatch.setenv("SIDECAR_REGION", "singapore")
+    assert main(["worker"]) == 2
+    assert "not served in SIDECAR_REGION='singapore'" in capsys.readouterr().err

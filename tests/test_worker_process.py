@@ -1,0 +1,134 @@
+"""End to end: a real `sidecar worker` process on a real Redis broker, events from a plain Celery client.
+
+The publisher imports nothing from the project (a producer in another application would not),
+the worker talks HTTP to the emulator, and afterwards Qdrant, the ledger and the emulator's
+bill are compared.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from celery import Celery
+from qdrant_client import QdrantClient
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def wait_for(condition, *, timeout_s: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"worker exited ({proc.returncode}) while waiting for {what}:\n"
+                                 f"{log.read_text()[-4000:] if log else ''}")
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}\n{log.read_text()[-4000:] if log else ''}")
+
+
+@pytest.fixture()
+def worker_env(tmp_path, database_url, redis_url, emulator):
+    broker = redis_url.rsplit("/", 1)[0] + "/14"
+    import redis
+
+    redis.Redis.from_url(broker).flushdb()
+    env = {
+        **os.environ,
+        "SIDECAR_DATA_DIR": str(tmp_path),
+        "SIDECAR_BROKER_URL": broker,
+        "SIDECAR_DATABASE_URL": database_url,
+        "SIDECAR_QDRANT_PATH": str(tmp_path / "qdrant"),
+        "DASHSCOPE_API_KEY": emulator.api_key,
+        "SIDECAR_DASHSCOPE_URL": emulator.url,
+        "SIDECAR_BATCH_MAX_DELAY_S": "0.2",
+    }
+    env.pop("SIDECAR_QDRANT_URL", None)
+    subprocess.run([sys.executable, "-m", "api.cli", "migrate"], env=env, cwd=ROOT, check=True,
+                   capture_output=True)
+    return env
+
+
+def start_worker(env, log: Path) -> subprocess.Popen:
+    with open(log, "wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "api.cli", "worker", "--loglevel", "INFO"],
+                                env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+
+
+def stop_worker(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_events_to_qdrant_and_ledger_matching_the_bill(worker_env, tmp_path, emulator):
+    env = worker_env
+    log = tmp_path / "worker.log"
+    proc = start_worker(env, log)
+    producer = Celery(broker=env["SIDECAR_BROKER_URL"])
+    producer.conf.task_serializer = "json"
+    try:
+        events = [{"op": "upsert", "doc_id": f"doc-{i}", "version": 1, "text": f"Note {i}: tea and maps.",
+                   "metadata": {"n": i}} for i in range(40)]
+        events += [{"op": "upsert", "doc_id": "doc-3", "version": 2, "text": "Note 3, rewritten."},
+                   {"op": "delete", "doc_id": "doc-5", "version": 2},
+                   {"op": "upsert", "doc_id": "doc-7", "version": 0, "text": "older, ignored"},
+                   {"op": "upsert", "doc_id": "bad"},  # no text: rejected, the rest flow on
+                   "not an object"]
+        producer.send_task("sidecar.ingest_many", args=[events[:20]])
+        for event in events[20:]:
+            producer.send_task("sidecar.ingest", args=[event])
+
+        engine = sa.create_engine(env["SIDECAR_DATABASE_URL"])
+
+        def settled():
+            with engine.connect() as conn:
+                rows = conn.execute(sa.text("select doc_id, version, status from documents")).all()
+                rejected = conn.execute(sa.text("select count(*) from rejected_events")).scalar_one()
+            state = {d: (v, s) for d, v, s in rows}
+            return (len(state) == 40 and rejected == 2 and state["doc-3"][0] == 2
+                    and state["doc-5"][0] == 2 and all(s != "pending" for _, s in state.values())) and state
+
+        state = wait_for(settled, timeout_s=60, what="all documents settled", proc=proc, log=log)
+    finally:
+        stop_worker(proc)
+
+    assert state["doc-5"] == (2, "deleted")
+    assert state["doc-7"] == (1, "indexed")
+    assert sum(s == "indexed" for _, s in state.values()) == 39
+    with engine.connect() as conn:
+        ledger = conn.execute(sa.text(
+            "select provider_request_id, billed_tokens, rows, status from provider_requests")).all()
+        served = conn.execute(sa.text("select count(*) from provider_request_items")).scalar_one()
+    engine.dispose()
+    bill = emulator.bill()
+    assert sum(r.billed_tokens for r in ledger) == bill["total_tokens"]
+    assert sorted(r.provider_request_id for r in ledger) == sorted(b["request_id"] for b in bill["requests"])
+    assert served == sum(r.rows for r in ledger) >= 39  # every indexed document was embedded
+
+    client = QdrantClient(path=env["SIDECAR_QDRANT_PATH"])
+    try:
+        points, _ = client.scroll("documents", limit=1000, with_payload=True)
+        live = [p for p in points if not p.payload.get("deleted")]
+        by_doc = {p.payload["doc_id"]: p.payload for p in live}
+        assert len(live) == 39 and "doc-5" not in by_doc
+        assert by_doc["doc-3"]["version"] == 2 and by_doc["doc-3"]["text"] == "Note 3, rewritten."
+        assert by_doc["doc-8"]["meta"] == {"n": 8} and by_doc["doc-8"]["version"] == 1
+    finally:
+        client.close()
+    assert "tea and maps" not in log.read_text()  # document text never reaches the log
+    assert emulator.api_key not in log.read_text()
