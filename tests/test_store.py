@@ -64,7 +64,8 @@ def make_client(kind: str, tmp_path) -> QdrantClient:
     return client
 
 
-@pytest.fixture(params=["path", "memory", "server"])
+# The server backend joins only when SIDECAR_TEST_QDRANT_URL names one.
+@pytest.fixture(params=["path", "memory", *(["server"] if QDRANT_URL else [])])
 def backend(request, tmp_path) -> Iterator[tuple[QdrantClient, str]]:
     """A client and a collection prefix of its own; the test's collections are dropped after."""
     client = make_client(request.param, tmp_path)

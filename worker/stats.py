@@ -1,0 +1,73 @@
+"""Counters kept in SQL, so every process adds to the same numbers and metrics read them at scrape time.
+
+    record_outcomes   events by outcome (accepted, stale, duplicate; rejected events are rows)
+    record_avoided    tokens never sent: dedup (cache hits, shared rows) and coalescing
+                      (a pending version replaced before it was embedded)
+
+Each call is one upsert-increment per label set, inside the caller's transaction.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from typing import Literal
+
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from worker.db import utcnow
+from worker.db_audit import Counter
+
+AvoidedKind = Literal["dedup", "coalesced"]
+EVENT_PREFIX = "events_"
+AVOIDED_PREFIX = "tokens_avoided_"
+
+
+def hour_bucket(at: dt.datetime) -> str:
+    return at.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H")
+
+
+def record_outcomes(session: Session, outcomes: Mapping[str, int], *, now: dt.datetime | None = None) -> None:
+    """Add ingest outcomes ({"accepted": 3, "stale": 1, ...}); zero counts are skipped."""
+    bucket = hour_bucket(now or utcnow())
+    rows = [
+        {"bucket": bucket, "name": f"{EVENT_PREFIX}{outcome}"[:32], "model": "", "collection": "",
+         "tenant": "", "value": int(n)}
+        for outcome, n in sorted(outcomes.items()) if n
+    ]
+    _increment(session, rows)
+
+
+def record_avoided(
+    session: Session,
+    kind: AvoidedKind,
+    tokens_by: Mapping[tuple[str, str], int],
+    *,
+    model: str,
+    now: dt.datetime | None = None,
+) -> None:
+    """Add tokens that were not sent, by (collection, tenant)."""
+    if kind not in ("dedup", "coalesced"):
+        raise ValueError(f"kind must be dedup or coalesced, got {kind!r}")
+    bucket = hour_bucket(now or utcnow())
+    rows = [
+        {"bucket": bucket, "name": f"{AVOIDED_PREFIX}{kind}", "model": model, "collection": collection,
+         "tenant": tenant, "value": int(n)}
+        for (collection, tenant), n in sorted(tokens_by.items()) if n
+    ]
+    _increment(session, rows)
+
+
+def _increment(session: Session, rows: list[dict]) -> None:
+    if not rows:
+        return
+    dialect = session.get_bind().dialect.name
+    insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
+    stmt = insert(Counter).values(rows)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["bucket", "name", "model", "collection", "tenant"],
+        set_={"value": Counter.value + stmt.excluded.value},
+    )
+    session.execute(stmt)
