@@ -1,34 +1,224 @@
-"""`sidecar spend` (and the spend audit commands that follow): the ledger summed for people."""
+"""`sidecar spend` and `sidecar estimate`: the ledger summed for people, and a backfill priced before it is sent."""
 
 from __future__ import annotations
 
 import argparse
+import csv
+import datetime as dt
+import io
 import json
+import sys
+from collections.abc import Iterable
+from decimal import Decimal
 from typing import Any
+
+from worker.errors import ConfigError, InvalidEvent
+from worker.settings import Settings
+
+GROUPINGS = ("hour", "day", "model", "collection", "tenant")
+_NUMBERS = (("requests", 10), ("failed", 8), ("rows", 9), ("tokens", 12), ("tokens_avoided_dedup", 12),
+            ("tokens_avoided_coalesced", 12), ("cost_cny", 16))
+_HEADS = {"tokens_avoided_dedup": "dedup", "tokens_avoided_coalesced": "coalesced", "cost_cny": "cost CNY"}
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("spend", help="provider requests, billed tokens and cost by day and model",
-                       description="The spend ledger summed by UTC day and model. Tokens are the "
-                       "provider-billed tokens; cost is CNY at the model's real-time price.")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p = sub.add_parser("spend", help="provider requests, billed tokens and cost by day and model (or --by)",
+                       description="The spend ledger summed by UTC day and model, or by one grouping. "
+                       "Tokens are the provider-billed tokens; cost is CNY at the model's real-time price; "
+                       "`dedup` and `coalesced` are tokens avoided (never sent).")
+    p.add_argument("--by", choices=GROUPINGS, help="group by this instead of day and model")
+    p.add_argument("--since", type=_instant, help="from this UTC instant (ISO 8601, e.g. 2026-11-01)")
+    p.add_argument("--until", type=_instant, help="up to, not including, this UTC instant")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print JSON")
+    out.add_argument("--csv", action="store_true", help="print CSV")
     p.set_defaults(func=cmd_spend)
+
+    p = sub.add_parser("estimate", help="price a backfill (JSONL events) before anything is sent",
+                       description="Read events (one JSON object a line), coalesce them per document, chunk "
+                       "and deduplicate as the worker would, and print the tokens, requests, cost at the "
+                       "real-time and the batch price, and the least time at the configured rate limits. "
+                       "Nothing is sent and no database is needed.")
+    p.add_argument("file", help="JSONL file of events; - for stdin")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_estimate)
+
+
+def _instant(text: str) -> dt.datetime:
+    try:
+        at = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 date or time") from None
+    return at.replace(tzinfo=dt.timezone.utc) if at.tzinfo is None else at.astimezone(dt.timezone.utc)
+
+
+# --- spend ------------------------------------------------------------------------------------
 
 
 def cmd_spend(args: argparse.Namespace) -> int:
     from api.cli import reports_of
     from worker import reports
 
-    print(render_spend(reports_of(reports.spend), as_json=args.json))
+    data = reports_of(lambda s: reports.spend(s, by=args.by, since=args.since, until=args.until))
+    print(render_spend(data, as_json=args.json, as_csv=getattr(args, "csv", False)), end="" if args.csv else "\n")
     return 0
 
 
-def render_spend(data: dict[str, Any], *, as_json: bool) -> str:
+def _key_names(data: dict[str, Any]) -> list[str]:
+    return data["by"].split(",")
+
+
+def render_spend(data: dict[str, Any], *, as_json: bool, as_csv: bool = False) -> str:
     if as_json:
         return json.dumps(data, indent=2)
-    head = f"{'day':<12}{'model':<20}{'requests':>10}{'failed':>8}{'rows':>9}{'tokens':>12}{'cost CNY':>16}"
+    keys = _key_names(data)
+    total = {**{k: "" for k in keys}, keys[0]: "total", **data["total"]}
+    if as_csv:
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow([*keys, *(name for name, _ in _NUMBERS)])
+        for r in [*data["rows"], total]:
+            writer.writerow([r.get(k) if r.get(k) is not None else "" for k in keys] + [r[n] for n, _ in _NUMBERS])
+        return buf.getvalue()
+    widths = {k: max([len(k), 6, *(len(str(r.get(k) or "")) for r in data["rows"])]) + 2 for k in keys}
+    head = "".join(f"{k:<{widths[k]}}" for k in keys) + "".join(f"{_HEADS.get(n, n):>{w}}" for n, w in _NUMBERS)
     lines = [head, "-" * len(head)]
-    for r in [*data["rows"], {"day": "total", "model": "", **data["total"]}]:
-        lines.append(f"{r['day']:<12}{r['model']:<20}{r['requests']:>10}{r['failed']:>8}{r['rows']:>9}"
-                     f"{r['tokens']:>12}{r['cost_cny']:>16}")
+    for r in [*data["rows"], total]:
+        lines.append("".join(f"{str(r.get(k) if r.get(k) is not None else '-'):<{widths[k]}}" for k in keys)
+                     + "".join(f"{r[n]:>{w}}" for n, w in _NUMBERS))
+    return "\n".join(lines)
+
+
+# --- estimate ---------------------------------------------------------------------------------
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    settings = Settings()
+    if args.file == "-":
+        data = estimate(sys.stdin, settings)
+    else:
+        try:
+            with open(args.file, encoding="utf-8") as fh:
+                data = estimate(fh, settings, progress=sys.stderr.isatty())
+        except OSError as exc:
+            raise ConfigError(f"cannot read {args.file}: {exc.strerror}") from None
+    data = {"file": args.file, **data}
+    print(json.dumps(data, indent=2) if args.json else render_estimate(data))
+    return 0
+
+
+def estimate(lines: Iterable[str], settings: Settings, *, progress: bool = False) -> dict[str, Any]:
+    """Price a backfill the way the worker would embed it: coalesce, chunk, dedup, batch."""
+    from worker import batching, chunking, tokens
+    from worker.events import parse_event
+
+    spec = settings.model_spec()
+    limits = settings.rate_limits()
+    max_tokens = min(settings.chunk_max_tokens or chunking.default_max_tokens(spec.max_tokens_per_row),
+                     spec.max_tokens_per_row)
+    latest: dict[tuple[str, str, str], tuple[int, Any]] = {}
+    superseded: list[str] = []
+    events = 0
+    invalid: list[dict[str, Any]] = []
+    invalid_count = 0
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        events += 1
+        if progress and events % 10_000 == 0:
+            print(f"\rread {events} events", end="", file=sys.stderr, flush=True)
+        try:
+            event = parse_event(
+                json.loads(line), default_collection=settings.default_collection,
+                default_tenant=settings.default_tenant, max_text_bytes=settings.max_text_bytes,
+                max_metadata_bytes=settings.max_metadata_bytes,
+            )
+        except (InvalidEvent, ValueError) as exc:
+            invalid_count += 1
+            if len(invalid) < 20:
+                rule = f"{exc.field}: {exc.rule}" if isinstance(exc, InvalidEvent) else f"not JSON ({exc})"
+                invalid.append({"line": number, "reason": rule})
+            continue
+        key = (event.tenant, event.collection, event.doc_id)
+        held = latest.get(key)
+        if held is None:
+            latest[key] = (event.version or 0, event)
+            continue
+        version = held[0] + 1 if event.version is None else event.version
+        if version <= held[0]:
+            if event.op == "upsert" and event.text:
+                superseded.append(event.text)  # stale or duplicate: never embedded
+            continue
+        if held[1].op == "upsert" and held[1].text:
+            superseded.append(held[1].text)
+        latest[key] = (version, event)
+    if progress and events >= 10_000:
+        print(file=sys.stderr)
+
+    rows: dict[str, batching.Row] = {}
+    chunk_count = dedup_tokens = deletes = 0
+    for _version, event in latest.values():
+        if event.op == "delete":
+            deletes += 1
+            continue
+        for chunk in chunking.split_text(event.text or "", max_tokens=max_tokens,
+                                         overlap_tokens=settings.chunk_overlap_tokens):
+            chunk_count += 1
+            if chunk.content_hash in rows:
+                dedup_tokens += chunk.tokens
+            else:
+                rows[chunk.content_hash] = batching.Row(chunk.content_hash, chunk.text, chunk.tokens)
+    batches = batching.plan_batches(list(rows.values()), max_rows=spec.max_rows,
+                                    max_tokens_per_row=spec.max_tokens_per_row)
+    total_tokens = sum(r.tokens for r in rows.values())
+    requests = len(batches)
+    min_s = max(requests / limits.requests_per_second, total_tokens / limits.tokens_per_second) if requests else 0.0
+    return {
+        "events": events,
+        "invalid": invalid_count,
+        "invalid_examples": invalid,
+        "documents": len(latest),
+        "deletes": deletes,
+        "chunks": chunk_count,
+        "rows": len(rows),
+        "requests": requests,
+        "tokens": total_tokens,
+        "tokens_avoided": {"dedup": dedup_tokens,
+                           "coalesced": sum(tokens.count_tokens(t) for t in superseded)},
+        "model": spec.name,
+        "cost_cny": _plain(spec.cost_cny(total_tokens)),
+        "batch_cost_cny": _plain(spec.cost_cny(total_tokens, batch=True)),
+        "requests_per_minute": limits.requests_per_minute,
+        "tokens_per_minute": limits.tokens_per_minute,
+        "min_duration_s": round(min_s, 3),
+    }
+
+
+def _plain(value: Decimal) -> str:
+    return format(value.quantize(Decimal("1e-9")), "f")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, s = divmod(round(seconds), 60)
+    hours, m = divmod(minutes, 60)
+    return f"{hours}h {m:02d}m {s:02d}s" if hours else f"{m}m {s:02d}s"
+
+
+def render_estimate(data: dict[str, Any]) -> str:
+    rows = [
+        ("events", data["events"]), ("invalid events", data["invalid"]), ("documents", data["documents"]),
+        ("deletes (free)", data["deletes"]), ("chunks", data["chunks"]), ("rows to embed", data["rows"]),
+        ("requests", data["requests"]), ("tokens", data["tokens"]),
+        ("avoided by dedup", data["tokens_avoided"]["dedup"]),
+        ("avoided by coalescing", data["tokens_avoided"]["coalesced"]),
+        ("model", data["model"]),
+        ("cost CNY, real-time", data["cost_cny"]), ("cost CNY, batch", data["batch_cost_cny"]),
+        ("limits", f"{data['requests_per_minute']} req/min, {data['tokens_per_minute']} tokens/min"),
+        ("least time", _duration(data["min_duration_s"])),
+    ]
+    lines = [f"{name:<24}{value:>24}" for name, value in rows]
+    for bad in data["invalid_examples"]:
+        lines.append(f"  line {bad['line']}: {bad['reason']}")
     return "\n".join(lines)

@@ -203,3 +203,25 @@ def insert_ignore(session: Any, model: type[Base], rows: dict[str, Any] | list[d
 
 def make_sessionmaker(engine: Engine) -> sessionmaker:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+class ProviderPause(Base):
+    """Embedding paused for every process, with the reason (an account-level provider error)."""
+
+    __tablename__ = "provider_pauses"
+
+    name: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
+    reason: Mapped[str] = mapped_column(sa.Text)
+    since: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    until: Mapped[dt.datetime]
+
+
+class MessageAttempt(Base):
+    """Deliveries of one broker message that never finished: a message that keeps killing
+    workers is dead-lettered after `max_attempts` instead of looping."""
+
+    __tablename__ = "message_attempts"
+
+    task_id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    attempts: Mapped[int]
+    first_seen: Mapped[dt.datetime] = mapped_column(default=utcnow)

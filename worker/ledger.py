@@ -6,10 +6,12 @@ never a silent gap; the reconciler closes such rows as `unknown`.
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from worker.catalog import MODELS
 from worker.db import ProviderRequest, RequestItem, utcnow
 from worker.embedding import EmbedResult
 from worker.errors import CallInfo
@@ -68,18 +70,21 @@ def record_success(session: Session, request_id: str, result: EmbedResult, cost_
 
 
 def record_failure(
-    session: Session, request_id: str, call: CallInfo | None, *, message: str, unknown: bool = False
+    session: Session, request_id: str, call: CallInfo | None, *, message: str,
+    unknown_cost_nano: int | None = None,
 ) -> None:
-    """A failed call: nothing billed, or (`unknown`) the outcome cannot be known (timeout)."""
+    """A failed call: nothing billed; or, given `unknown_cost_nano`, a call whose outcome cannot
+    be known (read timeout), closed as `unknown` with its estimate so spend is never understated."""
     call = call or CallInfo()
+    unknown = unknown_cost_nano is not None
     session.execute(
         sa.update(ProviderRequest)
         .where(ProviderRequest.id == request_id)
         .values(
             status="unknown" if unknown else "failed",
             provider_request_id=call.request_id,
-            billed_tokens=None if unknown else 0,
-            cost_nano_cny=None if unknown else 0,
+            billed_tokens=ProviderRequest.est_tokens if unknown else 0,
+            cost_nano_cny=unknown_cost_nano if unknown else 0,
             http_status=call.http_status,
             error_code=call.error_code,
             error_message=message[:2000],
@@ -87,3 +92,25 @@ def record_failure(
             completed_at=utcnow(),
         )
     )
+
+
+def close_abandoned(session: Session, *, older_than: dt.datetime) -> int:
+    """Rows still `sent` long after their call must have ended (the worker died mid-call):
+    closed as `unknown` with their estimate. Returns how many."""
+    rows = session.execute(
+        sa.select(ProviderRequest.id, ProviderRequest.model, ProviderRequest.est_tokens)
+        .where(ProviderRequest.status == "sent", ProviderRequest.created_at < older_than)
+    ).all()
+    for request_id, model, est_tokens in rows:
+        spec = MODELS.get(model)
+        session.execute(
+            sa.update(ProviderRequest)
+            .where(ProviderRequest.id == request_id, ProviderRequest.status == "sent")
+            .values(
+                status="unknown", billed_tokens=est_tokens,
+                cost_nano_cny=spec.cost_nano_cny(est_tokens) if spec else None,
+                error_message="no outcome recorded (the worker stopped mid-call); closed with the estimate",
+                completed_at=utcnow(),
+            )
+        )
+    return len(rows)

@@ -7,9 +7,10 @@ tested against each other, operation by operation, so both give the same decisio
 
 * **Reserve** one request and the estimated tokens in one step, both or neither. It goes when both
   TATs are at most `burst_s` ahead of now and no cooldown is running; then each TAT moves to
-  `max(tat, now) + cost / rate`. With `burst_s = 0` requests are spaced evenly, never more than a
-  second's worth in any second; a request larger than a second of tokens still goes once the
-  token bucket is empty.
+  `max(tat, now) + cost / rate`. With `burst_s = 0` (the default) requests are spaced evenly,
+  never more than a second's worth in any second, and each call waits until the tokens of the
+  calls before it are paid for, so the provider's per-second limits (RPS, TPS) never see a burst.
+  A request larger than a second of tokens still goes once the token bucket is empty.
 * **Settle** moves the token TAT by `(billed - estimated) / rate`: a refund for an over-estimate
   (never below now, so no credit is banked), a later start for the next caller after an
   under-estimate.

@@ -16,8 +16,10 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from worker import batching, cache, chunking, ledger, state
-from worker.db import utcnow
+import httpx
+
+from worker import batching, cache, chunking, ledger, pauses, state
+from worker.db import ProviderPause, utcnow
 from worker.errors import (
     AccountError,
     InputRejected,
@@ -45,6 +47,7 @@ class Cycle:
     failed: int = 0
     dead: int = 0
     idle: bool = False
+    paused: str | None = None  # why embedding is paused for every process
 
 
 @dataclass
@@ -62,6 +65,10 @@ class _Work:
 def run_cycle(rt: Runtime) -> Cycle:
     limit = rt.settings.claim_docs
     with rt.sessions.begin() as session:
+        pause = session.get(ProviderPause, pauses.PROVIDER)
+        if pause is not None and pause.until > utcnow():
+            return Cycle(idle=True, paused=pause.reason)
+        rt.probing = pause is not None  # the first success after a pause clears it
         docs = state.claim(session, owner=rt.owner, limit=limit, lease_s=rt.settings.lease_s)
     if not docs:
         return Cycle(idle=True)
@@ -154,6 +161,8 @@ def embed_rows(rt: Runtime, work: _Work, rows: list[batching.Row], cycle: Cycle)
 
 def call_provider(rt: Runtime, work: _Work, rows: list[batching.Row], cycle: Cycle) -> dict[str, list[float]]:
     est_tokens = sum(row.tokens for row in rows)
+    if rt.budget_check is not None:
+        rt.budget_check(work, rows, est_tokens)
     permit = rt.limiter.acquire(est_tokens, timeout_s=rt.settings.lease_s / 4)
     request_id = str(uuid.uuid4())
     items = [
@@ -169,17 +178,24 @@ def call_provider(rt: Runtime, work: _Work, rows: list[batching.Row], cycle: Cyc
             key_fingerprint=rt.settings.key_fingerprint(), worker=rt.owner,
         )
     cycle.requests += 1
+    rt.crash("before_call")
     try:
         result = rt.embedder.embed([row.text for row in rows])
     except SidecarError as exc:
         rt.limiter.settle(permit, 0)
         if exc.call is not None and exc.call.http_status == 429:
             rt.limiter.throttled(getattr(exc, "retry_after_s", None))
-        unknown = exc.call is None or exc.call.http_status is None  # timeout: billing unknown
         with rt.sessions.begin() as session:
-            ledger.record_failure(session, request_id, exc.call, message=str(exc), unknown=unknown)
+            ledger.record_failure(
+                session, request_id, exc.call, message=str(exc),
+                unknown_cost_nano=rt.spec.cost_nano_cny(est_tokens) if outcome_unknown(exc) else None,
+            )
+            if isinstance(exc, AccountError):
+                code = exc.call.error_code if exc.call else None
+                pauses.pause(session, f"{code or type(exc).__name__}: {exc}", for_s=rt.settings.account_pause_s)
         log.warning("embed.failed id=%s rows=%d error=%s", request_id, len(rows), type(exc).__name__)
         raise
+    rt.crash("after_call")
     rt.limiter.settle(permit, result.billed_tokens)
     vectors = {row.key: vector for row, vector in zip(rows, result.vectors)}
     with rt.sessions.begin() as session:
@@ -188,12 +204,25 @@ def call_provider(rt: Runtime, work: _Work, rows: list[batching.Row], cycle: Cyc
             session, vectors, model=rt.embedder.model, dimensions=rt.embedder.dimensions,
             request_id=request_id,
         )
+        if rt.probing:
+            pauses.clear(session)
+            rt.probing = False
+    rt.crash("after_ledger")
     cycle.rows += len(rows)
     log.info(
         "embed.done request_id=%s rows=%d tokens=%d ms=%.0f",
         result.request_id, len(rows), result.billed_tokens, result.latency_ms,
     )
     return vectors
+
+
+def outcome_unknown(exc: SidecarError) -> bool:
+    """True when the request may have reached the provider but no answer came back (a read
+    timeout, a dropped connection): it may have been billed. A connection never made was not."""
+    if exc.call is not None and exc.call.http_status is not None:
+        return False
+    cause = exc.__cause__
+    return not isinstance(cause, (httpx.ConnectError, httpx.ConnectTimeout))
 
 
 def finish(rt: Runtime, work: _Work, cycle: Cycle) -> None:
@@ -222,6 +251,7 @@ def finish(rt: Runtime, work: _Work, cycle: Cycle) -> None:
         except RetryLater as exc:
             _retry(rt, doc, exc, cycle)
             continue
+        rt.crash("after_store_write")
         if not written:  # the store holds a newer version or a delete: SQL will catch up or give up
             _retry(rt, doc, MalformedResponse(f"the store holds a newer state than version {doc.version}"),
                    cycle)

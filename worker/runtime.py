@@ -9,6 +9,7 @@ import os
 import socket
 import threading
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy.engine import Engine
@@ -33,6 +34,15 @@ class Runtime:
     owner: str
     chunk_max_tokens: int
     wake: threading.Event = field(default_factory=threading.Event)
+    probing: bool = False  # a provider pause expired: the next success clears it
+    # Called with (work, rows, est_tokens) before each paid call; raises to hold the call back.
+    budget_check: Callable[..., None] | None = None
+    # Fault injection for tests: called at named points of the pipeline; raises to simulate a crash.
+    crash_hook: Callable[[str], None] | None = None
+
+    def crash(self, point: str) -> None:
+        if self.crash_hook is not None:
+            self.crash_hook(point)
 
     def cache_key(self, content_hash: str) -> str:
         return cache.cache_key(self.embedder.model, self.embedder.dimensions, content_hash)

@@ -9,20 +9,24 @@ from __future__ import annotations
 import logging
 import threading
 
-from worker import pipeline
+from worker import pipeline, reconciler
 from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 
 class EmbedService:
-    def __init__(self, rt: Runtime, *, threads: int = 2) -> None:
+    def __init__(self, rt: Runtime, *, threads: int = 2, reconcile: bool = True) -> None:
         self.rt = rt
         self._stop = threading.Event()
         self._threads = [
             threading.Thread(target=self._loop, name=f"sidecar-embed-{i}", daemon=True)
             for i in range(threads)
         ]
+        if reconcile and rt.settings.reconcile_interval_s > 0:
+            self._threads.append(
+                threading.Thread(target=self._reconcile_loop, name="sidecar-reconcile", daemon=True)
+            )
 
     def start(self) -> None:
         for thread in self._threads:
@@ -49,3 +53,13 @@ class EmbedService:
             if cycle.idle or (cycle.held_back and not cycle.requests):
                 self.rt.wake.wait(self.rt.settings.poll_interval_s)
                 self.rt.wake.clear()
+
+    def _reconcile_loop(self) -> None:
+        """Once soon after start (repairs what a crash left), then every reconcile_interval_s."""
+        delay = min(5.0, self.rt.settings.reconcile_interval_s)
+        while not self._stop.wait(delay):
+            try:
+                reconciler.reconcile(self.rt)
+            except Exception:  # the next round tries again
+                log.exception("reconcile.failed")
+            delay = self.rt.settings.reconcile_interval_s

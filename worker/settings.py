@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     batch_max_delay_s: float = 1.0  # a lone event waits at most this long for company
     poll_interval_s: float = 0.1
     max_attempts: int = 8  # embedding attempts before a document becomes a dead letter
+    account_pause_s: float = 60.0  # pause after an account-level error, then probe again
+    reconcile_interval_s: float = 60.0  # 0 turns the periodic reconciler off
 
     requests_per_minute: int | None = None  # default: the model's limit in the region
     tokens_per_minute: int | None = None

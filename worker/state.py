@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from worker import tokens
-from worker.db import Document, RejectedEvent, SeenEvent, insert_ignore, utcnow
+from worker.db import Document, MessageAttempt, RejectedEvent, SeenEvent, insert_ignore, utcnow
 from worker.events import Event
 
 Outcome = Literal["accepted", "stale", "duplicate"]
@@ -276,3 +276,20 @@ def oldest_pending_age_s(session: Session) -> float | None:
     if oldest.tzinfo is None:
         oldest = oldest.replace(tzinfo=dt.timezone.utc)
     return max(0.0, (utcnow() - oldest).total_seconds())
+
+
+def message_started(session: Session, task_id: str) -> int:
+    """Count one more delivery of a broker message; returns how many began without finishing."""
+    if insert_ignore(session, MessageAttempt, {"task_id": task_id, "attempts": 1, "first_seen": utcnow()}):
+        return 1
+    session.execute(
+        sa.update(MessageAttempt).where(MessageAttempt.task_id == task_id)
+        .values(attempts=MessageAttempt.attempts + 1)
+    )
+    return session.execute(
+        sa.select(MessageAttempt.attempts).where(MessageAttempt.task_id == task_id)
+    ).scalar_one()
+
+
+def message_finished(session: Session, task_id: str) -> None:
+    session.execute(sa.delete(MessageAttempt).where(MessageAttempt.task_id == task_id))

@@ -34,7 +34,7 @@ import json
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -74,6 +74,20 @@ class ChunkVector:
     content_hash: str
     vector: list[float]
     sparse: dict[int, float] | None = None
+
+
+@dataclass
+class DocSummary:
+    """What one document's points hold: versions, chunk indexes and the chunk counts they claim."""
+
+    versions: set[int] = field(default_factory=set)
+    chunk_indexes: set[int] = field(default_factory=set)
+    chunk_counts: set[int] = field(default_factory=set)
+
+    def is_complete(self, version: int, chunk_count: int) -> bool:
+        """Exactly the chunks 0..chunk_count-1 of `version`, nothing else."""
+        return (self.versions == {version} and self.chunk_counts == {chunk_count}
+                and self.chunk_indexes == set(range(chunk_count)))
 
 
 @dataclass(frozen=True)
@@ -131,6 +145,8 @@ class VectorStore(Protocol):
     def deleted_version(self, collection: str, tenant: str, doc_id: str) -> int | None: ...
 
     def doc_versions(self, collection: str) -> dict[tuple[str, str], int]: ...
+
+    def doc_summaries(self, collection: str) -> dict[tuple[str, str], DocSummary]: ...
 
     def count(self, collection: str, tenant: str | None = None) -> int: ...
 
@@ -449,6 +465,21 @@ class QdrantStore:
                 key = (p["tenant"], p["doc_id"])
                 versions[key] = max(versions.get(key, p["version"]), p["version"])
         return versions
+
+    def doc_summaries(self, collection: str) -> dict[tuple[str, str], DocSummary]:
+        """{(tenant, doc_id): what its points hold}, for the reconciler's drift repair."""
+        found: dict[tuple[str, str], DocSummary] = {}
+        with _translated("doc_summaries"):
+            if not self._exists(self._name(collection)):
+                return found
+            fields = ["tenant", "doc_id", "version", "chunk_index", "chunk_count"]
+            for r in self._scroll(collection, self._chunks_filter(), with_vectors=False, payload=fields):
+                p = r.payload or {}
+                summary = found.setdefault((p["tenant"], p["doc_id"]), DocSummary())
+                summary.versions.add(p["version"])
+                summary.chunk_indexes.add(p["chunk_index"])
+                summary.chunk_counts.add(p["chunk_count"])
+        return found
 
     def count(self, collection: str, tenant: str | None = None) -> int:
         with _translated("count"):

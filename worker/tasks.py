@@ -103,12 +103,22 @@ def create_celery(settings: Settings) -> Celery:
 def _run(task: Any, events: list[Any], *, bad_call: str | None = None) -> dict[str, int]:
     try:
         rt = runtime()
+        task_id = task.request.id or ""
+        with rt.sessions.begin() as session:
+            attempts = state.message_started(session, task_id) if task_id else 1
+        if attempts > rt.settings.max_attempts:
+            bad_call = (f"the message was delivered {attempts} times and never finished "
+                        "(it stops the worker each time): dead-lettered")
         if bad_call is not None:
             with rt.sessions.begin() as session:
                 state.reject(session, {"args": task.request.args, "kwargs": task.request.kwargs},
                              "arguments", bad_call)
+                state.message_finished(session, task_id)
             return {"rejected": 1}
-        return ingest_events(rt, events)
+        outcomes = ingest_events(rt, events)
+        with rt.sessions.begin() as session:
+            state.message_finished(session, task_id)
+        return outcomes
     except Exception as exc:  # SQL unavailable and the like: the same message is retried
         log.warning("ingest.retry error=%s", type(exc).__name__)
         raise task.retry(exc=exc, countdown=min(60, 2 ** min(task.request.retries, 6)))

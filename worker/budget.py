@@ -1,0 +1,336 @@
+"""Spend caps per UTC day and month, overall and per collection, checked before each paid request.
+
+    admit(session, collections=…, est_cost_nano=…)   raises BudgetExceeded when a cap would be passed
+    budget_state(session)                              caps, spend in their windows, paused or not
+
+Spent in a window = the cost of succeeded requests + the estimated cost (est_tokens at the model's
+price) of requests `sent` or of `unknown` outcome, all by `created_at`. A request's cost counts
+towards a collection in proportion to the est_tokens of its items in that collection (integer
+nano-CNY, rounded down). A request is admitted only if spent + its estimated cost stays within
+every applicable cap, so a cap is overshot at most by the difference between estimate and bill
+(and, with several workers admitting at once, by one request each; pass `lock=True` inside the
+transaction that writes the ledger intent row to serialize admissions on PostgreSQL).
+
+Caps come from the settings (BudgetSettings) and are overridden per scope by rows of
+`budget_caps` written through the API (`set_cap`, `clear_cap`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Annotated, Any, Literal
+
+import sqlalchemy as sa
+from pydantic import field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from sqlalchemy.orm import Session
+
+from worker.catalog import MODELS, from_nano, to_nano
+from worker.db import Document, ProviderRequest, RequestItem, utcnow
+from worker.db_audit import OVERALL, BudgetCap
+from worker.errors import RetryLater
+
+Period = Literal["day", "month"]
+PERIODS: tuple[Period, ...] = ("day", "month")
+RECHECK_S = 60.0  # a paused document is looked at again this often (raising a cap frees it at once)
+_LOCK_KEY = 0x5EB0D6E7  # pg_advisory_xact_lock key of budget admissions
+_PAUSED_ERROR = "BudgetExceeded:%"
+
+
+class BudgetSettings(BaseSettings):
+    """SIDECAR_BUDGET_*: caps in CNY. Per-collection caps as "docs=1.5,faq=0.2" or a JSON object."""
+
+    model_config = SettingsConfigDict(env_prefix="SIDECAR_", env_file=".env", extra="ignore")
+
+    budget_daily_cny: Decimal | None = None
+    budget_monthly_cny: Decimal | None = None
+    budget_collection_daily_cny: Annotated[dict[str, Decimal], NoDecode] = {}
+    budget_collection_monthly_cny: Annotated[dict[str, Decimal], NoDecode] = {}
+
+    @field_validator("budget_collection_daily_cny", "budget_collection_monthly_cny", mode="before")
+    @classmethod
+    def _parse_pairs(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        value = value.strip()
+        if not value:
+            return {}
+        if value.startswith("{"):
+            return {k: str(v) for k, v in json.loads(value).items()}
+        pairs = {}
+        for part in value.split(","):
+            name, sep, amount = part.partition("=")
+            if not sep or not name.strip():
+                raise ValueError(f"{part!r} is not collection=amount")
+            pairs[name.strip()] = amount.strip()
+        return pairs
+
+    @field_validator("budget_daily_cny", "budget_monthly_cny")
+    @classmethod
+    def _not_negative(cls, value: Decimal | None) -> Decimal | None:
+        if value is not None and value < 0:
+            raise ValueError("a cap cannot be negative")
+        return value
+
+
+@dataclass(frozen=True)
+class Cap:
+    collection: str | None  # None: all collections
+    period: Period
+    limit_nano: int
+    source: Literal["settings", "api"]
+
+    def describe(self) -> str:
+        what = "all collections" if self.collection is None else f"collection {self.collection!r}"
+        return f"{'daily' if self.period == 'day' else 'monthly'} cap of CNY {money(self.limit_nano)} for {what}"
+
+
+class BudgetExceeded(RetryLater):
+    """A spend cap would be passed by the next request: embedding waits (nothing is dropped)."""
+
+    def __init__(self, message: str, *, retry_after_s: float, cap: Cap, resumes_at: dt.datetime) -> None:
+        super().__init__(message, retry_after_s=retry_after_s)
+        self.cap = cap
+        self.resumes_at = resumes_at
+
+
+def money(nano: int) -> str:
+    """CNY for people: at least two decimals, no trailing zeros past them ("1.00", "0.0002")."""
+    value = from_nano(nano).normalize()
+    return format(value.quantize(Decimal("0.01")) if value.as_tuple().exponent > -2 else value, "f")
+
+
+def parse_cny(value: Decimal | str | int) -> int:
+    """A CNY amount as nano-CNY; ValueError for anything else, negative or finer than 1e-9."""
+    try:
+        amount = Decimal(str(value))
+    except InvalidOperation:
+        raise ValueError(f"{value!r} is not a decimal amount of CNY") from None
+    if not amount.is_finite() or amount < 0:
+        raise ValueError(f"{value!r} must be a finite amount of CNY, 0 or more")
+    return to_nano(amount)
+
+
+def window(period: Period, now: dt.datetime) -> tuple[dt.datetime, dt.datetime]:
+    """[start, end) of the UTC day or month holding `now`."""
+    now = now.astimezone(dt.timezone.utc)
+    if period == "day":
+        start = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        return start, start + dt.timedelta(days=1)
+    start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    end = start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
+    return start, end
+
+
+# --- caps -------------------------------------------------------------------------------------
+
+
+def effective_caps(session: Session, settings: BudgetSettings | None = None) -> list[Cap]:
+    """Caps from the settings, each scope overridden by a row of `budget_caps` (NULL: no cap)."""
+    settings = settings or BudgetSettings()
+    caps: dict[tuple[str | None, str], Cap] = {}
+    for period, amount in (("day", settings.budget_daily_cny), ("month", settings.budget_monthly_cny)):
+        if amount is not None:
+            caps[(None, period)] = Cap(None, period, parse_cny(amount), "settings")
+    for period, table in (("day", settings.budget_collection_daily_cny),
+                          ("month", settings.budget_collection_monthly_cny)):
+        for collection, amount in table.items():
+            caps[(collection, period)] = Cap(collection, period, parse_cny(amount), "settings")
+    for row in session.execute(sa.select(BudgetCap)).scalars():
+        key = (None if row.collection == OVERALL else row.collection, row.period)
+        if row.limit_nano_cny is None:
+            caps.pop(key, None)
+        else:
+            caps[key] = Cap(key[0], row.period, row.limit_nano_cny, "api")  # type: ignore[arg-type]
+    return sorted(caps.values(), key=lambda c: (c.collection is not None, c.collection or "", c.period))
+
+
+def set_cap(session: Session, *, collection: str | None, period: Period, limit_nano: int | None) -> None:
+    """Store a cap (None: no cap at all for this scope, whatever the settings say)."""
+    key = {"collection": collection or OVERALL, "period": period}
+    row = session.get(BudgetCap, key)
+    if row is None:
+        session.add(BudgetCap(**key, limit_nano_cny=limit_nano, updated_at=utcnow()))
+    else:
+        row.limit_nano_cny, row.updated_at = limit_nano, utcnow()
+    session.flush()
+    resume_paused(session)
+
+
+def clear_cap(session: Session, *, collection: str | None, period: Period) -> bool:
+    """Forget the API's cap for this scope: the settings' cap (if any) applies again."""
+    gone = session.execute(
+        sa.delete(BudgetCap).where(BudgetCap.collection == (collection or OVERALL), BudgetCap.period == period)
+    ).rowcount
+    resume_paused(session)
+    return bool(gone)
+
+
+def resume_paused(session: Session) -> int:
+    """Make documents that wait on the budget claimable now (after a cap changed)."""
+    return session.execute(
+        sa.update(Document)
+        .where(Document.status == "pending", Document.lease_owner.is_(None),
+               Document.last_error.like(_PAUSED_ERROR))
+        .values(lease_until=None)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+
+
+# --- spend in a window ------------------------------------------------------------------------
+
+
+def _price_per_token_nano() -> sa.ColumnElement[int]:
+    prices = {name: spec.cost_nano_cny(1) for name, spec in MODELS.items()}
+    return sa.case(
+        *((ProviderRequest.model == name, price) for name, price in prices.items()),
+        else_=max(prices.values()),
+    )
+
+
+def request_cost_nano() -> sa.ColumnElement[int]:
+    """Cost of one ledger row for the budget: billed cost, or the estimate while not known."""
+    return sa.case(
+        (ProviderRequest.status == "succeeded", sa.func.coalesce(ProviderRequest.cost_nano_cny, 0)),
+        (ProviderRequest.status.in_(("sent", "unknown")),
+         sa.cast(ProviderRequest.est_tokens, sa.BigInteger) * _price_per_token_nano()),
+        else_=sa.func.coalesce(ProviderRequest.cost_nano_cny, 0),
+    )
+
+
+def _in_window(start: dt.datetime, end: dt.datetime) -> sa.ColumnElement[bool]:
+    return sa.and_(ProviderRequest.created_at >= start, ProviderRequest.created_at < end)
+
+
+def spent_overall(session: Session, start: dt.datetime, end: dt.datetime) -> int:
+    return int(session.execute(
+        sa.select(sa.func.coalesce(sa.func.sum(request_cost_nano()), 0)).where(_in_window(start, end))
+    ).scalar_one())
+
+
+def spent_by_collection(session: Session, start: dt.datetime, end: dt.datetime,
+                        collections: set[str]) -> dict[str, int]:
+    """Each collection's share of the window's spend, by the est_tokens of its items (rounded down)."""
+    if not collections:
+        return {}
+    per = (
+        sa.select(
+            ProviderRequest.id.label("request_id"),
+            request_cost_nano().label("cost"),
+            Document.collection.label("collection"),
+            sa.func.sum(RequestItem.est_tokens).label("tokens"),
+        )
+        .join(RequestItem, RequestItem.request_id == ProviderRequest.id)
+        .join(Document, Document.id == RequestItem.document_id)
+        .where(_in_window(start, end))
+        .group_by(ProviderRequest.id, ProviderRequest.status, ProviderRequest.cost_nano_cny,
+                  ProviderRequest.est_tokens, ProviderRequest.model, Document.collection)
+        .subquery()
+    )
+    shares = sa.select(
+        per.c.collection, per.c.cost, per.c.tokens,
+        sa.func.sum(per.c.tokens).over(partition_by=per.c.request_id).label("total"),
+    ).subquery()
+    share = sa.cast(shares.c.cost, sa.BigInteger) * shares.c.tokens / sa.func.nullif(shares.c.total, 0)
+    rows = session.execute(
+        sa.select(shares.c.collection, sa.func.coalesce(sa.func.sum(share), 0))
+        .where(shares.c.collection.in_(sorted(collections)))
+        .group_by(shares.c.collection)
+    ).all()
+    spent = {c: 0 for c in collections}
+    spent.update({c: int(n) for c, n in rows})
+    return spent
+
+
+def _spent(session: Session, caps: list[Cap], now: dt.datetime) -> dict[Cap, int]:
+    result: dict[Cap, int] = {}
+    for period in PERIODS:
+        mine = [c for c in caps if c.period == period]
+        if not mine:
+            continue
+        start, end = window(period, now)
+        overall = spent_overall(session, start, end) if any(c.collection is None for c in mine) else 0
+        by_collection = spent_by_collection(
+            session, start, end, {c.collection for c in mine if c.collection is not None}
+        )
+        for cap in mine:
+            result[cap] = overall if cap.collection is None else by_collection[cap.collection]
+    return result
+
+
+# --- the two entry points ---------------------------------------------------------------------
+
+
+def admit(
+    session: Session,
+    *,
+    collections: set[str],
+    est_cost_nano: int,
+    now: dt.datetime | None = None,
+    settings: BudgetSettings | None = None,
+    lock: bool = False,
+) -> None:
+    """Raise BudgetExceeded if a request of `est_cost_nano` for `collections` would pass a cap.
+
+    The request's whole estimate is checked against each of its collections' caps.
+    """
+    now = now or utcnow()
+    caps = [c for c in effective_caps(session, settings) if c.collection is None or c.collection in collections]
+    if not caps:
+        return
+    if lock and session.get_bind().dialect.name == "postgresql":
+        session.execute(sa.select(sa.func.pg_advisory_xact_lock(_LOCK_KEY)))
+    spent = _spent(session, caps, now)
+    over = [cap for cap in caps if spent[cap] + est_cost_nano > cap.limit_nano]
+    if not over:
+        return
+    resumes_at = max(window(cap.period, now)[1] for cap in over)
+    cap = next(c for c in over if window(c.period, now)[1] == resumes_at)
+    message = (
+        f"{cap.describe()} reached: spent {money(spent[cap])}, this request ~{money(est_cost_nano)}; "
+        f"resumes at {resumes_at:%Y-%m-%dT%H:%MZ} or when the cap is raised"
+    )
+    raise BudgetExceeded(
+        message, retry_after_s=min(RECHECK_S, (resumes_at - now).total_seconds()), cap=cap,
+        resumes_at=resumes_at,
+    )
+
+
+def budget_state(session: Session, now: dt.datetime | None = None,
+                 settings: BudgetSettings | None = None) -> dict[str, Any]:
+    """{"paused", "paused_collections", "reasons", "caps", "waiting_documents"} for status, readyz, metrics.
+
+    A cap is reached when the spend in its window is at or above it; `paused` means an overall cap is
+    reached (nothing is embedded); a reached collection cap pauses only that collection.
+    """
+    now = now or utcnow()
+    caps = effective_caps(session, settings)
+    spent = _spent(session, caps, now)
+    rows, reasons, paused_collections, paused = [], [], [], False
+    for cap in caps:
+        start, end = window(cap.period, now)
+        reached = spent[cap] >= cap.limit_nano
+        if reached:
+            reasons.append(f"{cap.describe()} reached: spent {money(spent[cap])}; "
+                           f"resumes at {end:%Y-%m-%dT%H:%MZ} or when the cap is raised")
+            if cap.collection is None:
+                paused = True
+            else:
+                paused_collections.append(cap.collection)
+        rows.append({
+            "collection": cap.collection, "period": cap.period, "source": cap.source,
+            "limit_cny": format(from_nano(cap.limit_nano), "f"),
+            "spent_cny": format(from_nano(spent[cap]), "f"),
+            "remaining_cny": format(from_nano(max(0, cap.limit_nano - spent[cap])), "f"),
+            "limit_nano_cny": cap.limit_nano, "spent_nano_cny": spent[cap],
+            "window_start": start.isoformat(), "resets_at": end.isoformat(), "reached": reached,
+        })
+    waiting = session.execute(
+        sa.select(sa.func.count()).select_from(Document)
+        .where(Document.status == "pending", Document.last_error.like(_PAUSED_ERROR))
+    ).scalar_one()
+    return {"paused": paused, "paused_collections": sorted(set(paused_collections)), "reasons": reasons,
+            "caps": rows, "waiting_documents": int(waiting)}
