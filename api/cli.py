@@ -63,6 +63,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_status)
 
+    p = sub.add_parser("deadletters", help="list dead letters or send them back for another try",
+                       description="Documents that gave up (status dead): the provider refused their "
+                       "text, or their work never finished after SIDECAR_MAX_ATTEMPTS tries.")
+    dl = p.add_subparsers(title="actions", metavar="ACTION")
+    q = dl.add_parser("list", help="list dead letters with their reasons",
+                      description="List dead letters: id, collection, doc_id, version, attempts, reason.")
+    q.add_argument("--json", action="store_true", help="print JSON")
+    q.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
+    q.set_defaults(func=cmd_deadletters_list)
+    q = dl.add_parser("retry", help="send one dead letter (ID) or all (--all) back to pending",
+                      description="Send dead letters back to pending with their attempts reset; the "
+                      "worker picks them up again.")
+    which = q.add_mutually_exclusive_group(required=True)
+    which.add_argument("id", nargs="?", type=int, help="the dead letter's id (from `list`)")
+    which.add_argument("--all", action="store_true", help="every dead letter")
+    q.set_defaults(func=cmd_deadletters_retry)
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+    p = sub.add_parser("reconcile", help="repair drift between SQL and Qdrant once, then exit",
+                       description="What the worker does periodically: close ledger rows abandoned "
+                       "mid-call as unknown (with their estimate), re-drive indexed documents whose "
+                       "points are missing or wrong, delete points of deleted or unknown documents. "
+                       "With local-mode Qdrant, stop the worker first (one process per path).")
+    p.set_defaults(func=cmd_reconcile)
+
     p = sub.add_parser("api", help="serve the HTTP API", description="Serve the HTTP API with uvicorn.")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
@@ -169,6 +194,59 @@ def render_status(data: dict[str, Any], *, as_json: bool) -> str:
         if key not in ("documents", "requests", "oldest_pending_age_s"):
             lines.append(f"{key}: {json.dumps(value)}")
     return "\n".join(lines)
+
+
+def cmd_deadletters_list(args: argparse.Namespace) -> int:
+    from worker import deadletters
+
+    rows = reports_of(lambda session: deadletters.list_dead(session, limit=args.limit))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no dead letters")
+        return 0
+    print(f"{'id':>8}  {'collection':<16}{'doc_id':<28}{'version':>10}{'attempts':>9}  reason")
+    for r in rows:
+        reason = " ".join((r["last_error"] or "").split())[:80]
+        print(f"{r['id']:>8}  {r['collection']:<16}{r['doc_id'][:27]:<28}{r['version']:>10}"
+              f"{r['attempts']:>9}  {reason}")
+    return 0
+
+
+def cmd_deadletters_retry(args: argparse.Namespace) -> int:
+    from sqlalchemy.orm import Session
+
+    from worker import deadletters
+
+    engine = _engine(Settings())
+    try:
+        with Session(engine) as session, session.begin():
+            count = deadletters.retry_dead(session, None if args.all else args.id)
+    finally:
+        engine.dispose()
+    if not count and not args.all:
+        print(f"sidecar: no dead letter with id {args.id}", file=sys.stderr)
+        return 1
+    print(f"{count} dead letter(s) sent back to pending")
+    return 0
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    from worker import logs, reconciler
+    from worker.runtime import build_runtime
+
+    settings = Settings()
+    logs.configure(settings.log_level)
+    _engine(settings).dispose()
+    rt = build_runtime(settings)
+    try:
+        report = reconciler.reconcile(rt)
+    finally:
+        rt.close()
+    print(f"abandoned ledger rows closed: {report.abandoned_requests}; documents re-driven: "
+          f"{report.redriven}; points removed: {report.removed}")
+    return 0
 
 
 def cmd_api(args: argparse.Namespace) -> int:

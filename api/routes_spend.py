@@ -18,7 +18,7 @@ from worker import budget, reports
 
 router = APIRouter()
 NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
-CNY_PATTERN = r"^[0-9]{1,12}(\.[0-9]{1,9})?$"
+CNY_PATTERN = r"^[0-9]{1,9}(\.[0-9]{1,9})?$"
 Since = Annotated[dt.datetime | None, Query(description="from this instant (ISO 8601; UTC when no offset)")]
 Until = Annotated[dt.datetime | None, Query(description="up to, not including, this instant")]
 

@@ -125,6 +125,28 @@ def temp_database(server_url: str, prefix: str = "bench") -> Iterator[str]:
         admin.dispose()
 
 
+@contextmanager
+def exclusive(server_url: str, name: str) -> Iterator[None]:
+    """Hold a PostgreSQL advisory lock named `name` (e.g. the Redis dbs a bench flushes), so two
+    benches never share them; released when the block ends or the process dies."""
+    import zlib
+
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(server_url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            key = zlib.crc32(name.encode())
+            if not conn.execute(sa.text("select pg_try_advisory_lock(:k)"), {"k": key}).scalar_one():
+                raise RuntimeError(f"another bench is using {name}; wait for it or pick other Redis dbs")
+            try:
+                yield
+            finally:
+                conn.execute(sa.text("select pg_advisory_unlock(:k)"), {"k": key})
+    finally:
+        engine.dispose()
+
+
 def redis_db_url(server_url: str, db: int) -> str:
     """The Redis URL `server_url` with its database number replaced by `db`."""
     from urllib.parse import urlsplit, urlunsplit

@@ -34,7 +34,7 @@ from typing import Any
 
 from bench.common import (
     EmulatorProcess,
-    ProcUsage,
+    exclusive,
     clean_env,
     flush_redis,
     max_window,
@@ -611,18 +611,22 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="sidecar-bench-"))
     started = time.monotonic()
     limits = {} if args.overhead else {"rpm": args.rpm, "tpm": args.tpm, "latency_ms": args.latency_ms}
-    emulator = EmulatorProcess(workdir / "emulator.log", **limits)
+    broker_url = redis_db_url(args.redis_url, args.broker_db)
+    limiter_url = redis_db_url(args.redis_url, args.limiter_db)
+    emulator = None
     try:
-        svc = Services(postgres_url=args.postgres_url, broker_url=redis_db_url(args.redis_url, args.broker_db),
-                       limiter_url=redis_db_url(args.redis_url, args.limiter_db), emulator=emulator,
-                       workdir=workdir)
-        result = overhead_mode(args, svc) if args.overhead else limits_mode(args, svc)
+        with exclusive(args.postgres_url, f"bench redis dbs {broker_url} {limiter_url}"):
+            emulator = EmulatorProcess(workdir / "emulator.log", **limits)
+            svc = Services(postgres_url=args.postgres_url, broker_url=broker_url, limiter_url=limiter_url,
+                           emulator=emulator, workdir=workdir)
+            result = overhead_mode(args, svc) if args.overhead else limits_mode(args, svc)
     except (RuntimeError, TimeoutError) as exc:
         print(f"bench.throughput: {exc}\nlogs kept in {workdir}", file=sys.stderr)
         args.keep = True
         return 1
     finally:
-        emulator.stop()
+        if emulator is not None:
+            emulator.stop()
         if not args.keep:
             import shutil
 

@@ -393,7 +393,7 @@ def test_readyz_names_what_is_not_ready(database_url, broker, tmp_path):
 
 def test_openapi_schema_fuzzed_without_server_errors(sqlite_url, broker, tmp_path):
     schemathesis = pytest.importorskip("schemathesis")
-    from hypothesis import HealthCheck, settings as hsettings
+    from hypothesis import HealthCheck, given, settings as hsettings
 
     running, api = start_api(sqlite_url, broker, tmp_path)
     try:
@@ -404,7 +404,7 @@ def test_openapi_schema_fuzzed_without_server_errors(sqlite_url, broker, tmp_pat
 
             @hsettings(max_examples=25, deadline=None, database=None,
                        suppress_health_check=list(HealthCheck))
-            @schemathesis.hypothesis.given(case=op.as_strategy())
+            @given(case=op.as_strategy())
             def run(case):
                 response = case.call(base_url=api.url, headers={"Authorization": f"Bearer {WRITE}"})
                 if response.status_code >= 500:

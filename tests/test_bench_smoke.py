@@ -64,7 +64,8 @@ def test_throughput_bench_prints_every_figure(redis_url, postgres_server_url):
     proc = subprocess.run(
         [sys.executable, "-m", "bench.throughput", "--events", "60", "--rpm", "1200", "--tpm", "600000",
          "--latency-ms", "0", "--workers", "2", "--naive-s", "4",
-         "--postgres-url", postgres_server_url, "--redis-url", redis_server],
+         "--postgres-url", postgres_server_url, "--redis-url", redis_server,
+         "--broker-db", "13", "--limiter-db", "10"],  # not the bench's defaults: a bench may be running
         cwd=ROOT, capture_output=True, text=True, timeout=110,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -38,6 +38,7 @@ PERIODS: tuple[Period, ...] = ("day", "month")
 RECHECK_S = 60.0  # a paused document is looked at again this often (raising a cap frees it at once)
 _LOCK_KEY = 0x5EB0D6E7  # pg_advisory_xact_lock key of budget admissions
 _PAUSED_ERROR = "BudgetExceeded:%"
+MAX_CNY = 10**9  # caps are stored as BIGINT nano-CNY
 
 
 class BudgetSettings(BaseSettings):
@@ -109,8 +110,8 @@ def parse_cny(value: Decimal | str | int) -> int:
         amount = Decimal(str(value))
     except InvalidOperation:
         raise ValueError(f"{value!r} is not a decimal amount of CNY") from None
-    if not amount.is_finite() or amount < 0:
-        raise ValueError(f"{value!r} must be a finite amount of CNY, 0 or more")
+    if not amount.is_finite() or not 0 <= amount < MAX_CNY:
+        raise ValueError(f"{value!r} must be an amount of CNY from 0 to under {MAX_CNY}")
     return to_nano(amount)
 
 
@@ -334,3 +335,19 @@ def budget_state(session: Session, now: dt.datetime | None = None,
     ).scalar_one()
     return {"paused": paused, "paused_collections": sorted(set(paused_collections)), "reasons": reasons,
             "caps": rows, "waiting_documents": int(waiting)}
+
+
+def pipeline_check(sessions: Any, spec: Any, settings: BudgetSettings | None = None) -> Any:
+    """The `Runtime.budget_check` hook: admit(…) for one batch before it is sent.
+
+    Wire it in build_runtime: `budget_check=budget.pipeline_check(sessions, spec)`.
+    """
+    settings = settings or BudgetSettings()
+
+    def check(work: Any, rows: Any, est_tokens: int) -> None:
+        collections = {doc.collection for row in rows for doc, _chunk in work.users[row.key]}
+        with sessions.begin() as session:
+            admit(session, collections=collections, est_cost_nano=spec.cost_nano_cny(est_tokens),
+                  settings=settings, lock=True)
+
+    return check

@@ -191,8 +191,7 @@ def call_provider(rt: Runtime, work: _Work, rows: list[batching.Row], cycle: Cyc
                 unknown_cost_nano=rt.spec.cost_nano_cny(est_tokens) if outcome_unknown(exc) else None,
             )
             if isinstance(exc, AccountError):
-                code = exc.call.error_code if exc.call else None
-                pauses.pause(session, f"{code or type(exc).__name__}: {exc}", for_s=rt.settings.account_pause_s)
+                pauses.pause(session, f"provider account error: {exc}", for_s=rt.settings.account_pause_s)
         log.warning("embed.failed id=%s rows=%d error=%s", request_id, len(rows), type(exc).__name__)
         raise
     rt.crash("after_call")
@@ -217,8 +216,10 @@ def call_provider(rt: Runtime, work: _Work, rows: list[batching.Row], cycle: Cyc
 
 
 def outcome_unknown(exc: SidecarError) -> bool:
-    """True when the request may have reached the provider but no answer came back (a read
-    timeout, a dropped connection): it may have been billed. A connection never made was not."""
+    """True when the provider may have billed a call we got nothing usable from: a read timeout,
+    a dropped connection, a malformed 2xx answer. A connection never made was not billed."""
+    if isinstance(exc, MalformedResponse):
+        return True  # the provider answered (and likely billed) but the answer was unusable
     if exc.call is not None and exc.call.http_status is not None:
         return False
     cause = exc.__cause__

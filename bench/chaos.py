@@ -1,0 +1,750 @@
+"""Chaos run: the whole pipeline under kills, provider faults and a broker restart, then a checker.
+
+    python -m bench.chaos --events 5000 --docs 500
+
+What it does (research/reliability.md §6 and §8 scenarios 1 and 6):
+- starts its own redis-server (AOF, fsync always) on a free loopback port, the emulator as its own
+  process answering 10 % 5xx and 5 % 429, a fresh PostgreSQL database (`sidecar migrate`) and one
+  `sidecar worker --pool threads` on local-mode Qdrant;
+- publishes seeded events through Celery (`sidecar.ingest_many` batches and single
+  `sidecar.ingest`): new versions (some 2-3 chunks long, so documents grow and shrink), deletes,
+  exact duplicates and reordered versions (an older version sent after a newer one). A publish that
+  fails is retried with backoff, never dropped: publishing is the application's job;
+- SIGKILLs the worker every 2-6 s (seeded) and restarts it at once, while events are being
+  published or the backlog is not empty; restarts Redis once mid-run (SIGTERM, then the same port
+  and directory, so the AOF keeps queued messages);
+- waits for quiescence: every document of the model at its model version and finished in SQL, no
+  ledger row left `sent`, the broker queue empty and the reconciler given two rounds after the
+  last restart;
+- stops the worker and checks the final state against the model of what was sent:
+  C1 `lost` live documents whose points are missing, incomplete, of other text or with a wrong
+  vector; `stale` documents with a visible point of an older version; C2 `resurrected` deleted
+  documents with a visible point; C3/C4 the ledger against the emulator's bill.
+
+The table comes first; the last line is one JSON object (`ok` needs zero lost, stale, resurrected
+and unaccounted tokens). With --keep the temp dir (worker log, Redis AOF, Qdrant files) stays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    ROOT,
+    EmulatorProcess,
+    clean_env,
+    free_port,
+    stop_process,
+    tail,
+    temp_database,
+    wait_for,
+)
+
+COLLECTION = "chaos"
+MODEL = "text-embedding-v4"
+DIMENSIONS = 256
+CHUNK_MAX_TOKENS = 200
+CHUNK_OVERLAP_TOKENS = 32
+MAX_ROWS = 10  # rows per request of the model
+RECONCILE_INTERVAL_S = 5.0
+LEASE_S = 10.0
+REQUEST_TIMEOUT_S = 5.0
+BATCH_EVENTS = 20
+QUEUE = "celery"
+EXTRA_CALLS_DEFINITION = "bill requests - ceil(distinct chunk texts embedded / 10 rows per request)"
+
+WORDS = (
+    "order shipping refund invoice account password delivery warehouse parcel courier address "
+    "payment card bank transfer coupon discount return policy warranty repair battery screen "
+    "keyboard laptop phone tablet charger cable adapter storage memory update firmware support "
+    "ticket agent hours weekend holiday express standard tracking number customs duty tax region "
+    "language currency euro yuan dollar price list catalog stock size colour model series"
+).split()
+
+
+# --- the events and the model (pure) --------------------------------------------------------
+
+
+def _text(rng: random.Random, doc_id: str, version: int) -> str:
+    """Sentences of random words; one in five is long enough for 2-3 chunks of 200 tokens."""
+    words = rng.randint(250, 420) if rng.random() < 0.2 else rng.randint(15, 110)
+    out, sentence = [f"{doc_id} v{version}."], []
+    for _ in range(words):
+        sentence.append(rng.choice(WORDS))
+        if len(sentence) >= rng.randint(6, 14):
+            out.append(" ".join(sentence).capitalize() + ".")
+            sentence = []
+    if sentence:
+        out.append(" ".join(sentence).capitalize() + ".")
+    return " ".join(out)
+
+
+def make_events(n_events: int, n_docs: int, seed: int) -> list[dict[str, Any]]:
+    """Seeded events over `n_docs` documents: new versions (55 %), deletes (10 %), exact
+    duplicates of earlier events (20 %) and reordered versions (15 %: a version below the highest
+    one sent, never sent before). New versions step by 2-4, leaving gaps for reordering."""
+    rng = random.Random(seed)
+    doc_ids = [f"doc-{i:05d}" for i in range(n_docs)]
+    highest: dict[str, int] = {}
+    used: dict[str, set[int]] = {d: set() for d in doc_ids}
+    events: list[dict[str, Any]] = []
+
+    def new(doc_id: str, version: int, op: str) -> dict[str, Any]:
+        event: dict[str, Any] = {"op": op, "doc_id": doc_id, "collection": COLLECTION, "version": version}
+        if op == "upsert":
+            event["text"] = _text(rng, doc_id, version)
+        used[doc_id].add(version)
+        return event
+
+    while len(events) < n_events:
+        roll = rng.random()
+        if roll < 0.20 and events:
+            events.append(dict(rng.choice(events)))  # an exact duplicate
+            continue
+        if roll < 0.35 and highest:
+            doc_id = rng.choice(list(highest))
+            gaps = [v for v in range(1, highest[doc_id]) if v not in used[doc_id]]
+            if gaps:  # an older version, sent after a newer one
+                events.append(new(doc_id, rng.choice(gaps), "upsert"))
+                continue
+        doc_id = rng.choice(doc_ids)
+        version = highest.get(doc_id, 0) + rng.randint(2, 4)
+        op = "delete" if roll > 0.90 and doc_id in highest else "upsert"
+        highest[doc_id] = version
+        events.append(new(doc_id, version, op))
+    return events
+
+
+def final_state(events: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The model: per doc_id, the event of the highest version sent (versions never repeat with
+    different content, so ties are exact duplicates)."""
+    model: dict[str, dict[str, Any]] = {}
+    for event in events:
+        current = model.get(event["doc_id"])
+        if current is None or event["version"] > current["version"]:
+            model[event["doc_id"]] = event
+    return model
+
+
+def messages(events: list[dict[str, Any]], seed: int) -> list[tuple[str, Any]]:
+    """Broker messages in event order: mostly `ingest_many` of 1-BATCH_EVENTS events, one in ten a
+    single `ingest`."""
+    rng = random.Random(seed + 1)
+    out: list[tuple[str, Any]] = []
+    i = 0
+    while i < len(events):
+        if rng.random() < 0.1:
+            out.append(("sidecar.ingest", events[i]))
+            i += 1
+        else:
+            n = rng.randint(BATCH_EVENTS // 2, BATCH_EVENTS)
+            out.append(("sidecar.ingest_many", events[i : i + n]))
+            i += n
+    return out
+
+
+@dataclass
+class Verdict:
+    lost: list[str] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)
+    resurrected: list[str] = field(default_factory=list)
+    wrong_vectors: int = 0
+    reasons: dict[str, str] = field(default_factory=dict)  # doc_id -> why it is lost
+
+
+def check_points(
+    model: dict[str, dict[str, Any]], points: list[dict[str, Any]], expected_chunks: Any, vector_ok: Any
+) -> Verdict:
+    """C1/C2 over the store's points (dicts with payload and vector), against the model.
+
+    `expected_chunks(text)` gives the chunks (index, text, content_hash) the worker must hold;
+    `vector_ok(text, vector)` says whether a stored vector is the provider's vector of that text.
+    """
+    by_doc: dict[str, list[dict[str, Any]]] = {}
+    for point in points:
+        payload = point["payload"]
+        if payload.get("deleted"):
+            continue  # a tombstone: no vector, never visible
+        by_doc.setdefault(payload["doc_id"], []).append(point)
+    verdict = Verdict()
+    for doc_id, event in sorted(model.items()):
+        visible = by_doc.get(doc_id, [])
+        if event["op"] == "delete":
+            if visible:
+                verdict.resurrected.append(doc_id)
+            continue
+        if any(p["payload"]["version"] < event["version"] for p in visible):
+            verdict.stale.append(doc_id)
+        chunks = expected_chunks(event["text"])
+        got = {p["payload"]["chunk_index"]: p for p in visible}
+        why = None
+        if not visible:
+            why = "no points"
+        elif sorted(got) != list(range(len(chunks))) or len(visible) != len(chunks):
+            why = f"chunk indexes {sorted(got)} != 0..{len(chunks) - 1}"
+        else:
+            for chunk in chunks:
+                payload = got[chunk.index]["payload"]
+                if payload["version"] != event["version"]:
+                    why = f"chunk {chunk.index} at version {payload['version']} != {event['version']}"
+                elif payload.get("chunk_count") != len(chunks):
+                    why = f"chunk {chunk.index} chunk_count {payload.get('chunk_count')} != {len(chunks)}"
+                elif payload.get("content_hash") != chunk.content_hash or payload.get("text") != chunk.text:
+                    why = f"chunk {chunk.index} holds other text"
+                elif not vector_ok(chunk.text, got[chunk.index]["vector"]):
+                    why = f"chunk {chunk.index} has a wrong vector"
+                    verdict.wrong_vectors += 1
+                if why:
+                    break
+        if why:
+            verdict.lost.append(doc_id)
+            verdict.reasons[doc_id] = why
+    return verdict
+
+
+# --- services at the edges ------------------------------------------------------------------
+
+
+class RedisServer:
+    """Our own redis-server (AOF, fsync always) on a loopback port; restartable on the same dir."""
+
+    def __init__(self, directory: Path) -> None:
+        self.port = free_port()
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+        self.restarts = 0
+        self.start()
+
+    def start(self) -> None:
+        log = open(self.dir / "redis.log", "ab")
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.dir),
+             "--maxmemory-policy", "noeviction"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+        log.close()
+        wait_for(self.ping, timeout_s=20, what=f"redis-server on port {self.port}",
+                 procs=[(self.proc, self.dir / "redis.log")])
+
+    def ping(self) -> bool:
+        import redis
+
+        try:
+            client = redis.Redis.from_url(self.url, socket_connect_timeout=1)
+            try:
+                return bool(client.ping())
+            finally:
+                client.close()
+        except redis.RedisError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # writes and fsyncs the AOF, then exits
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def restart(self, outage_s: float) -> None:
+        self.stop()
+        time.sleep(outage_s)  # the outage itself is the fault being injected
+        self.start()
+        self.restarts += 1
+
+    def queue_state(self) -> tuple[int, int]:
+        """(messages waiting in the queue, messages delivered but not acknowledged)."""
+        import redis
+
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=1, socket_timeout=2)
+        try:
+            return int(client.llen(QUEUE)), int(client.hlen("unacked"))
+        except redis.RedisError:
+            return -1, -1
+        finally:
+            client.close()
+
+    def unacked_messages(self) -> list[dict[str, Any]]:
+        """Bodies of messages still in kombu's `unacked` hash (delivered to a worker, never acked)."""
+        import base64
+
+        import redis
+
+        client = redis.Redis.from_url(self.url)
+        try:
+            out = []
+            for tag, raw in client.hgetall("unacked").items():
+                message = json.loads(json.loads(raw)[0])
+                body = json.loads(base64.b64decode(message["body"]))
+                out.append({"delivery_tag": tag.decode(), "task": message["headers"].get("task"),
+                            "task_id": message["headers"].get("id"), "args": body[0]})
+            return out
+        finally:
+            client.close()
+
+
+class Worker:
+    """`sidecar worker` restarted after each SIGKILL; every incarnation logs to one file."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.env = env
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+        self.started_at = 0.0
+        self.ready_at: float | None = None
+        self._offset = 0
+        self.crashes = 0  # exits we did not cause
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as log:
+            log.write(f"=== chaos: worker start {self.starts + 1} at {time.time():.3f} ===\n".encode())
+            log.flush()
+            self._offset = log.tell()
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "api.cli", "worker", "--pool", "threads", "--embed-threads", "2",
+                 "--loglevel", "INFO"],
+                env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+            )
+        self.starts += 1
+        self.started_at = time.monotonic()
+        self.ready_at: float | None = None
+
+    def ready(self) -> bool:
+        """True once this incarnation runs its embedding loops (its log says `embed.started`)."""
+        if self.ready_at is None:
+            with open(self.log_path, "rb") as log:
+                log.seek(self._offset)
+                if b"embed.started" in log.read():
+                    self.ready_at = time.monotonic()
+        return self.ready_at is not None
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        with open(self.log_path, "ab") as log:
+            log.write(f"=== chaos: SIGKILL at {time.time():.3f} ===\n".encode())
+
+    def exited(self) -> bool:
+        return self.proc is not None and self.proc.poll() is not None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, grace_s=30)
+
+
+class Publisher(threading.Thread):
+    """Publishes every message, paced over `duration_s`; a failed publish is retried, never dropped."""
+
+    def __init__(self, broker_url: str, sends: list[tuple[str, Any]], duration_s: float) -> None:
+        super().__init__(name="chaos-publisher", daemon=True)
+        from worker.settings import Settings
+        from worker.tasks import create_celery
+
+        self.app = create_celery(Settings(broker_url=broker_url))
+        self.sends = sends
+        self.duration_s = duration_s
+        self.sent = 0
+        self.retries = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            start = time.monotonic()
+            for i, (task, arg) in enumerate(self.sends):
+                due = start + self.duration_s * i / len(self.sends)
+                if (wait := due - time.monotonic()) > 0:
+                    time.sleep(wait)  # pacing: events arrive over the whole kill phase
+                self._send(task, arg)
+                self.sent += 1
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            self.error = exc
+
+    def _send(self, task: str, arg: Any) -> None:
+        backoff_s = 0.2
+        while True:
+            try:
+                self.app.send_task(task, args=[arg], retry=True,
+                                   retry_policy={"max_retries": 2, "interval_start": 0.1,
+                                                 "interval_step": 0.2, "interval_max": 0.5})
+                return
+            except Exception:  # the broker is down or restarting: try again, the event must get out
+                self.retries += 1
+                time.sleep(backoff_s)
+                backoff_s = min(2.0, backoff_s * 2)
+
+
+# --- SQL reads ------------------------------------------------------------------------------
+
+
+def sql_progress(engine: Any, model: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """How far SQL is from the model: documents not yet at their model version, not finished."""
+    import sqlalchemy as sa
+
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text(
+            "select doc_id, version, op, status from documents where collection = :c"), {"c": COLLECTION}
+        ).all()
+        sent = conn.execute(sa.text("select count(*) from provider_requests where status = 'sent'")).scalar_one()
+    have = {r.doc_id: r for r in rows}
+    behind = unfinished = 0
+    for doc_id, event in model.items():
+        row = have.get(doc_id)
+        if row is None or row.version < event["version"]:
+            behind += 1
+        elif row.status == "pending":
+            unfinished += 1
+    return {"behind": behind, "unfinished": unfinished, "sent_rows": sent,
+            "pending": sum(r.status == "pending" for r in rows)}
+
+
+def read_ledger(engine: Any) -> dict[str, Any]:
+    import sqlalchemy as sa
+
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text(
+            "select id, provider_request_id, status, est_tokens, billed_tokens, rows from provider_requests"
+        )).all()
+        cached = conn.execute(sa.text("select count(*) from embedding_cache")).scalar_one()
+        docs = conn.execute(sa.text(
+            "select doc_id, version, op, status, attempts, last_error from documents where collection = :c"
+        ), {"c": COLLECTION}).all()
+        rejected = conn.execute(sa.text("select count(*) from rejected_events")).scalar_one()
+    return {"requests": rows, "cached_texts": cached, "docs": {d.doc_id: d for d in docs}, "rejected": rejected}
+
+
+def read_points(qdrant_path: Path) -> list[dict[str, Any]]:
+    from qdrant_client import QdrantClient
+
+    client = QdrantClient(path=str(qdrant_path))
+    try:
+        if not client.collection_exists(COLLECTION):
+            return []
+        points, offset = [], None
+        while True:
+            batch, offset = client.scroll(COLLECTION, limit=512, offset=offset, with_payload=True,
+                                          with_vectors=True)
+            for p in batch:
+                vector = p.vector.get("dense") if isinstance(p.vector, dict) else p.vector
+                points.append({"id": str(p.id), "payload": p.payload or {}, "vector": vector})
+            if offset is None:
+                return points
+    finally:
+        client.close()
+
+
+# --- the run --------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.chaos", description=__doc__.split("\n\n")[0])
+    p.add_argument("--events", type=int, default=5000, help="events to publish (default 5000)")
+    p.add_argument("--docs", type=int, default=500, help="documents they touch (default 500)")
+    p.add_argument("--seed", type=int, default=7, help="seed of events, kills and faults (default 7)")
+    p.add_argument("--kill-every-s", type=float, nargs=2, default=(2.0, 6.0), metavar=("MIN", "MAX"),
+                   help="SIGKILL the worker MIN-MAX s (uniform, seeded) after it is ready (default 2 6)")
+    p.add_argument("--min-kills", type=int, default=20,
+                   help="kill at least this often, even when the backlog is empty (default 20)")
+    p.add_argument("--publish-s", type=float, default=None,
+                   help="spread publishing over this long (default: 1.5 x --min-kills x the mean kill wait)")
+    p.add_argument("--error-rate", type=float, default=0.10, help="emulator 5xx share (default 0.10)")
+    p.add_argument("--throttle-rate", type=float, default=0.05, help="emulator 429 share (default 0.05)")
+    p.add_argument("--latency-ms", type=float, default=5.0, help="emulator latency (default 5)")
+    p.add_argument("--no-redis-restart", action="store_true", help="do not restart Redis mid-run")
+    p.add_argument("--quiesce-timeout-s", type=float, default=240.0,
+                   help="give up waiting for quiescence after this long; the checker runs anyway (default 240)")
+    p.add_argument("--postgres-url", default=os.environ.get(
+        "SIDECAR_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"),
+        help="server URL; a fresh database is created on it and dropped afterwards")
+    p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, AOF, Qdrant files)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    lo, hi = args.kill_every_s
+    publish_s = args.publish_s if args.publish_s is not None else max(5.0, args.min_kills * (lo + hi) / 2 * 1.5)
+    tmp = Path(tempfile.mkdtemp(prefix="sidecar-chaos-"))
+    print(f"chaos: temp dir {tmp}", flush=True)
+    try:
+        with temp_database(args.postgres_url, prefix="chaos") as database_url:
+            result = run(args, tmp, database_url, publish_s)
+    finally:
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(render(result))
+    print(json.dumps(result), flush=True)
+    return 0 if result["ok"] else 1
+
+
+def run(args: argparse.Namespace, tmp: Path, database_url: str, publish_s: float) -> dict[str, Any]:
+    from worker import db
+
+    started = time.monotonic()
+    rng = random.Random(args.seed)
+    lo, hi = args.kill_every_s
+    events = make_events(args.events, args.docs, args.seed)
+    model = final_state(events)
+    sends = messages(events, args.seed)
+
+    redis_server = RedisServer(tmp / "redis")
+    emulator = EmulatorProcess(tmp / "emulator.log", error_rate=args.error_rate,
+                               throttle_rate=args.throttle_rate, latency_ms=args.latency_ms, seed=args.seed)
+    worker: Worker | None = None
+    engine = db.make_engine(database_url)
+    try:
+        env = clean_env(
+            SIDECAR_DATA_DIR=str(tmp / "data"),
+            SIDECAR_BROKER_URL=redis_server.url,
+            SIDECAR_DATABASE_URL=database_url,
+            SIDECAR_QDRANT_PATH=str(tmp / "qdrant"),
+            DASHSCOPE_API_KEY="sk-emulator",
+            SIDECAR_DASHSCOPE_URL=emulator.url,
+            SIDECAR_EMBEDDING_MODEL=MODEL,
+            SIDECAR_EMBEDDING_DIMENSIONS=str(DIMENSIONS),
+            SIDECAR_DEFAULT_COLLECTION=COLLECTION,
+            SIDECAR_CHUNK_MAX_TOKENS=str(CHUNK_MAX_TOKENS),
+            SIDECAR_CHUNK_OVERLAP_TOKENS=str(CHUNK_OVERLAP_TOKENS),
+            SIDECAR_RECONCILE_INTERVAL_S=str(RECONCILE_INTERVAL_S),
+            SIDECAR_LEASE_S=str(LEASE_S),
+            SIDECAR_REQUEST_TIMEOUT_S=str(REQUEST_TIMEOUT_S),
+        )
+        migrated = subprocess.run([sys.executable, "-m", "api.cli", "migrate"], env=env, cwd=ROOT,
+                                  capture_output=True, text=True)
+        if migrated.returncode != 0:
+            raise RuntimeError(f"sidecar migrate failed: {migrated.stderr[-2000:]}")
+
+        worker = Worker(env, tmp / "worker.log")
+        worker.start()
+        publisher = Publisher(redis_server.url, sends, publish_s)
+        publisher.start()
+        print(f"chaos: {len(events)} events in {len(sends)} messages over {publish_s:.0f}s; "
+              f"{len(model)} documents in the model", flush=True)
+
+        # Each incarnation runs `uptime_s` (2-6 s) after it is ready, then gets SIGKILL: counting
+        # from readiness, not from the start, so that every kill lands on a worker doing work.
+        kills, last_kill = 0, started
+        uptime_s = rng.uniform(lo, hi)
+        redis_at = None if args.no_redis_restart else time.monotonic() + publish_s * 0.4
+        published_at: float | None = None
+        kill_phase_end = float("inf")
+        while True:
+            now = time.monotonic()
+            if published_at is None and not publisher.is_alive():
+                if publisher.error is not None:
+                    raise RuntimeError(f"publisher failed: {publisher.error!r}")
+                published_at = now
+                kill_phase_end = now + max(60.0, publish_s)  # a cap: kills must end for quiescence
+            if worker.exited():  # an exit we did not cause: note it and start again
+                worker.crashes += 1
+                worker.start()
+            if redis_at is not None and now >= redis_at:
+                redis_at = None
+                print("chaos: restarting redis", flush=True)
+                redis_server.restart(outage_s=2.0)
+            if now >= kill_phase_end:
+                break
+            if worker.ready() and now >= (worker.ready_at or now) + uptime_s:
+                queued, _ = redis_server.queue_state()
+                progress = sql_progress(engine, model)
+                backlog = queued != 0 or progress["behind"] or progress["unfinished"]
+                if published_at is not None and not backlog and kills >= args.min_kills:
+                    break
+                worker.kill()
+                kills += 1
+                last_kill = now
+                worker.start()
+                uptime_s = rng.uniform(lo, hi)
+                if kills % 5 == 0:
+                    print(f"chaos: {kills} kills, {publisher.sent}/{len(sends)} messages published, "
+                          f"{progress['behind']} docs behind, {progress['unfinished']} unfinished",
+                          flush=True)
+            time.sleep(0.05)
+        kill_phase_s = time.monotonic() - started
+        print(f"chaos: kills over after {kills} kills; waiting for quiescence", flush=True)
+
+        quiesce = wait_quiescent(engine, model, redis_server, worker, args.quiesce_timeout_s)
+        unacked = redis_server.unacked_messages()
+        worker.stop()
+        bill = emulator.client.get("/_emulator/bill").raise_for_status().json()
+        ledger = read_ledger(engine)
+        points = read_points(tmp / "qdrant")
+    finally:
+        if worker is not None:
+            worker.stop()
+        emulator.stop()
+        redis_server.stop()
+        engine.dispose()
+    result = judge(model, events, points, ledger, bill, unacked)
+    result.update(
+        kills=kills, redis_restarts=redis_server.restarts, worker_crashes=worker.crashes,
+        publish_retries=publisher.retries, messages=len(sends), quiesced=quiesce["quiesced"],
+        quiesce_waiting_for=quiesce["waiting_for"], kill_phase_s=round(kill_phase_s, 1),
+        duration_s=round(time.monotonic() - started, 1), seed=args.seed,
+        last_kill_s=round(last_kill - started, 1), temp_dir=str(tmp) if args.keep else None,
+    )
+    return result
+
+
+def wait_quiescent(engine: Any, model: dict[str, dict[str, Any]], redis_server: RedisServer,
+                   worker: Worker, timeout_s: float) -> dict[str, Any]:
+    """Poll until SQL holds the model, no ledger row is `sent`, the queue is empty and the
+    reconciler had two rounds since the last restart; gives up after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    waiting: list[str] = []
+    while time.monotonic() < deadline:
+        if worker.exited():
+            worker.crashes += 1
+            worker.start()
+        progress = sql_progress(engine, model)
+        queued, _ = redis_server.queue_state()
+        waiting = [name for name, busy in (
+            ("documents behind the model", progress["behind"]),
+            ("documents pending", progress["unfinished"]),
+            ("ledger rows sent", progress["sent_rows"]),
+            ("broker queue", queued),
+            ("reconciler rounds", not worker.ready()
+             or time.monotonic() - (worker.ready_at or 0.0) < 2 * RECONCILE_INTERVAL_S + 1),
+        ) if busy]
+        if not waiting:
+            return {"quiesced": True, "waiting_for": []}
+        time.sleep(0.5)
+    progress = sql_progress(engine, model)
+    return {"quiesced": False, "waiting_for": waiting, **progress}
+
+
+def judge(model: dict[str, dict[str, Any]], events: list[dict[str, Any]], points: list[dict[str, Any]],
+          ledger: dict[str, Any], bill: dict[str, Any], unacked: list[dict[str, Any]]) -> dict[str, Any]:
+    import numpy as np
+
+    from api.emulator import expected_vector
+    from worker import chunking
+
+    def expected_chunks(text: str) -> list[chunking.Chunk]:
+        return chunking.split_text(text, max_tokens=CHUNK_MAX_TOKENS, overlap_tokens=CHUNK_OVERLAP_TOKENS)
+
+    def vector_ok(text: str, vector: list[float] | None) -> bool:
+        if vector is None or len(vector) != DIMENSIONS:
+            return False
+        want = np.asarray(expected_vector(MODEL, DIMENSIONS, text))
+        return bool(np.allclose(np.asarray(vector), want, atol=1e-5))
+
+    verdict = check_points(model, points, expected_chunks, vector_ok)
+    docs = ledger["docs"]
+    dead = sorted(d for d, row in docs.items() if row.status == "dead")
+    # Documents SQL never heard of at their model version: events stranded in the broker.
+    behind = sorted(d for d, e in model.items() if d not in docs or docs[d].version < e["version"])
+
+    requests = ledger["requests"]
+    by_status = Counter(r.status for r in requests)
+    ledger_tokens = sum(r.billed_tokens or 0 for r in requests if r.status in ("succeeded", "unknown"))
+    unknown_estimates = sum(r.billed_tokens or 0 for r in requests if r.status == "unknown")
+    succeeded = {r.provider_request_id: r for r in requests if r.status == "succeeded"}
+    bill_rows = bill["requests"]
+    unmatched = [b for b in bill_rows if b["request_id"] not in succeeded]
+    mismatched = sum(1 for b in bill_rows if b["request_id"] in succeeded
+                     and succeeded[b["request_id"]].billed_tokens != b["tokens"])
+    not_on_bill = sum(1 for rid in succeeded if rid not in {b["request_id"] for b in bill_rows})
+    bill_tokens = int(bill["total_tokens"])
+    minimum = math.ceil(ledger["cached_texts"] / MAX_ROWS)
+    unacked_docs = sorted({e["doc_id"] for m in unacked for e in
+                           (m["args"] if isinstance(m["args"], list) else [m["args"]]) if isinstance(e, dict)})
+
+    result: dict[str, Any] = {
+        "ok": False,
+        "events": len(events),
+        "documents": len(model),
+        "live_documents": sum(e["op"] == "upsert" for e in model.values()),
+        "lost": len(verdict.lost),
+        "stale": len(verdict.stale),
+        "resurrected": len(verdict.resurrected),
+        "wrong_vectors": verdict.wrong_vectors,
+        "dead_letters": len(dead),
+        "sql_behind_model": len(behind),
+        "broker_unacked_messages": len(unacked),
+        "broker_unacked_docs": len(unacked_docs),
+        "rejected_events": ledger["rejected"],
+        "points": len(points),
+        "ledger_tokens": ledger_tokens,
+        "bill_tokens": bill_tokens,
+        "unaccounted_tokens": max(0, bill_tokens - ledger_tokens),
+        "ledger_rows": dict(sorted(by_status.items())),
+        "unknown_estimate_tokens": unknown_estimates,
+        "bill_requests": len(bill_rows),
+        "bill_ids_in_ledger": len(bill_rows) - len(unmatched),
+        "bill_ids_not_in_ledger": len(unmatched),
+        "bill_tokens_not_in_ledger": sum(b["tokens"] for b in unmatched),
+        "ledger_bill_token_mismatches": mismatched,
+        "succeeded_not_on_bill": not_on_bill,
+        "distinct_texts_embedded": ledger["cached_texts"],
+        "extra_provider_calls": len(bill_rows) - minimum,
+        "extra_provider_calls_definition": EXTRA_CALLS_DEFINITION,
+        "examples": {
+            "lost": {d: verdict.reasons[d] for d in verdict.lost[:5]},
+            "stale": verdict.stale[:5],
+            "resurrected": verdict.resurrected[:5],
+            "dead": {d: (docs[d].last_error or "")[:200] for d in dead[:5]},
+            "behind": {d: {"model_version": model[d]["version"],
+                           "sql_version": docs[d].version if d in docs else None} for d in behind[:5]},
+            "unacked_docs": unacked_docs[:5],
+        },
+    }
+    result["ok"] = not (verdict.lost or verdict.stale or verdict.resurrected or result["unaccounted_tokens"])
+    return result
+
+
+def render(r: dict[str, Any]) -> str:
+    rows = [
+        ("events / messages", f"{r['events']} / {r['messages']}"),
+        ("documents (live)", f"{r['documents']} ({r['live_documents']})"),
+        ("kills / redis restarts", f"{r['kills']} / {r['redis_restarts']}"),
+        ("publish retries", r["publish_retries"]),
+        ("quiesced", f"{r['quiesced']} {', '.join(r['quiesce_waiting_for'])}".strip()),
+        ("lost", r["lost"]),
+        ("stale", r["stale"]),
+        ("resurrected", r["resurrected"]),
+        ("wrong vectors", r["wrong_vectors"]),
+        ("dead letters", r["dead_letters"]),
+        ("SQL behind model", r["sql_behind_model"]),
+        ("broker unacked msgs / docs", f"{r['broker_unacked_messages']} / {r['broker_unacked_docs']}"),
+        ("ledger rows", " ".join(f"{k}={v}" for k, v in r["ledger_rows"].items())),
+        ("ledger tokens", r["ledger_tokens"]),
+        ("bill tokens", r["bill_tokens"]),
+        ("unaccounted tokens", r["unaccounted_tokens"]),
+        ("unknown-row estimates", r["unknown_estimate_tokens"]),
+        ("bill ids in ledger", f"{r['bill_ids_in_ledger']}/{r['bill_requests']} "
+                               f"({r['bill_tokens_not_in_ledger']} tokens not)"),
+        ("extra provider calls", r["extra_provider_calls"]),
+        ("duration", f"{r['duration_s']}s"),
+        ("ok", r["ok"]),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    for kind, example in r["examples"].items():
+        if example:
+            lines.append(f"{kind}: {json.dumps(example)}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
