@@ -7,7 +7,8 @@
 Limits mode: the emulator (its own process) enforces --rpm/--tpm with --latency-ms per answer;
 --workers `sidecar worker` processes consume from Redis (db 12, flushed) with PostgreSQL (a fresh
 database per run) for state and ledger, SIDECAR_REDIS_URL on Redis db 11 for the shared limiter,
-and each its own local Qdrant path (standing in for hosts sharing one Qdrant server). Events of
+and each its own local Qdrant path (standing in for hosts sharing one Qdrant server; so the
+periodic reconciler, which would take the other paths' documents for drift, is off). Events of
 mixed sizes are published as fast as Celery takes them. Then the naive baseline runs on the same
 emulator (reset) and a fresh database: one document per claim (one row per request), a
 per-process limiter set to the full limits, retries on 429; it runs for --naive-s at most.
@@ -166,6 +167,9 @@ def worker_env(svc: Services, database_url: str, index: int, *, rpm: int, tpm: i
         SIDECAR_EMBEDDING_MODEL=MODEL,
         SIDECAR_REQUESTS_PER_MINUTE=str(rpm),
         SIDECAR_TOKENS_PER_MINUTE=str(tpm),
+        # The reconciler compares SQL with *its* Qdrant; with one local path per worker it would
+        # take every document another worker wrote for drift and re-drive it.
+        SIDECAR_RECONCILE_INTERVAL_S="0",
         **settings,
     )
 

@@ -238,7 +238,8 @@ else
 end
 local rpm, tpm, burst = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local STRIKE_RESET, BACKOFF_BASE, BACKOFF_MAX = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
-local WINDOW, STEP, FLOOR, CUT_SPACING = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12])
+local WINDOW, STEP = tonumber(ARGV[9]), tonumber(ARGV[10])
+local FLOOR, CUT_SPACING = tonumber(ARGV[11]), tonumber(ARGV[12])
 
 local names = {'request_tat', 'token_tat', 'cooldown_until', 'strikes', 'last_strike_at',
                'rate_factor', 'last_cut_at', 'last_raise_at'}

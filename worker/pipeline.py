@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import httpx
 
-from worker import batching, cache, chunking, ledger, pauses, state
+from worker import batching, cache, chunking, ledger, pauses, state, stats
 from worker.db import ProviderPause, utcnow
 from worker.errors import (
     AccountError,
@@ -133,10 +133,16 @@ def missing_rows(rt: Runtime, work: _Work) -> list[batching.Row]:
     with rt.sessions.begin() as session:
         work.vectors.update(cache.get_many(session, work.users))
     rows = []
+    saved: Counter[tuple[str, str]] = Counter()  # tokens not sent: already paid for, or shared
     for key, users in work.users.items():
+        chunk = users[0][1]
         if key not in work.vectors:
-            chunk = users[0][1]
             rows.append(batching.Row(key=key, text=chunk.text, tokens=chunk.tokens))
+        for doc, _chunk in users[0 if key in work.vectors else 1:]:
+            saved[(doc.collection, doc.tenant)] += chunk.tokens
+    if saved:
+        with rt.sessions.begin() as session:
+            stats.record_avoided(session, "dedup", saved, model=rt.embedder.model)
     return rows
 
 
@@ -184,7 +190,7 @@ def call_provider(rt: Runtime, work: _Work, rows: list[batching.Row], cycle: Cyc
     except SidecarError as exc:
         rt.limiter.settle(permit, 0)
         if exc.call is not None and exc.call.http_status == 429:
-            rt.limiter.throttled(getattr(exc, "retry_after_s", None))
+            rt.limiter.throttled(getattr(exc, "retry_after_s", None), permit=permit)
         with rt.sessions.begin() as session:
             ledger.record_failure(
                 session, request_id, exc.call, message=str(exc),

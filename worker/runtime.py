@@ -15,9 +15,9 @@ from typing import Any
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import sessionmaker
 
-from worker import cache, catalog, chunking, db
+from worker import budget, cache, catalog, chunking, db
 from worker.embedding import Embedder
-from worker.limiter import Limits, LocalRateLimiter, RateLimiter
+from worker.limiter import Limits, LocalRateLimiter, RateLimiter, RedisRateLimiter, limiter_key
 from worker.settings import Settings
 from worker.store import QdrantStore, VectorStore
 
@@ -84,8 +84,17 @@ def build_embedder(settings: Settings) -> Embedder:
 
 
 def build_limiter(settings: Settings) -> RateLimiter:
-    limits = settings.rate_limits()
-    return LocalRateLimiter(Limits(limits.requests_per_minute, limits.tokens_per_minute))
+    """Shared by every process through Redis when SIDECAR_REDIS_URL is set; else this process's."""
+    rates = settings.rate_limits()
+    limits = Limits(rates.requests_per_minute, rates.tokens_per_minute)
+    if settings.redis_url is None:
+        return LocalRateLimiter(limits)
+    import redis
+
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    return RedisRateLimiter(
+        client, limits, key=limiter_key(settings.embedding_model, settings.provider_root())
+    )
 
 
 def build_runtime(settings: Settings, *, store: VectorStore | None = None,
@@ -93,10 +102,12 @@ def build_runtime(settings: Settings, *, store: VectorStore | None = None,
     spec = settings.model_spec()  # a configuration the model cannot serve stops here
     engine = db.make_engine(settings.resolved_database_url())
     max_tokens = settings.chunk_max_tokens or chunking.default_max_tokens(spec.max_tokens_per_row)
+    sessions = db.make_sessionmaker(engine)
     return Runtime(
         settings=settings,
         engine=engine,
-        sessions=db.make_sessionmaker(engine),
+        sessions=sessions,
+        budget_check=budget.pipeline_check(sessions, spec),
         store=store or build_store(settings),
         embedder=embedder or build_embedder(settings),
         limiter=build_limiter(settings),

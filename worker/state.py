@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -28,10 +29,12 @@ def text_hash(text: str) -> str:
     return hashlib.sha256(tokens.normalize(text).encode("utf-8")).hexdigest()
 
 
-def accept(session: Session, event: Event) -> Outcome:
+def accept(session: Session, event: Event, coalesced: Counter[tuple[str, str]] | None = None) -> Outcome:
     """Record an event as the document's desired state, unless an equal or newer version is there.
 
-    Without a `version`, arrival order is the version (the stored one plus one).
+    Without a `version`, arrival order is the version (the stored one plus one). When a pending
+    version is replaced before it was embedded, its tokens are added to `coalesced` by
+    (collection, tenant): what coalescing saved.
     """
     now = utcnow()
     if event.event_id is not None:
@@ -64,6 +67,9 @@ def accept(session: Session, event: Event) -> Outcome:
         return "duplicate"
     else:
         version = event.version
+    if coalesced is not None and doc.status == "pending" and doc.lease_owner is None and doc.text \
+            and doc.text_hash != values["text_hash"]:
+        coalesced[(doc.collection, doc.tenant)] += tokens.count_tokens(doc.text)
     # A lease held on an older version stays: its holder sees the new version when it finishes
     # and hands the document back, so two workers never write one document at once.
     for name, value in {**values, "version": version}.items():

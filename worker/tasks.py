@@ -13,7 +13,7 @@ from typing import Any
 
 from celery import Celery, signals
 
-from worker import state
+from worker import state, stats
 from worker.errors import InvalidEvent
 from worker.events import parse_event
 from worker.runtime import Runtime, build_runtime
@@ -40,6 +40,7 @@ def ingest_events(rt: Runtime, raw_events: list[Any]) -> dict[str, int]:
     """Validate and record each event in its own transaction; returns counts by outcome."""
     s = rt.settings
     outcomes: Counter[str] = Counter()
+    coalesced: Counter[tuple[str, str]] = Counter()
     for raw in raw_events:
         try:
             event = parse_event(
@@ -53,7 +54,10 @@ def ingest_events(rt: Runtime, raw_events: list[Any]) -> dict[str, int]:
             outcomes["rejected"] += 1
             continue
         with rt.sessions.begin() as session:
-            outcomes[state.accept(session, event)] += 1
+            outcomes[state.accept(session, event, coalesced)] += 1
+    with rt.sessions.begin() as session:
+        stats.record_outcomes(session, outcomes)
+        stats.record_avoided(session, "coalesced", coalesced, model=rt.embedder.model)
     if outcomes["accepted"]:
         rt.wake.set()
     return dict(outcomes)
