@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 from api import metrics, routes_events, routes_spend
 from api.auth import ApiSettings, can_read
 from api.deps import session
-from worker import budget, db, db_audit, schema  # noqa: F401  (db_audit: the audit tables' models)
+from worker import budget, db, db_audit, pauses, schema  # noqa: F401  (db_audit: the audit tables' models)
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -129,4 +129,9 @@ def readiness(app: FastAPI) -> tuple[dict[str, Any], list[str]]:
                             "paused_collections": state["paused_collections"]}
         if state["paused"]:
             reasons += [f"budget: {r}" for r in state["reasons"] if "all collections" in r]
+        with app.state.sessions() as s:
+            paused = [p for p in pauses.current(s) if p["state"] == "paused"]
+        checks["provider"] = {"ok": not paused,
+                              "detail": [p["reason"] for p in paused] or "not paused"}
+        reasons += [f"provider: {p['reason']} (until {p['until']})" for p in paused]
     return checks, reasons

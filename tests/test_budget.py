@@ -124,8 +124,7 @@ def test_budget_through_the_api_pauses_and_resumes(database_url, broker, tmp_pat
 
 def test_pipeline_stops_at_the_cap_and_resumes_when_raised(make_runtime, emulator):
     rt = make_runtime()
-    if rt.budget_check is None:  # until build_runtime wires it
-        rt.budget_check = budget.pipeline_check(rt.sessions, rt.spec, NONE)
+    rt.budget_check = budget.pipeline_check(rt.spec, NONE)  # caps from the API only
     texts = [f"document number {i} about green tea and how it is grown" for i in range(25)]
     ingest_events(rt, [{"op": "upsert", "doc_id": f"d{i}", "text": t} for i, t in enumerate(texts)])
     with rt.sessions.begin() as s:  # room for about one request of ten rows

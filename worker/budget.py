@@ -337,17 +337,17 @@ def budget_state(session: Session, now: dt.datetime | None = None,
             "caps": rows, "waiting_documents": int(waiting)}
 
 
-def pipeline_check(sessions: Any, spec: Any, settings: BudgetSettings | None = None) -> Any:
-    """The `Runtime.budget_check` hook: admit(…) for one batch before it is sent.
+def pipeline_check(spec: Any, settings: BudgetSettings | None = None) -> Any:
+    """The `Runtime.budget_check` hook: admit(…) one batch, inside the transaction that writes
+    its ledger intent row (under a lock), so concurrent workers cannot overshoot a cap together.
 
-    Wire it in build_runtime: `budget_check=budget.pipeline_check(sessions, spec)`.
+    Wire it in build_runtime: `budget_check=budget.pipeline_check(spec)`.
     """
     settings = settings or BudgetSettings()
 
-    def check(work: Any, rows: Any, est_tokens: int) -> None:
+    def check(session: Session, work: Any, rows: Any, est_tokens: int) -> None:
         collections = {doc.collection for row in rows for doc, _chunk in work.users[row.key]}
-        with sessions.begin() as session:
-            admit(session, collections=collections, est_cost_nano=spec.cost_nano_cny(est_tokens),
-                  settings=settings, lock=True)
+        admit(session, collections=collections, est_cost_nano=spec.cost_nano_cny(est_tokens),
+              settings=settings, lock=True)
 
     return check

@@ -225,3 +225,8 @@ class MessageAttempt(Base):
     task_id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
     attempts: Mapped[int]
     first_seen: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+# The spend-audit tables live in their own module but share this metadata; import it here so
+# every user of Base.metadata (Alembic, tests) sees all tables.
+from worker import db_audit  # noqa: E402, F401

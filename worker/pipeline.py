@@ -167,8 +167,6 @@ def embed_rows(rt: Runtime, work: _Work, rows: list[batching.Row], cycle: Cycle)
 
 def call_provider(rt: Runtime, work: _Work, rows: list[batching.Row], cycle: Cycle) -> dict[str, list[float]]:
     est_tokens = sum(row.tokens for row in rows)
-    if rt.budget_check is not None:
-        rt.budget_check(work, rows, est_tokens)
     permit = rt.limiter.acquire(est_tokens, timeout_s=rt.settings.lease_s / 4)
     request_id = str(uuid.uuid4())
     items = [
@@ -177,6 +175,12 @@ def call_provider(rt: Runtime, work: _Work, rows: list[batching.Row], cycle: Cyc
         for doc, chunk in work.users[row.key]
     ]
     with rt.sessions.begin() as session:
+        if rt.budget_check is not None:
+            try:  # checked with the intent row written in the same transaction: no joint overshoot
+                rt.budget_check(session, work, rows, est_tokens)
+            except RetryLater:
+                rt.limiter.settle(permit, 0)
+                raise
         ledger.open_request(
             session, request_id=request_id, model=rt.embedder.model, dimensions=rt.embedder.dimensions,
             api=rt.embedder.api, rows=len(rows), est_tokens=est_tokens, items=items,

@@ -9,7 +9,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from worker import budget, state
+from worker import budget, pauses, state
 from worker.catalog import cny_str
 from worker.db import Document, ProviderRequest, RejectedEvent, RequestItem
 from worker.db_audit import Counter
@@ -33,6 +33,7 @@ def status(session: Session, *, budget_settings: budget.BudgetSettings | None = 
         "requests": {k: requests.get(k, 0) for k in ("succeeded", "failed", "unknown", "sent")},
         "oldest_pending_age_s": None if age is None else round(age, 3),
         "budget": budget.budget_state(session, settings=budget_settings),
+        "provider_pauses": pauses.current(session),  # account errors pause embedding for everyone
     }
 
 

@@ -35,7 +35,8 @@ class Runtime:
     chunk_max_tokens: int
     wake: threading.Event = field(default_factory=threading.Event)
     probing: bool = False  # a provider pause expired: the next success clears it
-    # Called with (work, rows, est_tokens) before each paid call; raises to hold the call back.
+    # Called with (session, work, rows, est_tokens) in the transaction of each ledger intent row;
+    # raises (BudgetExceeded) to hold the call back.
     budget_check: Callable[..., None] | None = None
     # Fault injection for tests: called at named points of the pipeline; raises to simulate a crash.
     crash_hook: Callable[[str], None] | None = None
@@ -107,7 +108,7 @@ def build_runtime(settings: Settings, *, store: VectorStore | None = None,
         settings=settings,
         engine=engine,
         sessions=sessions,
-        budget_check=budget.pipeline_check(sessions, spec),
+        budget_check=budget.pipeline_check(spec),
         store=store or build_store(settings),
         embedder=embedder or build_embedder(settings),
         limiter=build_limiter(settings),
