@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import sqlalchemy as sa
 
 from api.emulator import expected_vector
@@ -149,3 +150,24 @@ def test_parse_event_names_field_and_rule():
             parse_event(raw, **kwargs)
         assert info.value.field == field
     assert parse_event({"op": "delete", "doc_id": "a"}, **kwargs).collection == "c"
+
+
+def test_hybrid_output_stores_the_sparse_vector(make_runtime, emulator):
+    from api.emulator import expected_sparse
+
+    rt = make_runtime(embedding_api="native", sparse_vectors=True)
+    ingest_events(rt, [upsert("h", "green tea and black tea")])
+    drain(rt)
+    point = rt.store.client.retrieve("documents", [rt.store.document_points("documents", "default", "h")[0].id],
+                                     with_vectors=True)[0]
+    sparse = point.vector["sparse"]
+    expected = expected_sparse(rt.embedder.model, "green tea and black tea")
+    assert dict(zip(sparse.indices, sparse.values)) == pytest.approx({e["index"]: e["value"] for e in expected})
+
+
+def test_sparse_needs_the_native_api():
+    from worker.errors import ConfigError
+    from worker.settings import Settings
+
+    with pytest.raises(ConfigError, match="SIDECAR_SPARSE_VECTORS"):
+        Settings(_env_file=None, sparse_vectors=True).model_spec()

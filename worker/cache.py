@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import sqlalchemy as sa
@@ -16,37 +17,52 @@ from sqlalchemy.orm import Session
 from worker.db import CachedEmbedding, insert_ignore, utcnow
 
 
+@dataclass(frozen=True)
+class Embedded:
+    """What one paid row gave: the dense vector, and the sparse one when it was asked for."""
+
+    vector: list[float]
+    sparse: dict[int, float] | None = None
+
+
 def cache_key(model: str, dimensions: int, content_hash: str, *, text_type: str = "document",
-              instruct: str | None = None) -> str:
-    material = "\x1f".join((model, str(dimensions), text_type, instruct or "", content_hash))
+              instruct: str | None = None, sparse: bool = False) -> str:
+    material = "\x1f".join(
+        (model, str(dimensions), text_type, instruct or "", "dense&sparse" if sparse else "dense", content_hash)
+    )
     return hashlib.sha256(material.encode("utf-8")).hexdigest()
 
 
-def get_many(session: Session, keys: Iterable[str]) -> dict[str, list[float]]:
+def get_many(session: Session, keys: Iterable[str]) -> dict[str, Embedded]:
     wanted = list(set(keys))
-    found: dict[str, list[float]] = {}
+    found: dict[str, Embedded] = {}
     for start in range(0, len(wanted), 500):
         rows = session.execute(
-            sa.select(CachedEmbedding.key, CachedEmbedding.vector).where(
+            sa.select(CachedEmbedding.key, CachedEmbedding.vector, CachedEmbedding.sparse).where(
                 CachedEmbedding.key.in_(wanted[start : start + 500])
             )
         )
-        for key, blob in rows:
-            found[key] = np.frombuffer(blob, dtype="<f4").astype(float).tolist()
+        for key, blob, sparse in rows:
+            found[key] = Embedded(
+                np.frombuffer(blob, dtype="<f4").astype(float).tolist(),
+                {int(i): v for i, v in sparse.items()} if sparse else None,
+            )
     return found
 
 
-def put_many(session: Session, vectors: dict[str, list[float]], *, model: str, dimensions: int,
+def put_many(session: Session, embedded: dict[str, Embedded], *, model: str, dimensions: int,
              request_id: str) -> None:
-    if not vectors:
+    if not embedded:
         return
     now = utcnow()
     rows = [
         {
             "key": key, "model": model, "dimensions": dimensions, "request_id": request_id,
-            "vector": np.asarray(vector, dtype="<f4").tobytes(), "created_at": now,
+            "vector": np.asarray(e.vector, dtype="<f4").tobytes(),
+            "sparse": {str(i): v for i, v in e.sparse.items()} if e.sparse is not None else None,
+            "created_at": now,
         }
-        for key, vector in vectors.items()
+        for key, e in embedded.items()
     ]
     for start in range(0, len(rows), 200):
         insert_ignore(session, CachedEmbedding, rows[start : start + 200])

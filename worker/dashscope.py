@@ -140,6 +140,7 @@ class DashScopeEmbedder:
             dimensions=settings.embedding_dimensions,
             api=settings.embedding_api,
             timeout_s=settings.request_timeout_s,
+            sparse=settings.sparse_vectors,
         )
 
     def __repr__(self) -> str:

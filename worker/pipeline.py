@@ -58,7 +58,7 @@ class _Work:
     chunks: dict[int, list[chunking.Chunk]] = field(default_factory=dict)
     keys: dict[int, list[str]] = field(default_factory=dict)
     users: dict[str, list[tuple[state.Claimed, chunking.Chunk]]] = field(default_factory=lambda: defaultdict(list))
-    vectors: dict[str, list[float]] = field(default_factory=dict)
+    vectors: dict[str, cache.Embedded] = field(default_factory=dict)
     errors: dict[int, SidecarError] = field(default_factory=dict)
 
 
@@ -105,15 +105,18 @@ def run_cycle(rt: Runtime) -> Cycle:
 
 def apply_delete(rt: Runtime, doc: state.Claimed, cycle: Cycle) -> None:
     try:
-        rt.store.delete_document(
-            doc.collection, doc.tenant, doc.doc_id, doc.version, dimensions=rt.embedder.dimensions
-        )
+        ensure_collection(rt, doc.collection)  # so the delete leaves a tombstone even in a new collection
+        rt.store.delete_document(doc.collection, doc.tenant, doc.doc_id, doc.version)
     except RetryLater as exc:
         _retry(rt, doc, exc, cycle)
         return
     with rt.sessions.begin() as session:
         if state.mark_deleted(session, doc, owner=rt.owner):
             cycle.deleted += 1
+
+
+def ensure_collection(rt: Runtime, collection: str) -> None:
+    rt.store.ensure_collection(collection, rt.embedder.dimensions, sparse=rt.settings.sparse_vectors)
 
 
 def plan_chunks(rt: Runtime, work: _Work) -> None:
@@ -165,7 +168,7 @@ def embed_rows(rt: Runtime, work: _Work, rows: list[batching.Row], cycle: Cycle)
         return False
 
 
-def call_provider(rt: Runtime, work: _Work, rows: list[batching.Row], cycle: Cycle) -> dict[str, list[float]]:
+def call_provider(rt: Runtime, work: _Work, rows: list[batching.Row], cycle: Cycle) -> dict[str, cache.Embedded]:
     est_tokens = sum(row.tokens for row in rows)
     permit = rt.limiter.acquire(est_tokens, timeout_s=rt.settings.lease_s / 4)
     request_id = str(uuid.uuid4())
@@ -206,7 +209,10 @@ def call_provider(rt: Runtime, work: _Work, rows: list[batching.Row], cycle: Cyc
         raise
     rt.crash("after_call")
     rt.limiter.settle(permit, result.billed_tokens)
-    vectors = {row.key: vector for row, vector in zip(rows, result.vectors)}
+    sparse = result.sparse or [None] * len(rows)
+    vectors = {
+        row.key: cache.Embedded(vector, weights) for row, vector, weights in zip(rows, result.vectors, sparse)
+    }
     with rt.sessions.begin() as session:
         ledger.record_success(session, request_id, result, rt.spec.cost_nano_cny(result.billed_tokens))
         cache.put_many(
@@ -250,11 +256,12 @@ def finish(rt: Runtime, work: _Work, cycle: Cycle) -> None:
             cycle.held_back += 1
             continue
         chunks = [
-            ChunkVector(chunk.index, chunk.text, chunk.content_hash, work.vectors[key])
+            ChunkVector(chunk.index, chunk.text, chunk.content_hash, work.vectors[key].vector,
+                        work.vectors[key].sparse)
             for chunk, key in zip(work.chunks[doc.id], keys)
         ]
         try:
-            rt.store.ensure_collection(doc.collection, rt.embedder.dimensions)
+            ensure_collection(rt, doc.collection)
             written = rt.store.write_document(
                 doc.collection, doc.tenant, doc.doc_id, doc.version, chunks,
                 meta=doc.meta or {}, model=rt.embedder.model, dimensions=rt.embedder.dimensions,

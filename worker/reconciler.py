@@ -88,5 +88,5 @@ def repair_collection(rt: Runtime, collection: str, report: Reconciled) -> None:
 
 def _remove(rt: Runtime, collection: str, key: tuple[str, str], version: int, report: Reconciled) -> None:
     tenant, doc_id = key
-    rt.store.delete_document(collection, tenant, doc_id, version, dimensions=rt.embedder.dimensions)
+    rt.store.delete_document(collection, tenant, doc_id, version)
     report.removed += 1

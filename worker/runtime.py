@@ -46,7 +46,8 @@ class Runtime:
             self.crash_hook(point)
 
     def cache_key(self, content_hash: str) -> str:
-        return cache.cache_key(self.embedder.model, self.embedder.dimensions, content_hash)
+        return cache.cache_key(self.embedder.model, self.embedder.dimensions, content_hash,
+                               sparse=self.settings.sparse_vectors)
 
     def close(self) -> None:
         self.embedder.close()

@@ -14,6 +14,7 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker import catalog
+from worker.errors import ConfigError
 
 
 class Settings(BaseSettings):
@@ -38,6 +39,7 @@ class Settings(BaseSettings):
     embedding_api: Literal["compatible", "native"] = "compatible"
     embedding_model: str = "text-embedding-v4"
     embedding_dimensions: int = 1024
+    sparse_vectors: bool = False  # also store the native API's sparse vector (named `sparse`)
     request_timeout_s: float = 30.0
 
     default_collection: str = "documents"
@@ -84,7 +86,13 @@ class Settings(BaseSettings):
 
     def model_spec(self) -> catalog.ModelSpec:
         """The model spec, after checking the model can serve the configured size and region."""
-        return catalog.check_serving(self.embedding_model, self.embedding_dimensions, self.region)
+        spec = catalog.check_serving(self.embedding_model, self.embedding_dimensions, self.region)
+        if self.sparse_vectors and (self.embedding_api != "native" or not spec.sparse):
+            raise ConfigError(
+                "SIDECAR_SPARSE_VECTORS=true needs SIDECAR_EMBEDDING_API=native and a model with "
+                f"sparse output (text-embedding-v3 or v4), not {self.embedding_api}/{spec.name}"
+            )
+        return spec
 
     def rate_limits(self) -> catalog.RateLimits:
         spec = self.model_spec()
