@@ -171,3 +171,13 @@ def test_sparse_needs_the_native_api():
 
     with pytest.raises(ConfigError, match="SIDECAR_SPARSE_VECTORS"):
         Settings(_env_file=None, sparse_vectors=True).model_spec()
+
+
+def test_under_a_backlog_a_partial_batch_waits_for_company(make_runtime):
+    rt = make_runtime(claim_docs=11, batch_max_delay_s=60.0)
+    ingest_events(rt, [upsert(f"d{i:02}", f"note {i}") for i in range(12)])
+    drain(rt)
+    with rt.sessions() as session:
+        sizes = session.execute(sa.select(ProviderRequest.rows).order_by(ProviderRequest.created_at)).scalars()
+        # A full claim of 11: ten go, one is handed back and leads the next claim with the 12th.
+        assert list(sizes) == [10, 2]

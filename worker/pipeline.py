@@ -5,13 +5,15 @@
     → for each batch: limiter.reserve → ledger intent → embed → ledger result + cache
     → Qdrant write (version guard, stale chunks removed) → document indexed
 
-Under a backlog only full batches go out; the rows of a partial batch wait (their documents
-are handed back) until company arrives or the oldest has waited `batch_max_delay_s`.
+Under a backlog (a full claim) only full batches go out; the rows of a partial batch wait
+(their documents are handed back, and lead the next claim) until company arrives or they have
+been held back for `batch_max_delay_s`. Without a backlog a partial batch goes at once.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -63,7 +65,7 @@ class _Work:
 
 
 def run_cycle(rt: Runtime) -> Cycle:
-    limit = rt.settings.claim_docs
+    limit = max(rt.settings.claim_docs, rt.spec.max_rows)  # a full claim can fill a batch
     with rt.sessions.begin() as session:
         pause = session.get(ProviderPause, pauses.PROVIDER)
         if pause is not None and pause.until > utcnow():
@@ -94,8 +96,8 @@ def run_cycle(rt: Runtime) -> Cycle:
         rows, max_rows=rt.spec.max_rows, max_tokens_per_row=rt.spec.max_tokens_per_row
     )
     full, rest = batching.split_full(batches, rt.spec.max_rows)
-    if rest and (len(docs) < limit or _oldest_wait_s(work, rest) >= rt.settings.batch_max_delay_s):
-        full.append(rest)
+    if rest and (len(docs) < limit or _held_s(rt, work, rest) >= rt.settings.batch_max_delay_s):
+        full.append(rest)  # no backlog to wait for, or these rows have waited long enough
     for batch in full:
         if not embed_rows(rt, work, batch, cycle):
             break  # the provider asked us to back off: leave the rest for later
@@ -274,6 +276,7 @@ def finish(rt: Runtime, work: _Work, cycle: Cycle) -> None:
             _retry(rt, doc, MalformedResponse(f"the store holds a newer state than version {doc.version}"),
                    cycle)
             continue
+        rt.held_since.pop(doc.id, None)
         with rt.sessions.begin() as session:
             if state.mark_indexed(session, doc, owner=rt.owner, chunk_count=len(chunks)):
                 cycle.indexed += 1
@@ -304,7 +307,10 @@ def _retry(rt: Runtime, doc: state.Claimed, error: SidecarError, cycle: Cycle) -
     cycle.dead += outcome == "dead"
 
 
-def _oldest_wait_s(work: _Work, rows: list[batching.Row]) -> float:
-    now = utcnow()
-    oldest = min(doc.updated_at for row in rows for doc, _ in work.users[row.key])
-    return (now - oldest).total_seconds()
+def _held_s(rt: Runtime, work: _Work, rows: list[batching.Row]) -> float:
+    """How long these rows have been held back waiting for a full batch (0 the first time)."""
+    now = time.monotonic()
+    if len(rt.held_since) > 100_000:  # documents finished elsewhere are never popped here
+        rt.held_since.clear()
+    return max(now - rt.held_since.setdefault(doc.id, now)
+               for row in rows for doc, _ in work.users[row.key])

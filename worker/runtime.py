@@ -35,6 +35,7 @@ class Runtime:
     chunk_max_tokens: int
     wake: threading.Event = field(default_factory=threading.Event)
     probing: bool = False  # a provider pause expired: the next success clears it
+    held_since: dict[int, float] = field(default_factory=dict)  # document id → first held back
     # Called with (session, work, rows, est_tokens) in the transaction of each ledger intent row;
     # raises (BudgetExceeded) to hold the call back.
     budget_check: Callable[..., None] | None = None

@@ -51,6 +51,7 @@ NAMESPACE = uuid.UUID("1bae0afb-c502-4426-85c8-38c2ad0ba6eb")  # fixed forever: 
 DENSE = "dense"
 SPARSE = "sparse"
 TOMBSTONE_INDEX = -1
+_PROBE = 64  # chunk ids looked up per round when searching a document's older points
 _INDEXES: dict[str, models.PayloadSchemaType] = {
     "tenant": models.PayloadSchemaType.KEYWORD,
     "doc_id": models.PayloadSchemaType.KEYWORD,
@@ -184,6 +185,7 @@ class QdrantStore:
         self.prefix = prefix
         self.store_text = store_text
         self._ready: dict[str, tuple[int, bool]] = {}  # name -> (dimensions, has sparse)
+        self._local = type(getattr(client, "_client", None)).__name__ == "QdrantLocal"
 
     @classmethod
     def from_settings(cls, settings: Settings) -> QdrantStore:
@@ -302,7 +304,9 @@ class QdrantStore:
             if points:
                 guard = self._doc_filter(tenant, doc_id, _versions(lte=version))
                 self.client.upsert(name, points, update_filter=guard)
-            self._delete(name, self._doc_filter(tenant, doc_id, _versions(lt=version)))
+            stale = self._older_ids(collection, tenant, doc_id, below=version, from_index=len(chunks))
+            if stale:
+                self._delete_older(name, tenant, doc_id, stale, _versions(lt=version))
             if newer := self._superseded_by(collection, tenant, doc_id, version):
                 # A delete or a newer write raced this one: remove what it may have inserted.
                 upto, deleted = newer
@@ -349,9 +353,10 @@ class QdrantStore:
                 ],
                 update_filter=self._doc_filter(tenant, doc_id, _versions(lte=version)),
             )
-            keep_tombstone = models.HasIdCondition(has_id=[tombstone])
-            older = _versions(lte=version)
-            self._delete(name, self._doc_filter(tenant, doc_id, older, exclude=keep_tombstone))
+            chunks = self._older_ids(collection, tenant, doc_id, below=version + 1, from_index=0)
+            chunks.discard(tombstone)
+            if chunks:
+                self._delete_older(name, tenant, doc_id, chunks, _versions(lte=version))
 
     def _vectors(self, chunk: ChunkVector) -> dict[str, Any]:
         vectors: dict[str, Any] = {DENSE: chunk.vector}
@@ -376,6 +381,41 @@ class QdrantStore:
             return found[first]["version"], False
         return None
 
+    def _older_ids(
+        self, collection: str, tenant: str, doc_id: str, *, below: int, from_index: int
+    ) -> set[str]:
+        """Ids of the document's points (chunks from `from_index` on, and its tombstone) with a
+        version below `below`, found by id rather than by a filter over the collection.
+
+        A version's chunks are 0..n-1, so every chunk index any version left behind lies in one
+        run from `from_index`: probing batches of ids until one finds nothing finds them all.
+        (Local mode evaluates a filter against every point in Python; ids are a lookup.)
+        """
+        name = self._name(collection)
+        ask = [tombstone_id(tenant, collection, doc_id)]
+        found: set[str] = set()
+        start = from_index
+        while True:
+            batch = {point_id(tenant, collection, doc_id, i) for i in range(start, start + _PROBE)}
+            records = self.client.retrieve(name, ask + sorted(batch), with_payload=["version"],
+                                           with_vectors=False)
+            found |= {str(r.id) for r in records if (r.payload or {}).get("version", below) < below}
+            if not any(str(r.id) in batch for r in records):
+                return found
+            ask, start = [], start + _PROBE
+
+    def _delete_older(self, name: str, tenant: str, doc_id: str, ids: set[str], version: models.Condition) -> None:
+        """Delete these points of the document if they still match `version`.
+
+        On a server the version condition makes the delete safe against a concurrent newer
+        write. Local mode serves one process whose store calls are serialised, so nothing can
+        have changed since the ids were read: a plain id delete, without a filter scan.
+        """
+        if self._local:
+            self.client.delete(name, models.PointIdsList(points=sorted(ids)))
+        else:
+            self._delete(name, self._doc_filter(tenant, doc_id, version, only=ids))
+
     def _delete(self, name: str, where: models.Filter) -> None:
         self.client.delete(name, models.FilterSelector(filter=where))
 
@@ -385,11 +425,12 @@ class QdrantStore:
         doc_id: str,
         *conditions: models.Condition,
         exclude: models.Condition | None = None,
+        only: set[str] | None = None,
     ) -> models.Filter:
-        return models.Filter(
-            must=[_match("tenant", tenant), _match("doc_id", doc_id), *conditions],
-            must_not=[exclude] if exclude else None,
-        )
+        must = [_match("tenant", tenant), _match("doc_id", doc_id), *conditions]
+        if only is not None:
+            must.append(models.HasIdCondition(has_id=sorted(only)))
+        return models.Filter(must=must, must_not=[exclude] if exclude else None)
 
     # --- reads ----------------------------------------------------------------------------
 
