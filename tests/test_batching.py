@@ -86,3 +86,15 @@ def test_split_full(token_counts, max_rows, max_tokens_per_request, full, rest) 
     sent, held = split_full(batches, max_rows)
     assert keys(sent) == full
     assert [row.key for row in held] == rest
+
+
+def test_balanced_batches_keep_rows_and_even_out_tokens():
+    tokens = [900, 10, 10, 800, 10, 10, 10, 700, 10, 10, 10, 10, 5, 5]
+    rows = [Row(f"r{i}", "x", t) for i, t in enumerate(tokens)]
+    plain = plan_batches(rows, max_rows=4, max_tokens_per_row=1000)
+    balanced = plan_batches(rows, max_rows=4, max_tokens_per_row=1000, balance_tokens=True)
+    assert [len(b) for b in balanced] == [4, 4, 4, 2]
+    assert balanced[-1] == plain[-1]  # the partial batch is still the newest rows, in order
+    assert sorted(r.key for b in balanced for r in b) == sorted(r.key for r in rows)
+    weights = sorted(sum(r.tokens for r in b) for b in balanced[:-1])
+    assert weights == [730, 830, 930]  # plain: 1720, 730, 40

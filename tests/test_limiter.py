@@ -377,3 +377,42 @@ def test_local_and_redis_make_the_same_decisions(redis_client, ops, limits):
             continue
         assert outcome(local, op, local_permits) == outcome(shared, op, shared_permits), op
         assert local.state() == shared.state(), op
+
+
+def test_booking_ahead_keeps_every_slot_when_callers_wake_late(make_peers):
+    """With schedule_ahead_s a caller that must wait books its exact turn: a caller that wakes
+    late (here 30 ms after each sleep) no longer pushes every later slot back."""
+    limits = Limits(600, 300_000, schedule_ahead_s=1.0)
+    clock = FakeClock()
+
+    def late_sleep(seconds: float) -> None:
+        clock.sleep(seconds + 0.03)
+
+    (lim,) = make_peers(limits, clock)
+    lim._sleep = late_sleep
+    granted = [lim.acquire(10, timeout_s=5).granted_at for _ in range(601)]
+    # Slots stay 100 ms apart, so 600 of them take exactly 60 s of limiter time...
+    assert granted[-1] - granted[0] == pytest.approx(60.0, abs=1e-3)
+    assert all(b - a == pytest.approx(0.1, abs=1e-3) for a, b in zip(granted, granted[1:]))
+
+
+def test_booking_is_the_same_in_both_implementations(redis_client):
+    clocks = [FakeClock(), FakeClock()]
+    limits = Limits(600, 30_000, schedule_ahead_s=1.0)
+    peers = [
+        LocalRateLimiter(limits, clock=clocks[0], sleep=clocks[0].sleep, seed=1),
+        RedisRateLimiter(redis_client, limits, key=f"test:limiter:{uuid.uuid4().hex}", clock=clocks[1],
+                         sleep=clocks[1].sleep, seed=1),
+    ]
+    rng = random.Random(7)
+    for _ in range(200):
+        tokens, gap = rng.randint(1, 800), rng.choice([0.0, 0.0, 0.05, 0.3])
+        results = []
+        for clock, lim in zip(clocks, peers):
+            clock.now += gap
+            try:
+                results.append(round(lim.acquire(tokens, timeout_s=0.5).granted_at, 6))
+            except ProviderThrottled as exc:
+                results.append(("wait", round(exc.retry_after_s, 6)))
+        assert results[0] == results[1]
+        assert clocks[0].now == pytest.approx(clocks[1].now)

@@ -52,6 +52,7 @@ AIMD_WINDOW_S = 60.0  # each clean window of this length raises the rate factor.
 AIMD_STEP = 0.05  # ...by this much
 AIMD_FLOOR = 0.1
 AIMD_CUT_SPACING_S = 5.0  # at most one halving per this many seconds
+_EPSILON_S = 1e-6  # a scheduled reservation is made this much after its turn (float rounding)
 _TUNING = (
     STRIKE_RESET_S, BACKOFF_BASE_S, BACKOFF_MAX_S,
     AIMD_WINDOW_S, AIMD_STEP, AIMD_FLOOR, AIMD_CUT_SPACING_S,
@@ -63,6 +64,9 @@ class Limits:
     requests_per_minute: float
     tokens_per_minute: float
     burst_s: float = 0.0  # how far ahead of now a TAT may run; 0 spreads calls evenly over the second
+    # A caller that would wait at most this long (and no cooldown runs) is granted a slot at its
+    # exact time and sleeps until then, so no capacity is lost to threads that wake up late.
+    schedule_ahead_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -113,6 +117,19 @@ def try_reserve(state: GcraState, limits: Limits, now: float, tokens: int) -> fl
     return 0.0
 
 
+def reserve_ahead(state: GcraState, limits: Limits, now: float, tokens: int, ahead_s: float) -> tuple[bool, float]:
+    """(granted, wait): `try_reserve`, or when the wait is at most `ahead_s` and no cooldown runs,
+    a reservation at `now + wait`, its exact turn (the caller sleeps `wait`, then sends)."""
+    wait = try_reserve(state, limits, now, tokens)
+    if wait == 0.0:
+        return True, 0.0
+    if wait <= ahead_s and state.cooldown_until <= now:
+        at = now + wait + _EPSILON_S
+        if try_reserve(state, limits, at, tokens) == 0.0:
+            return True, at - now
+    return False, wait
+
+
 def settle(state: GcraState, limits: Limits, now: float, estimated: int, billed: int) -> None:
     """Correct the token debit with the billed usage (a refund when the estimate was high)."""
     age(state, now)
@@ -159,15 +176,18 @@ class RateLimiter(Protocol):
 
 
 def _acquire(
-    reserve: Callable[[], tuple[float, float]], tokens: int, timeout_s: float,
-    clock: Callable[[], float], sleep: Callable[[float], None],
+    reserve: Callable[[float], tuple[bool, float, float]], tokens: int, timeout_s: float,
+    ahead_s: float, clock: Callable[[], float], sleep: Callable[[float], None],
 ) -> Permit:
-    """Try `reserve` (→ wait, now) until it grants, or raise once the wait would pass the deadline."""
+    """Try `reserve(ahead_s)` (→ granted, wait, now) until it grants, or raise once the wait
+    would pass the deadline. A grant with a wait is a slot booked ahead: sleep, then go."""
     deadline = clock() + timeout_s
     while True:
-        wait, granted_at = reserve()
-        if wait == 0.0:
-            return Permit(tokens=tokens, granted_at=granted_at)
+        granted, wait, now = reserve(max(0.0, min(ahead_s, deadline - clock())))
+        if granted:
+            if wait > 0.0:
+                sleep(wait)
+            return Permit(tokens=tokens, granted_at=now + wait)
         if clock() + wait > deadline:
             raise ProviderThrottled(
                 f"rate limiter: no room for {tokens} tokens within {timeout_s:.1f}s",
@@ -199,12 +219,12 @@ class LocalRateLimiter:
             return GcraState(**vars(self._state))
 
     def acquire(self, tokens: int, *, timeout_s: float) -> Permit:
-        def reserve() -> tuple[float, float]:
+        def reserve(ahead_s: float) -> tuple[bool, float, float]:
             with self._lock:
                 now = self._clock()
-                return try_reserve(self._state, self.limits, now, tokens), now
+                return (*reserve_ahead(self._state, self.limits, now, tokens, ahead_s), now)
 
-        return _acquire(reserve, tokens, timeout_s, self._clock, self._sleep)
+        return _acquire(reserve, tokens, timeout_s, self.limits.schedule_ahead_s, self._clock, self._sleep)
 
     def settle(self, permit: Permit, billed_tokens: int) -> None:
         with self._lock:
@@ -240,6 +260,7 @@ local rpm, tpm, burst = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local STRIKE_RESET, BACKOFF_BASE, BACKOFF_MAX = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local WINDOW, STEP = tonumber(ARGV[9]), tonumber(ARGV[10])
 local FLOOR, CUT_SPACING = tonumber(ARGV[11]), tonumber(ARGV[12])
+local EPSILON = 1e-6
 
 local names = {'request_tat', 'token_tat', 'cooldown_until', 'strikes', 'last_strike_at',
                'rate_factor', 'last_cut_at', 'last_raise_at'}
@@ -248,31 +269,48 @@ local s = {}
 for i, name in ipairs(names) do s[name] = tonumber(stored[i]) or 0 end
 if not stored[6] then s.rate_factor = 1 end
 
--- age
-if s.strikes > 0 and now - s.last_strike_at >= STRIKE_RESET then s.strikes = 0 end
-if s.rate_factor < 1 then
-  local anchor = math.max(s.last_strike_at, s.last_raise_at)
-  local windows = math.floor((now - anchor) / WINDOW)
-  if windows >= 1 then
-    s.rate_factor = math.min(1, s.rate_factor + STEP * windows)
-    s.last_raise_at = anchor + windows * WINDOW
+local function age(t)
+  if s.strikes > 0 and t - s.last_strike_at >= STRIKE_RESET then s.strikes = 0 end
+  if s.rate_factor < 1 then
+    local anchor = math.max(s.last_strike_at, s.last_raise_at)
+    local windows = math.floor((t - anchor) / WINDOW)
+    if windows >= 1 then
+      s.rate_factor = math.min(1, s.rate_factor + STEP * windows)
+      s.last_raise_at = anchor + windows * WINDOW
+    end
   end
 end
 
+local function try_reserve(t, tokens)
+  age(t)
+  local wait = math.max(s.request_tat - burst - t, s.token_tat - burst - t, s.cooldown_until - t, 0)
+  if wait > 0 then return wait end
+  s.request_tat = math.max(s.request_tat, t) + 60 / (rpm * s.rate_factor)
+  s.token_tat = math.max(s.token_tat, t) + tokens * (60 / (tpm * s.rate_factor))
+  return 0
+end
+
 local result
+local granted = 0
 if op == 'reserve' then
-  local tokens = tonumber(ARGV[13])
-  result = math.max(s.request_tat - burst - now, s.token_tat - burst - now, s.cooldown_until - now, 0)
-  if result <= 0 then
-    result = 0
-    s.request_tat = math.max(s.request_tat, now) + 60 / (rpm * s.rate_factor)
-    s.token_tat = math.max(s.token_tat, now) + tokens * (60 / (tpm * s.rate_factor))
+  local tokens, ahead = tonumber(ARGV[13]), tonumber(ARGV[14]) or 0
+  result = try_reserve(now, tokens)
+  if result == 0 then
+    granted = 1
+  elseif result <= ahead and s.cooldown_until <= now then
+    local at = now + result + EPSILON
+    if try_reserve(at, tokens) == 0 then
+      granted = 1
+      result = at - now
+    end
   end
 elseif op == 'settle' then
+  age(now)
   local estimated, billed = tonumber(ARGV[13]), tonumber(ARGV[14])
   s.token_tat = math.max(now, s.token_tat + (billed - estimated) * (60 / (tpm * s.rate_factor)))
   result = 0
 elseif op == 'strike' then
+  age(now)
   local retry_after = tonumber(ARGV[13]) or 0
   local jitter = tonumber(ARGV[14])
   local granted_at = tonumber(ARGV[15])
@@ -311,7 +349,7 @@ end
 local ttl_s = math.min(math.max(horizon - now, 0) + 60, 86400)
 redis.call('PEXPIRE', key, string.format('%d', math.ceil(ttl_s * 1000)))
 
-return {string.format('%.17g', result), string.format('%.17g', now)}
+return {string.format('%.17g', result), string.format('%.17g', now), tostring(granted)}
 """
 
 
@@ -346,11 +384,13 @@ class RedisRateLimiter:
         self._rng = random.Random(seed)
 
     def acquire(self, tokens: int, *, timeout_s: float) -> Permit:
-        def reserve() -> tuple[float, float]:
-            return self._run("reserve", tokens)
+        def reserve(ahead_s: float) -> tuple[bool, float, float]:
+            wait, now, granted = self._run("reserve", tokens, ahead_s)
+            return bool(granted), wait, now
 
         try:
-            return _acquire(reserve, tokens, timeout_s, self._clock or time.monotonic, self._sleep)
+            return _acquire(reserve, tokens, timeout_s, self.limits.schedule_ahead_s,
+                            self._clock or time.monotonic, self._sleep)
         except RedisError as exc:
             raise RetryLater(f"rate limiter: Redis unavailable ({type(exc).__name__})") from exc
 
@@ -365,7 +405,7 @@ class RedisRateLimiter:
         granted_at = "" if permit is None else permit.granted_at
         retry_after = "" if retry_after_s is None else retry_after_s
         try:
-            pause, _now = self._run("strike", retry_after, jitter, granted_at)
+            pause, _now, _ = self._run("strike", retry_after, jitter, granted_at)
         except RedisError as exc:
             log.warning("limiter.strike_failed key=%s error=%s", self.key, type(exc).__name__)
             return retry_after_s or 0.0
@@ -378,8 +418,8 @@ class RedisRateLimiter:
         state.strikes = int(state.strikes)
         return state
 
-    def _run(self, op: str, *args: float | int | str) -> tuple[float, float]:
+    def _run(self, op: str, *args: float | int | str) -> tuple[float, float, float]:
         now = "" if self._clock is None else repr(self._clock())
         limits = (self.limits.requests_per_minute, self.limits.tokens_per_minute, self.limits.burst_s)
-        result, now_s = self._script(keys=[self.key], args=[op, now, *limits, *_TUNING, *args])
-        return float(result), float(now_s)
+        result, now_s, granted = self._script(keys=[self.key], args=[op, now, *limits, *_TUNING, *args])
+        return float(result), float(now_s), float(granted)

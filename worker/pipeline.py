@@ -65,7 +65,7 @@ class _Work:
 
 
 def run_cycle(rt: Runtime) -> Cycle:
-    limit = max(rt.settings.claim_docs, rt.spec.max_rows)  # a full claim can fill a batch
+    limit = rt.settings.claim_docs
     with rt.sessions.begin() as session:
         pause = session.get(ProviderPause, pauses.PROVIDER)
         if pause is not None and pause.until > utcnow():
@@ -93,7 +93,8 @@ def run_cycle(rt: Runtime) -> Cycle:
     plan_chunks(rt, work)
     rows = missing_rows(rt, work)
     batches = batching.plan_batches(
-        rows, max_rows=rt.spec.max_rows, max_tokens_per_row=rt.spec.max_tokens_per_row
+        rows, max_rows=rt.spec.max_rows, max_tokens_per_row=rt.spec.max_tokens_per_row,
+        balance_tokens=True,
     )
     full, rest = batching.split_full(batches, rt.spec.max_rows)
     if rest and (len(docs) < limit or _held_s(rt, work, rest) >= rt.settings.batch_max_delay_s):

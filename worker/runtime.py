@@ -89,7 +89,8 @@ def build_embedder(settings: Settings) -> Embedder:
 def build_limiter(settings: Settings) -> RateLimiter:
     """Shared by every process through Redis when SIDECAR_REDIS_URL is set; else this process's."""
     rates = settings.rate_limits()
-    limits = Limits(rates.requests_per_minute, rates.tokens_per_minute)
+    # Book slots up to a second ahead: threads that wake late then lose no capacity.
+    limits = Limits(rates.requests_per_minute, rates.tokens_per_minute, schedule_ahead_s=1.0)
     if settings.redis_url is None:
         return LocalRateLimiter(limits)
     import redis
