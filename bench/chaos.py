@@ -64,6 +64,7 @@ MAX_ROWS = 10  # rows per request of the model
 RECONCILE_INTERVAL_S = 5.0
 LEASE_S = 10.0
 REQUEST_TIMEOUT_S = 5.0
+VISIBILITY_TIMEOUT_S = 20.0
 BATCH_EVENTS = 20
 QUEUE = "celery"
 EXTRA_CALLS_DEFINITION = "bill requests - ceil(distinct chunk texts embedded / 10 rows per request)"
@@ -293,10 +294,18 @@ class RedisServer:
         try:
             out = []
             for tag, raw in client.hgetall("unacked").items():
-                message = json.loads(json.loads(raw)[0])
-                body = json.loads(base64.b64decode(message["body"]))
-                out.append({"delivery_tag": tag.decode(), "task": message["headers"].get("task"),
-                            "task_id": message["headers"].get("id"), "args": body[0]})
+                try:
+                    message = json.loads(raw)[0]  # [message, exchange, routing key]
+                    body = message["body"]
+                    if message.get("properties", {}).get("body_encoding") == "base64":
+                        body = base64.b64decode(body)
+                    args = json.loads(body)[0][0]  # body: [args, kwargs, embed]; args: [events]
+                except (ValueError, KeyError, IndexError, TypeError) as exc:
+                    out.append({"delivery_tag": tag.decode(), "error": repr(exc)})
+                    continue
+                headers = message.get("headers", {})
+                out.append({"delivery_tag": tag.decode(), "task": headers.get("task"),
+                            "task_id": headers.get("id"), "args": args})
             return out
         finally:
             client.close()
@@ -366,6 +375,7 @@ class Publisher(threading.Thread):
         self.duration_s = duration_s
         self.sent = 0
         self.retries = 0
+        self.published: list[tuple[str, float]] = []  # (task id, time.monotonic()) per message
         self.error: BaseException | None = None
 
     def run(self) -> None:
@@ -384,9 +394,10 @@ class Publisher(threading.Thread):
         backoff_s = 0.2
         while True:
             try:
-                self.app.send_task(task, args=[arg], retry=True,
-                                   retry_policy={"max_retries": 2, "interval_start": 0.1,
-                                                 "interval_step": 0.2, "interval_max": 0.5})
+                result = self.app.send_task(task, args=[arg], retry=True,
+                                            retry_policy={"max_retries": 2, "interval_start": 0.1,
+                                                          "interval_step": 0.2, "interval_max": 0.5})
+                self.published.append((result.id, time.monotonic()))
                 return
             except Exception:  # the broker is down or restarting: try again, the event must get out
                 self.retries += 1
@@ -471,8 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--throttle-rate", type=float, default=0.05, help="emulator 429 share (default 0.05)")
     p.add_argument("--latency-ms", type=float, default=5.0, help="emulator latency (default 5)")
     p.add_argument("--no-redis-restart", action="store_true", help="do not restart Redis mid-run")
-    p.add_argument("--quiesce-timeout-s", type=float, default=240.0,
-                   help="give up waiting for quiescence after this long; the checker runs anyway (default 240)")
+    p.add_argument("--quiesce-timeout-s", type=float, default=150.0,
+                   help="give up waiting for quiescence after this long; the checker runs anyway "
+                   "(default 150: ledger rows of a killed call stay `sent` for 2 x request timeout + 60 s)")
     p.add_argument("--postgres-url", default=os.environ.get(
         "SIDECAR_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"),
         help="server URL; a fresh database is created on it and dropped afterwards")
@@ -528,6 +540,8 @@ def run(args: argparse.Namespace, tmp: Path, database_url: str, publish_s: float
             SIDECAR_RECONCILE_INTERVAL_S=str(RECONCILE_INTERVAL_S),
             SIDECAR_LEASE_S=str(LEASE_S),
             SIDECAR_REQUEST_TIMEOUT_S=str(REQUEST_TIMEOUT_S),
+            # A killed worker's unacked messages come back after this (ingest takes milliseconds).
+            SIDECAR_BROKER_VISIBILITY_TIMEOUT_S=str(VISIBILITY_TIMEOUT_S),
         )
         migrated = subprocess.run([sys.executable, "-m", "api.cli", "migrate"], env=env, cwd=ROOT,
                                   capture_output=True, text=True)
@@ -544,6 +558,8 @@ def run(args: argparse.Namespace, tmp: Path, database_url: str, publish_s: float
         # Each incarnation runs `uptime_s` (2-6 s) after it is ready, then gets SIGKILL: counting
         # from readiness, not from the start, so that every kill lands on a worker doing work.
         kills, last_kill = 0, started
+        kill_times: list[float] = []
+        redis_restart_at: float | None = None
         uptime_s = rng.uniform(lo, hi)
         redis_at = None if args.no_redis_restart else time.monotonic() + publish_s * 0.4
         published_at: float | None = None
@@ -554,13 +570,14 @@ def run(args: argparse.Namespace, tmp: Path, database_url: str, publish_s: float
                 if publisher.error is not None:
                     raise RuntimeError(f"publisher failed: {publisher.error!r}")
                 published_at = now
-                kill_phase_end = now + max(60.0, publish_s)  # a cap: kills must end for quiescence
+                kill_phase_end = now + max(30.0, publish_s / 2)  # a cap: kills must end for quiescence
             if worker.exited():  # an exit we did not cause: note it and start again
                 worker.crashes += 1
                 worker.start()
             if redis_at is not None and now >= redis_at:
                 redis_at = None
                 print("chaos: restarting redis", flush=True)
+                redis_restart_at = time.monotonic()
                 redis_server.restart(outage_s=2.0)
             if now >= kill_phase_end:
                 break
@@ -573,6 +590,7 @@ def run(args: argparse.Namespace, tmp: Path, database_url: str, publish_s: float
                 worker.kill()
                 kills += 1
                 last_kill = now
+                kill_times.append(now)
                 worker.start()
                 uptime_s = rng.uniform(lo, hi)
                 if kills % 5 == 0:
@@ -596,6 +614,8 @@ def run(args: argparse.Namespace, tmp: Path, database_url: str, publish_s: float
         redis_server.stop()
         engine.dispose()
     result = judge(model, events, points, ledger, bill, unacked)
+    result.update(deliveries(tmp / "worker.log", publisher.published, unacked, kill_times,
+                             redis_restart_at, started))
     result.update(
         kills=kills, redis_restarts=redis_server.restarts, worker_crashes=worker.crashes,
         publish_retries=publisher.retries, messages=len(sends), quiesced=quiesce["quiesced"],
@@ -667,8 +687,13 @@ def judge(model: dict[str, dict[str, Any]], events: list[dict[str, Any]], points
     not_on_bill = sum(1 for rid in succeeded if rid not in {b["request_id"] for b in bill_rows})
     bill_tokens = int(bill["total_tokens"])
     minimum = math.ceil(ledger["cached_texts"] / MAX_ROWS)
-    unacked_docs = sorted({e["doc_id"] for m in unacked for e in
-                           (m["args"] if isinstance(m["args"], list) else [m["args"]]) if isinstance(e, dict)})
+    unacked_events = [e for m in unacked for e in
+                      (m.get("args") if isinstance(m.get("args"), list) else [m.get("args")]) if isinstance(e, dict)]
+    unacked_docs = sorted({e["doc_id"] for e in unacked_events})
+    # Failing documents whose model event still sits in a message delivered to a killed worker.
+    failing = set(verdict.lost) | set(verdict.stale) | set(verdict.resurrected)
+    stranded = sorted(d for d in failing if any(
+        e.get("doc_id") == d and e.get("version") == model[d]["version"] for e in unacked_events))
 
     result: dict[str, Any] = {
         "ok": False,
@@ -683,6 +708,7 @@ def judge(model: dict[str, dict[str, Any]], events: list[dict[str, Any]], points
         "sql_behind_model": len(behind),
         "broker_unacked_messages": len(unacked),
         "broker_unacked_docs": len(unacked_docs),
+        "failing_docs_stranded_in_broker": len(stranded),
         "rejected_events": ledger["rejected"],
         "points": len(points),
         "ledger_tokens": ledger_tokens,
@@ -707,10 +733,39 @@ def judge(model: dict[str, dict[str, Any]], events: list[dict[str, Any]], points
             "behind": {d: {"model_version": model[d]["version"],
                            "sql_version": docs[d].version if d in docs else None} for d in behind[:5]},
             "unacked_docs": unacked_docs[:5],
+            "stranded": stranded[:10],
         },
     }
     result["ok"] = not (verdict.lost or verdict.stale or verdict.resurrected or result["unaccounted_tokens"])
     return result
+
+
+def deliveries(log_path: Path, published: list[tuple[str, float]], unacked: list[dict[str, Any]],
+               kill_times: list[float], redis_restart_at: float | None, started: float) -> dict[str, Any]:
+    """Which published messages a worker never logged as received (gone from the broker), and
+    which it received but never finished (they sit in kombu's `unacked` hash), with their publish
+    time next to the nearest kill and the Redis restart (seconds since the start)."""
+    import re
+
+    text = log_path.read_text("utf-8", errors="replace")
+    received = set(re.findall(r"Task sidecar\.ingest\w*\[([0-9a-f-]+)\] received", text))
+    finished = set(re.findall(r"Task sidecar\.ingest\w*\[([0-9a-f-]+)\] succeeded", text))
+    in_unacked = {m.get("task_id") for m in unacked}
+
+    def when(at: float) -> dict[str, Any]:
+        nearest = min(kill_times, key=lambda k: abs(k - at), default=None)
+        return {"published_s": round(at - started, 2),
+                "nearest_kill_s": None if nearest is None else round(nearest - started, 2),
+                "redis_restart_s": None if redis_restart_at is None else round(redis_restart_at - started, 2)}
+
+    never = [(tid, at) for tid, at in published if tid not in received]
+    unfinished = [tid for tid, _ in published if tid in received and tid not in finished]
+    return {
+        "messages_never_received": len(never),
+        "messages_received_not_finished": len(unfinished),
+        "messages_unfinished_in_unacked": sum(t in in_unacked for t in unfinished),
+        "never_received": {tid: when(at) for tid, at in never[:10]},
+    }
 
 
 def render(r: dict[str, Any]) -> str:
@@ -727,6 +782,10 @@ def render(r: dict[str, Any]) -> str:
         ("dead letters", r["dead_letters"]),
         ("SQL behind model", r["sql_behind_model"]),
         ("broker unacked msgs / docs", f"{r['broker_unacked_messages']} / {r['broker_unacked_docs']}"),
+        ("msgs never received", r["messages_never_received"]),
+        ("msgs received, unfinished", f"{r['messages_received_not_finished']} "
+                                      f"({r['messages_unfinished_in_unacked']} in unacked)"),
+        ("failing docs stranded", r["failing_docs_stranded_in_broker"]),
         ("ledger rows", " ".join(f"{k}={v}" for k, v in r["ledger_rows"].items())),
         ("ledger tokens", r["ledger_tokens"]),
         ("bill tokens", r["bill_tokens"]),

@@ -63,6 +63,7 @@ class Settings(BaseSettings):
     tokens_per_minute: int | None = None
 
     worker_concurrency: int = 4
+    broker_visibility_timeout_s: float = 300.0  # Redis: redeliver a dead worker's unacked message after this
     log_level: str = "INFO"
 
     @field_validator("dashscope_url")

@@ -21,8 +21,6 @@ from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
-VISIBILITY_TIMEOUT_S = 3600
-
 _runtime: Runtime | None = None
 _runtime_lock = threading.Lock()
 
@@ -66,10 +64,15 @@ def ingest_events(rt: Runtime, raw_events: list[Any]) -> dict[str, int]:
 def create_celery(settings: Settings) -> Celery:
     broker = settings.resolved_broker_url()
     app = Celery("sidecar", broker=broker, set_as_current=False)
-    # Redis emulates acks with a visibility timeout (set it everywhere it is read); the SQLAlchemy
-    # transport of the embedded default hands its options to create_engine instead.
+    # Redis emulates acks with a visibility timeout (set it everywhere it is read): a message whose
+    # worker died is delivered again after it. The SQLAlchemy transport of the embedded default
+    # hands its options to create_engine instead.
+    redis_broker = broker.startswith(("redis://", "rediss://"))
+    visibility_s = settings.broker_visibility_timeout_s
     transport: dict[str, Any] = (
-        {"visibility_timeout": VISIBILITY_TIMEOUT_S} if broker.startswith(("redis", "rediss"))
+        {"visibility_timeout": visibility_s, "unacked_restore_interval": max(1, visibility_s / 20),
+         "unacked_restore_throttle": 1}
+        if redis_broker
         else {"connect_args": {"timeout": 30}} if broker.startswith("sqla+sqlite") else {}
     )
     app.conf.update(
@@ -79,11 +82,11 @@ def create_celery(settings: Settings) -> Celery:
         task_ignore_result=True,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=4,
+        worker_prefetch_multiplier=1,  # fewer messages waiting out the visibility timeout after a kill
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
         broker_transport_options=transport,
-        visibility_timeout=VISIBILITY_TIMEOUT_S,
+        visibility_timeout=visibility_s,
         worker_cancel_long_running_tasks_on_connection_loss=True,
     )
 
@@ -101,6 +104,8 @@ def create_celery(settings: Settings) -> Celery:
             return _run(self, args[0])
         return _run(self, [], bad_call="sidecar.ingest_many takes one positional argument: a list of events")
 
+    if redis_broker:  # pops that survive a killed worker (see worker/broker.py)
+        app.conf.broker_transport = "worker.broker:Transport"
     return app
 
 
@@ -125,7 +130,9 @@ def _run(task: Any, events: list[Any], *, bad_call: str | None = None) -> dict[s
         return outcomes
     except Exception as exc:  # SQL unavailable and the like: the same message is retried
         log.warning("ingest.retry error=%s", type(exc).__name__)
-        raise task.retry(exc=exc, countdown=min(60, 2 ** min(task.request.retries, 6)))
+        # The countdown stays far below the visibility timeout (a longer ETA would be redelivered).
+        countdown = min(2 ** min(task.request.retries, 6), task.app.conf.visibility_timeout / 4)
+        raise task.retry(exc=exc, countdown=countdown)
 
 
 def start_embedding(threads: int) -> None:
