@@ -249,7 +249,7 @@ class QdrantStore:
         if dense is None:
             raise ConfigError(f"qdrant collection {name!r} has no named vector {DENSE!r}")
         for field, schema in _INDEXES.items():
-            if field not in (info.payload_schema or {}):
+            if field not in (info.payload_schema or {}) and not self._local:  # local mode has none
                 self.client.create_payload_index(name, field, field_schema=schema)
         return dense.size, SPARSE in (info.config.params.sparse_vectors or {})
 

@@ -145,3 +145,4 @@ def start_embedding(threads: int) -> None:
     @signals.worker_shutdown.connect(weak=False)
     def _stop(**_: Any) -> None:
         service.stop()
+        service.rt.close()  # flushes and unlocks a local-mode Qdrant path
