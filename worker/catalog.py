@@ -6,7 +6,7 @@ site); the ledger prices every request with these, whatever the region.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 
 from worker.errors import ConfigError
@@ -79,35 +79,26 @@ def cny_str(nano: int) -> str:
 
 _BEIJING = RateLimits(requests_per_minute=1_800, tokens_per_minute=1_200_000)
 
+_V1 = ModelSpec(
+    name="text-embedding-v1",
+    dimensions=(1536,),
+    default_dimensions=1536,
+    max_rows=25,
+    max_tokens_per_row=2048,
+    cny_per_1k_tokens=Decimal("0.0007"),
+    batch_cny_per_1k_tokens=Decimal("0.00035"),
+    regions=("beijing",),
+    sparse=False,
+    instruct=False,
+    rate_limits={"beijing": _BEIJING},
+)
+
+
 MODELS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
-        ModelSpec(
-            name="text-embedding-v1",
-            dimensions=(1536,),
-            default_dimensions=1536,
-            max_rows=25,
-            max_tokens_per_row=2048,
-            cny_per_1k_tokens=Decimal("0.0007"),
-            batch_cny_per_1k_tokens=Decimal("0.00035"),
-            regions=("beijing",),
-            sparse=False,
-            instruct=False,
-            rate_limits={"beijing": _BEIJING},
-        ),
-        ModelSpec(
-            name="text-embedding-v2",
-            dimensions=(1536,),
-            default_dimensions=1536,
-            max_rows=25,
-            max_tokens_per_row=2048,
-            cny_per_1k_tokens=Decimal("0.0007"),
-            batch_cny_per_1k_tokens=Decimal("0.00035"),
-            regions=("beijing",),
-            sparse=False,
-            instruct=False,
-            rate_limits={"beijing": _BEIJING},
-        ),
+        _V1,
+        replace(_V1, name="text-embedding-v2"),  # same limits and prices as v1
         ModelSpec(
             name="text-embedding-v3",
             dimensions=(1024, 768, 512),
