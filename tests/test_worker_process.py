@@ -132,3 +132,41 @@ def test_events_to_qdrant_and_ledger_matching_the_bill(worker_env, tmp_path, emu
         client.close()
     assert "tea and maps" not in log.read_text()  # document text never reaches the log
     assert emulator.api_key not in log.read_text()
+
+
+def test_a_provider_cooldown_never_holds_broker_messages(worker_env, tmp_path, emulator, redis_url):
+    """Every call answered 429: the limiter cools down, yet each event is accepted into SQL and
+    its message acknowledged at once — ingest never waits for the provider."""
+    import redis
+
+    emulator.configure(throttle_rate=1.0)
+    env = worker_env
+    log = tmp_path / "worker.log"
+    proc = start_worker(env, log)
+    producer = Celery(broker=env["SIDECAR_BROKER_URL"])
+    broker = redis.Redis.from_url(env["SIDECAR_BROKER_URL"])
+    engine = sa.create_engine(env["SIDECAR_DATABASE_URL"])
+    try:
+        for batch in range(4):
+            producer.send_task("sidecar.ingest_many", args=[[
+                {"op": "upsert", "doc_id": f"c{batch}-{i}", "text": f"text {batch} {i}"} for i in range(10)]])
+
+        def refused() -> bool:
+            return any(entry["status"] == 429 for entry in emulator.log())
+
+        wait_for(refused, timeout_s=30, what="the provider's first 429", proc=proc, log=log)
+        for batch in range(4, 8):  # published while the limiter is cooling down
+            producer.send_task("sidecar.ingest_many", args=[[
+                {"op": "upsert", "doc_id": f"c{batch}-{i}", "text": f"text {batch} {i}"} for i in range(10)]])
+
+        def accepted_and_acked():
+            with engine.connect() as conn:
+                docs = conn.execute(sa.text("select count(*) from documents")).scalar_one()
+            return docs == 80 and broker.llen("celery") == 0 and broker.hlen("unacked") == 0
+
+        wait_for(accepted_and_acked, timeout_s=30, what="events accepted and messages acked", proc=proc, log=log)
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("select count(*) from documents where status = 'indexed'")).scalar_one() == 0
+    finally:
+        stop_worker(proc)
+        engine.dispose()
