@@ -34,6 +34,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     out.add_argument("--csv", action="store_true", help="print CSV")
     p.set_defaults(func=cmd_spend)
 
+    p = sub.add_parser("bill", help="reconcile the ledger with the provider's bill",
+                       description="Match every charged request of a bill (a JSON file, or a URL such as "
+                       "the emulator's http://127.0.0.1:8765/_emulator/bill: {\"requests\": [{request_id, "
+                       "model, tokens, at}]}) to the ledger: by provider request id, else (rows of unknown "
+                       "outcome) by model, estimate and time. --apply writes the matches, and closes unknown "
+                       "rows no bill entry claims at 0 tokens. Exit 1 when the two do not balance.")
+    p.add_argument("source", help="bill JSON file, or an http(s) URL")
+    p.add_argument("--apply", action="store_true", help="write the matches into the ledger")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_bill)
+
     p = sub.add_parser("estimate", help="price a backfill (JSONL events) before anything is sent",
                        description="Read events (one JSON object a line), coalesce them per document, chunk "
                        "and deduplicate as the worker would, and print the tokens, requests, cost at the "
@@ -222,3 +233,35 @@ def render_estimate(data: dict[str, Any]) -> str:
     for bad in data["invalid_examples"]:
         lines.append(f"  line {bad['line']}: {bad['reason']}")
     return "\n".join(lines)
+
+
+def cmd_bill(args: argparse.Namespace) -> int:
+    from sqlalchemy.orm import Session
+
+    from api.cli import _engine
+    from worker import billing
+
+    if args.source.startswith(("http://", "https://")):
+        import httpx
+
+        data = httpx.get(args.source, timeout=30).raise_for_status().json()
+    else:
+        with open(args.source, encoding="utf-8") as f:
+            data = json.load(f)
+    bill = data["requests"] if isinstance(data, dict) else data
+    engine = _engine(Settings())
+    try:
+        with Session(engine) as session, session.begin():
+            report = billing.reconcile(session, bill, apply=args.apply)
+    finally:
+        engine.dispose()
+    out = report.as_dict()
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        for key in ("balanced", "applied", "bill_requests", "bill_tokens", "ledger_tokens", "matched_by_id",
+                    "matched_by_estimate", "unknown_not_billed"):
+            print(f"{key:<22}{out[key]}")
+        for key in ("token_mismatches", "missing_from_ledger", "not_on_bill"):
+            print(f"{key:<22}{len(out[key])}" + (f"  e.g. {out[key][:3]}" if out[key] else ""))
+    return 0 if report.balanced else 1

@@ -606,6 +606,13 @@ def run(args: argparse.Namespace, tmp: Path, database_url: str, publish_s: float
         worker.stop()
         bill = emulator.client.get("/_emulator/bill").raise_for_status().json()
         ledger = read_ledger(engine)
+        # Then the audit a user runs: `sidecar bill` matches unknown-outcome rows to the bill.
+        from worker import billing
+
+        with db.make_sessionmaker(engine)() as session, session.begin():
+            billing.reconcile(session, bill["requests"], apply=True)
+        with db.make_sessionmaker(engine)() as session:
+            audit = billing.reconcile(session, bill["requests"])
         points = read_points(tmp / "qdrant")
     finally:
         if worker is not None:
@@ -617,6 +624,8 @@ def run(args: argparse.Namespace, tmp: Path, database_url: str, publish_s: float
     result.update(deliveries(tmp / "worker.log", publisher.published, unacked, kill_times,
                              redis_restart_at, started))
     result.update(
+        bill_reconciled=audit.balanced, ledger_tokens_after_bill=audit.ledger_tokens,
+        bill_ids_in_ledger_after_bill=audit.matched_by_id,
         kills=kills, redis_restarts=redis_server.restarts, worker_crashes=worker.crashes,
         publish_retries=publisher.retries, messages=len(sends), quiesced=quiesce["quiesced"],
         quiesce_waiting_for=quiesce["waiting_for"], kill_phase_s=round(kill_phase_s, 1),
@@ -793,6 +802,8 @@ def render(r: dict[str, Any]) -> str:
         ("unknown-row estimates", r["unknown_estimate_tokens"]),
         ("bill ids in ledger", f"{r['bill_ids_in_ledger']}/{r['bill_requests']} "
                                f"({r['bill_tokens_not_in_ledger']} tokens not)"),
+        ("after `sidecar bill`", f"balanced={r['bill_reconciled']} ledger tokens {r['ledger_tokens_after_bill']}, "
+                                 f"bill ids in ledger {r['bill_ids_in_ledger_after_bill']}/{r['bill_requests']}"),
         ("extra provider calls", r["extra_provider_calls"]),
         ("duration", f"{r['duration_s']}s"),
         ("ok", r["ok"]),

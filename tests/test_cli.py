@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 
 import pytest
@@ -59,3 +60,26 @@ def test_spend_json_contract(cli_env, capsys):
     assert main(["spend", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert set(data["total"]) >= {"requests", "tokens", "cost_cny"} and "rows" in data
+
+
+def test_bill_command_reconciles_and_exits_1_until_balanced(cli_env, tmp_path, capsys):
+    from sqlalchemy.orm import Session
+
+    from worker import ledger
+
+    with Session(cli_env) as session, session.begin():
+        for rid in ("r1", "r2"):
+            ledger.open_request(session, request_id=rid, model="text-embedding-v4", dimensions=1024,
+                                api="compatible", rows=1, est_tokens=100, items=[], attempt=1,
+                                key_fingerprint=None, worker="w")
+        ledger.close_abandoned(session, older_than=db.utcnow() + dt.timedelta(seconds=1))
+    at = db.utcnow().timestamp() + 0.5
+    bill = tmp_path / "bill.json"
+    bill.write_text(json.dumps({"total_tokens": 100, "requests": [
+        {"request_id": "p1", "model": "text-embedding-v4", "api": "compatible", "tokens": 100, "at": at}]}))
+    assert main(["bill", str(bill)]) == 1
+    assert main(["bill", str(bill), "--apply", "--json"]) == 1  # unbalanced before the writes
+    capsys.readouterr()
+    assert main(["bill", str(bill), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["balanced"] and report["matched_by_id"] == 1 and report["ledger_tokens"] == 100

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 import sqlalchemy as sa
 
 from worker import pauses, pipeline, reports
@@ -139,3 +141,42 @@ def test_abandoned_sent_rows_are_closed_with_their_estimate(make_runtime):
     with rt.sessions() as session:
         row = session.get(ProviderRequest, "r1")
     assert (row.status, row.billed_tokens, row.cost_nano_cny) == ("unknown", 1000, 500_000)
+
+
+def test_the_ledger_reconciles_with_the_bill_including_unknown_outcomes(make_runtime, emulator):
+    """A timed-out call (billed, id unknown) and a call cut off before it was sent (not billed):
+    after reconciliation every bill entry is in the ledger once and the tokens are equal."""
+    from worker import billing, ledger
+    from tests.test_state_machine import SimulatedCrash
+
+    rt = make_runtime(request_timeout_s=0.3)
+    ingest_events(rt, events(3))
+
+    def crash_before_call(point: str) -> None:
+        if point == "before_call":
+            raise SimulatedCrash(point)
+
+    rt.crash_hook = crash_before_call
+    with pytest.raises(SimulatedCrash):
+        pipeline.run_cycle(rt)
+    rt.crash_hook = None
+    with rt.sessions.begin() as session:
+        ledger.close_abandoned(session, older_than=utcnow())  # as the reconciler would, later
+        session.execute(sa.update(Document).values(lease_until=None))
+    emulator.configure(hang_rate=1.0, hang_s=0.8)
+    pipeline.run_cycle(rt)
+    emulator.configure(hang_rate=0.0)
+    run_until(rt, all_indexed)
+    time.sleep(1.0)  # the hung call is charged when the emulator answers it
+    bill = emulator.bill()["requests"]
+    with rt.sessions.begin() as session:
+        report = billing.reconcile(session, bill)
+        assert not report.balanced and len(report.missing_from_ledger) == 0
+        assert len(report.matched_by_estimate) == 1 and len(report.unknown_not_billed) == 1
+        billing.reconcile(session, bill, apply=True)
+    with rt.sessions.begin() as session:
+        again = billing.reconcile(session, bill)
+        ids = set(session.execute(sa.select(ProviderRequest.provider_request_id)).scalars())
+        assert again.balanced and again.matched_by_id == len(bill)
+        assert {b["request_id"] for b in bill} <= ids
+        assert ledger_tokens(session) == sum(b["tokens"] for b in bill)

@@ -1,0 +1,115 @@
+"""Reconcile the ledger with the provider's bill: every charged request, once, at its billed tokens.
+
+The bill is a list of charged requests `{request_id, model, tokens, at}` (the emulator's
+`GET /_emulator/bill`; a provider usage export mapped to that shape). Most ledger rows carry
+the provider's request id and match by it. Rows of unknown outcome (a timeout, a malformed
+answer, a worker killed mid-call) have no id; a bill entry left over is matched to such a row of
+the same model whose estimate is closest to the billed tokens (within 10%) and whose call began
+shortly before the charge. With `apply`, matched unknown rows take the bill's request id and tokens, and unknown
+rows no bill entry claims are closed at 0 tokens (the provider never charged them), so the
+ledger's billed tokens then equal the bill's.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from worker.catalog import MODELS
+from worker.db import ProviderRequest
+
+
+ESTIMATE_TOLERANCE = 0.10  # a provider may count a little differently from the Qwen BPE estimate
+CLOCK_SKEW = dt.timedelta(seconds=5)  # the bill's clock against ours
+
+
+@dataclass
+class BillReport:
+    bill_requests: int = 0
+    bill_tokens: int = 0
+    ledger_tokens: int = 0  # over the bill's time range, before any change
+    matched_by_id: int = 0
+    matched_by_estimate: list[tuple[str, str]] = field(default_factory=list)  # (ledger id, bill id)
+    token_mismatches: list[dict[str, Any]] = field(default_factory=list)
+    missing_from_ledger: list[dict[str, Any]] = field(default_factory=list)
+    not_on_bill: list[str] = field(default_factory=list)  # succeeded ledger ids the bill lacks
+    unknown_not_billed: list[str] = field(default_factory=list)
+    applied: bool = False
+
+    @property
+    def balanced(self) -> bool:
+        """Every bill entry in the ledger once by its id, at its tokens, and nothing else billed."""
+        return not (self.token_mismatches or self.missing_from_ledger or self.not_on_bill
+                    or self.matched_by_estimate or self.unknown_not_billed)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "balanced": self.balanced, "applied": self.applied,
+            "bill_requests": self.bill_requests, "bill_tokens": self.bill_tokens,
+            "ledger_tokens": self.ledger_tokens, "matched_by_id": self.matched_by_id,
+            "matched_by_estimate": len(self.matched_by_estimate),
+            "unknown_not_billed": len(self.unknown_not_billed),
+            "token_mismatches": self.token_mismatches, "missing_from_ledger": self.missing_from_ledger,
+            "not_on_bill": self.not_on_bill,
+        }
+
+
+def reconcile(session: Session, bill: list[dict[str, Any]], *, window_s: float = 600.0,
+              apply: bool = False) -> BillReport:
+    report = BillReport(bill_requests=len(bill), bill_tokens=sum(int(b["tokens"]) for b in bill))
+    if not bill:
+        return report
+    ats = [float(b["at"]) for b in bill]
+    since = dt.datetime.fromtimestamp(min(ats) - window_s, dt.timezone.utc)
+    until = dt.datetime.fromtimestamp(max(ats) + window_s, dt.timezone.utc)
+    rows = session.execute(
+        sa.select(ProviderRequest).where(ProviderRequest.created_at.between(since, until))
+    ).scalars().all()
+    report.ledger_tokens = sum(r.billed_tokens or 0 for r in rows)
+    by_provider_id = {r.provider_request_id: r for r in rows if r.provider_request_id}
+    # Unknown rows still open: no provider id, and not already closed at 0 by an earlier run.
+    unknown = sorted((r for r in rows if r.status == "unknown" and not r.provider_request_id
+                      and r.billed_tokens != 0), key=lambda r: r.created_at)
+    claimed: set[str] = set()
+    for entry in sorted(bill, key=lambda b: float(b["at"])):
+        tokens, row = int(entry["tokens"]), by_provider_id.get(entry["request_id"])
+        if row is not None:
+            report.matched_by_id += 1
+            claimed.add(row.id)
+            if row.billed_tokens != tokens:
+                report.token_mismatches.append(
+                    {"request_id": entry["request_id"], "bill": tokens, "ledger": row.billed_tokens})
+            continue
+        at = dt.datetime.fromtimestamp(float(entry["at"]), dt.timezone.utc)
+        candidates = [r for r in unknown if r.id not in claimed and r.model == entry["model"]
+                      and abs(r.est_tokens - tokens) <= ESTIMATE_TOLERANCE * max(tokens, 1)
+                      and r.created_at - CLOCK_SKEW <= at <= r.created_at + dt.timedelta(seconds=window_s)]
+        # The closest estimate, then the call that began nearest before the charge.
+        match = min(candidates, key=lambda r: (abs(r.est_tokens - tokens), abs((at - r.created_at).total_seconds())),
+                    default=None)
+        if match is None:
+            report.missing_from_ledger.append(entry)
+            continue
+        claimed.add(match.id)
+        report.matched_by_estimate.append((match.id, entry["request_id"]))
+        if apply:
+            spec = MODELS.get(match.model)
+            match.provider_request_id = entry["request_id"]
+            match.billed_tokens = tokens
+            match.cost_nano_cny = spec.cost_nano_cny(tokens) if spec else match.cost_nano_cny
+            match.error_message = f"{match.error_message or ''} [matched to the bill by estimate]".strip()
+    billed_ids = {b["request_id"] for b in bill}
+    report.not_on_bill = [r.id for r in rows if r.status == "succeeded" and r.provider_request_id
+                          and r.provider_request_id not in billed_ids]
+    report.unknown_not_billed = [r.id for r in unknown if r.id not in claimed]
+    if apply:
+        for row in unknown:
+            if row.id not in claimed:
+                row.billed_tokens, row.cost_nano_cny = 0, 0
+                row.error_message = f"{row.error_message or ''} [not on the provider's bill]".strip()
+        report.applied = True
+    return report
