@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -130,7 +131,9 @@ def run(args: argparse.Namespace) -> int:
         elapsed = time.monotonic() - started
     finally:
         stop(worker)
-    print(summary(settings, elapsed, args.query, emulator))
+    expected = expected_state(events, settings.default_collection)
+    collection = Counter(c for c, _ in expected).most_common(1)[0][0] if expected else settings.default_collection
+    print(summary(settings, collection, elapsed, args.query, emulator))
     if emulator is not None:
         emulator.stop()
     return 0
@@ -198,7 +201,7 @@ def stop(worker: subprocess.Popen) -> None:
             worker.wait()
 
 
-def summary(settings: Any, elapsed_s: float, query: str, emulator: Any) -> str:
+def summary(settings: Any, collection: str, elapsed_s: float, query: str, emulator: Any) -> str:
     from sqlalchemy.orm import Session
 
     from worker import db, reports
@@ -214,7 +217,6 @@ def summary(settings: Any, elapsed_s: float, query: str, emulator: Any) -> str:
     store = QdrantStore.from_settings(settings)
     embedder = build_embedder(settings)
     try:
-        collection = settings.default_collection if not store_has(store, "demo") else "demo"
         points = store.count(collection)
         query_vector = embedder.embed([query], text_type="query").vectors[0]
         hits = store.search(collection, query_vector, limit=3)
@@ -243,10 +245,3 @@ def summary(settings: Any, elapsed_s: float, query: str, emulator: Any) -> str:
         snippet = " ".join((hit.text or "").split())[:70]
         lines.append(f"  {rank}. {hit.score:.3f}  {hit.doc_id} #{hit.chunk_index}  {snippet}")
     return "\n".join(lines)
-
-
-def store_has(store: Any, collection: str) -> bool:
-    try:
-        return store.count(collection) >= 0
-    except Exception:  # no such collection
-        return False
