@@ -8,7 +8,6 @@ bill are compared.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -66,13 +65,9 @@ def start_worker(env, log: Path) -> subprocess.Popen:
 
 
 def stop_worker(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    from api.demo import stop  # SIGTERM, then SIGKILL after 30 s
+
+    stop(proc)
 
 
 def test_events_to_qdrant_and_ledger_matching_the_bill(worker_env, tmp_path, emulator):
