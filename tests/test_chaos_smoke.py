@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from bench.chaos import check_points, final_state, make_events, messages
+from tests.fixtures.services import missing_service
 from worker import chunking
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +79,7 @@ def test_checker_classifies_points(stored, lost, stale, resurrected):
 @pytest.mark.timeout(240)
 def test_short_chaos_run_is_ok(postgres_server_url):
     if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
+        missing_service("redis-server (the chaos run starts and restarts its own)", FileNotFoundError("not on PATH"))
     proc = subprocess.run(
         [sys.executable, "-m", "bench.chaos", "--events", "300", "--docs", "60", "--seed", "11",
          "--kill-every-s", "1.5", "3", "--min-kills", "3", "--postgres-url", postgres_server_url],
