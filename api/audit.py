@@ -241,14 +241,20 @@ def cmd_bill(args: argparse.Namespace) -> int:
     from api.cli import _engine
     from worker import billing
 
-    if args.source.startswith(("http://", "https://")):
-        import httpx
+    import httpx
 
-        data = httpx.get(args.source, timeout=30).raise_for_status().json()
-    else:
-        with open(args.source, encoding="utf-8") as f:
-            data = json.load(f)
-    bill = data["requests"] if isinstance(data, dict) else data
+    try:
+        if args.source.startswith(("http://", "https://")):
+            data = httpx.get(args.source, timeout=30).raise_for_status().json()
+        else:
+            with open(args.source, encoding="utf-8") as f:
+                data = json.load(f)
+        bill = data["requests"] if isinstance(data, dict) else data
+        if not isinstance(bill, list):
+            raise ValueError("expected a list of requests, or an object with one under \"requests\"")
+    except (OSError, ValueError, KeyError, httpx.HTTPError) as exc:
+        print(f"sidecar bill: cannot read the bill from {args.source}: {exc}", file=sys.stderr)
+        return 2
     engine = _engine(Settings())
     try:
         with Session(engine) as session, session.begin():

@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("id", nargs="?", type=int, help="the dead letter's id (from `list`)")
     which.add_argument("--all", action="store_true", help="every dead letter")
     q.set_defaults(func=cmd_deadletters_retry)
-    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+    p.set_defaults(func=lambda args, parser=p: (parser.print_help(), 2)[1])
 
     p = sub.add_parser("reconcile", help="repair drift between SQL and Qdrant once, then exit",
                        description="What the worker does periodically: close ledger rows abandoned "
@@ -109,7 +109,7 @@ def _engine(settings: Settings, *, check: bool = True) -> Any:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from worker import logs, tasks
+    from worker import logs
 
     settings = Settings()
     logs.configure(args.loglevel or settings.log_level)
@@ -239,7 +239,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     settings = Settings()
     logs.configure(settings.log_level)
     _engine(settings).dispose()
-    rt = build_runtime(settings)
+    rt = build_runtime(settings, embedder=NoProvider(settings))  # repairs call no provider
     try:
         report = reconciler.reconcile(rt)
     finally:
@@ -247,6 +247,21 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     print(f"abandoned ledger rows closed: {report.abandoned_requests}; documents re-driven: "
           f"{report.redriven}; points removed: {report.removed}")
     return 0
+
+
+class NoProvider:
+    """An Embedder stand-in for commands that never embed (no API key needed)."""
+
+    api = "none"
+
+    def __init__(self, settings: Settings) -> None:
+        self.model, self.dimensions = settings.embedding_model, settings.embedding_dimensions
+
+    def embed(self, texts: list[str], **_: Any) -> Any:
+        raise ConfigError("this command does not call the provider")
+
+    def close(self) -> None:
+        pass
 
 
 def cmd_api(args: argparse.Namespace) -> int:

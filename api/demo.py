@@ -121,22 +121,49 @@ def run(args: argparse.Namespace) -> int:
             env=env, stdout=log_file, stderr=subprocess.STDOUT,
         )
     try:
-        started = time.monotonic()
-        publish(settings, events)
-        print(f"published: {len(events)} events through Celery (sidecar.ingest_many)")
-        if not wait_drained(settings, expected_state(events, settings.default_collection), worker,
-                            started, args.timeout_s):
-            print(f"demo: not drained within {args.timeout_s:.0f}s; see {log_path}", file=sys.stderr)
-            return 1
-        elapsed = time.monotonic() - started
+        return _run_demo(args, settings, events, worker, log_path, emulator)
     finally:
         stop(worker)
+        if emulator is not None:
+            emulator.stop()
+
+
+def _run_demo(args: argparse.Namespace, settings: Any, events: list[Any], worker: subprocess.Popen,
+              log_path: Path, emulator: Any) -> int:
+    started = time.monotonic()
+    publish(settings, events)
+    print(f"published: {len(events)} events through Celery (sidecar.ingest_many)")
     expected = expected_state(events, settings.default_collection)
+    if not wait_drained(settings, expected, worker, started, args.timeout_s):
+        print(f"demo: not drained within {args.timeout_s:.0f}s; see {log_path}", file=sys.stderr)
+        return 1
+    elapsed = time.monotonic() - started
+    stop(worker)  # the summary opens the local-mode Qdrant path the worker held
     collection = Counter(c for c, _ in expected).most_common(1)[0][0] if expected else settings.default_collection
     print(summary(settings, collection, elapsed, args.query, emulator))
-    if emulator is not None:
-        emulator.stop()
     return 0
+
+
+def search_embedding(engine: Any, settings: Any, embedder: Any, query: str) -> list[float]:
+    """Embed the sample query as a `query` text, ledgered like every provider call."""
+    import uuid
+
+    from sqlalchemy.orm import Session
+
+    from worker import ledger, tokens
+
+    request_id = str(uuid.uuid4())
+    with Session(engine) as session, session.begin():
+        ledger.open_request(
+            session, request_id=request_id, model=embedder.model, dimensions=embedder.dimensions,
+            api=embedder.api, rows=1, est_tokens=tokens.count_tokens(query), items=[], attempt=1,
+            key_fingerprint=settings.key_fingerprint(), worker="demo-search",
+        )
+    result = embedder.embed([query], text_type="query")
+    with Session(engine) as session, session.begin():
+        ledger.record_success(session, request_id, result,
+                              settings.model_spec().cost_nano_cny(result.billed_tokens))
+    return result.vectors[0]
 
 
 def publish(settings: Any, events: list[Any], per_message: int = 25) -> None:
@@ -209,20 +236,19 @@ def summary(settings: Any, collection: str, elapsed_s: float, query: str, emulat
     from worker.store import QdrantStore
 
     engine = db.make_engine(settings.resolved_database_url())
-    with Session(engine) as session:
-        st = reports.status(session)
-        spend = reports.spend(session)["total"]
-    engine.dispose()
-    bill = emulator.bill() if emulator is not None else None  # before the search query is charged
     store = QdrantStore.from_settings(settings)
     embedder = build_embedder(settings)
     try:
         points = store.count(collection)
-        query_vector = embedder.embed([query], text_type="query").vectors[0]
-        hits = store.search(collection, query_vector, limit=3)
+        hits = store.search(collection, search_embedding(engine, settings, embedder, query), limit=3)
     finally:
         embedder.close()
         store.close()
+    with Session(engine) as session:
+        st = reports.status(session)
+        spend = reports.spend(session)["total"]
+    engine.dispose()
+    bill = emulator.bill() if emulator is not None else None
     docs = st["documents"]
     ok = spend["requests"] - spend["failed"]
     lines = [
@@ -232,7 +258,7 @@ def summary(settings: Any, collection: str, elapsed_s: float, query: str, emulat
         f"points   : {points} in collection {collection!r}",
         f"requests : {spend['requests']} ({spend['failed']} failed), "
         f"{spend['rows'] / ok if ok else 0:.2f} rows per request",
-        f"tokens   : {spend['tokens']} billed",
+        f"tokens   : {spend['tokens']} billed (the sample search included)",
         f"cost     : CNY {spend['cost_cny']} at the real-time price",
         f"time     : {elapsed_s:.1f}s from first publish to drained",
     ]

@@ -81,8 +81,11 @@ def reconcile(session: Session, bill: list[dict[str, Any]], *, window_s: float =
             report.matched_by_id += 1
             claimed.add(row.id)
             if row.billed_tokens != tokens:
-                report.token_mismatches.append(
-                    {"request_id": entry["request_id"], "bill": tokens, "ledger": row.billed_tokens})
+                if apply and row.status == "unknown":  # booked at its estimate: the bill knows better
+                    _take_bill(row, tokens, "[billed tokens from the bill]")
+                else:
+                    report.token_mismatches.append(
+                        {"request_id": entry["request_id"], "bill": tokens, "ledger": row.billed_tokens})
             continue
         at = dt.datetime.fromtimestamp(float(entry["at"]), dt.timezone.utc)
         candidates = [r for r in unknown if r.id not in claimed and r.model == entry["model"]
@@ -97,11 +100,8 @@ def reconcile(session: Session, bill: list[dict[str, Any]], *, window_s: float =
         claimed.add(match.id)
         report.matched_by_estimate.append((match.id, entry["request_id"]))
         if apply:
-            spec = MODELS.get(match.model)
             match.provider_request_id = entry["request_id"]
-            match.billed_tokens = tokens
-            match.cost_nano_cny = spec.cost_nano_cny(tokens) if spec else match.cost_nano_cny
-            match.error_message = f"{match.error_message or ''} [matched to the bill by estimate]".strip()
+            _take_bill(match, tokens, "[matched to the bill by estimate]")
     billed_ids = {b["request_id"] for b in bill}
     report.not_on_bill = [r.id for r in rows if r.status == "succeeded" and r.provider_request_id
                           and r.provider_request_id not in billed_ids]
@@ -109,7 +109,13 @@ def reconcile(session: Session, bill: list[dict[str, Any]], *, window_s: float =
     if apply:
         for row in unknown:
             if row.id not in claimed:
-                row.billed_tokens, row.cost_nano_cny = 0, 0
-                row.error_message = f"{row.error_message or ''} [not on the provider's bill]".strip()
+                _take_bill(row, 0, "[not on the provider's bill]")
         report.applied = True
     return report
+
+
+def _take_bill(row: ProviderRequest, tokens: int, note: str) -> None:
+    spec = MODELS.get(row.model)
+    row.billed_tokens = tokens
+    row.cost_nano_cny = spec.cost_nano_cny(tokens) if spec else row.cost_nano_cny
+    row.error_message = f"{row.error_message or ''} {note}".strip()

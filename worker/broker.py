@@ -90,7 +90,12 @@ class Channel(kombu_redis.Channel):
             except ValueError:
                 log.error("broker.undecodable_message queue=%s dropped", queue)
             else:
-                self.connection._deliver(message, queue)  # kombu records it as unacked here
+                try:
+                    self.connection._deliver(message, queue)  # kombu records it as unacked here
+                except Exception:
+                    with self.conn_or_acquire() as client:  # not recorded: back on the queue
+                        client.pipeline().lrem(inflight, 1, item).rpush(self._q_for_pri(queue, 0), item).execute()
+                    raise
             with self.conn_or_acquire() as client:
                 client.lrem(inflight, 1, item)
             return True

@@ -186,8 +186,8 @@ class DashScopeEmbedder:
             vectors, sparse, tokens = self._parse(body, len(texts))
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             self._fail(MalformedResponse, f"malformed {self.api} answer: {exc}", call, exc)
-        log.info(
-            "embed.done request_id=%s rows=%d tokens=%d ms=%.0f", call.request_id, len(texts), tokens, ms
+        log.debug(
+            "embed.call request_id=%s rows=%d tokens=%d ms=%.0f", call.request_id, len(texts), tokens, ms
         )
         return EmbedResult(vectors, tokens, call.request_id, response.status_code, ms, sparse)
 

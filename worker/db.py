@@ -169,6 +169,9 @@ class CachedEmbedding(Base):
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """An engine with the project's connection settings for SQLite or PostgreSQL."""
+    # hide_parameters: a failed statement's error never carries document text (or anything else
+    # bound to it) into a log line or a retry message.
+    kwargs.setdefault("hide_parameters", True)
     if url.startswith("sqlite"):
         engine = sa.create_engine(url, connect_args={"timeout": 30}, **kwargs)
         _sqlite_setup(engine)

@@ -8,7 +8,8 @@
     │   ├── ProviderThrottled  429 from the provider (RPM, TPM, burst)
     │   ├── ProviderUnavailable 5xx, timeouts, connection errors
     │   ├── MalformedResponse  wrong count, dimension, index, NaN, truncated JSON
-    │   └── StoreUnavailable   the vector store did not answer
+    │   ├── StoreUnavailable   the vector store did not answer
+    │   └── StoreConflict      the vector store holds a newer state than SQL
     └── GiveUp                 permanent for this input: record why, do not retry as is
         ├── InputRejected      the provider refused some texts (moderation, length, empty)
         └── AccountError       key, arrears, not purchased, quota: pauses embedding for everyone
@@ -81,6 +82,10 @@ class MalformedResponse(RetryLater):
 
 class StoreUnavailable(RetryLater):
     """The vector store did not answer."""
+
+
+class StoreConflict(RetryLater):
+    """The vector store refused a write: it holds a newer version or a delete."""
 
 
 class GiveUp(SidecarError):

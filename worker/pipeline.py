@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 import httpx
@@ -28,6 +28,7 @@ from worker.errors import (
     MalformedResponse,
     RetryLater,
     SidecarError,
+    StoreConflict,
     StoreUnavailable,
 )
 from worker.runtime import Runtime
@@ -61,6 +62,7 @@ class _Work:
     keys: dict[int, list[str]] = field(default_factory=dict)
     users: dict[str, list[tuple[state.Claimed, chunking.Chunk]]] = field(default_factory=lambda: defaultdict(list))
     vectors: dict[str, cache.Embedded] = field(default_factory=dict)
+    cached: set[str] = field(default_factory=set)  # keys paid for before this cycle
     errors: dict[int, SidecarError] = field(default_factory=dict)
 
 
@@ -70,7 +72,7 @@ def run_cycle(rt: Runtime) -> Cycle:
         pause = session.get(ProviderPause, pauses.PROVIDER)
         if pause is not None and pause.until > utcnow():
             return Cycle(idle=True, paused=pause.reason)
-        rt.probing = pause is not None  # the first success after a pause clears it
+        rt.probing = pause is not None  # expired: the first success after it clears the row
         docs = state.claim(session, owner=rt.owner, limit=limit, lease_s=rt.settings.lease_s)
     if not docs:
         return Cycle(idle=True)
@@ -78,10 +80,7 @@ def run_cycle(rt: Runtime) -> Cycle:
     live = []
     for doc in docs:
         if doc.attempts > rt.settings.max_attempts:  # leased again and again, never finished
-            with rt.sessions.begin() as session:
-                state.give_up(session, doc, owner=rt.owner,
-                              error=f"gave up after {doc.attempts - 1} attempts that never finished")
-            cycle.dead += 1
+            _give_up(rt, doc, f"gave up after {doc.attempts - 1} attempts that never finished", cycle)
         elif doc.op == "delete":
             apply_delete(rt, doc, cycle)
         else:
@@ -99,7 +98,12 @@ def run_cycle(rt: Runtime) -> Cycle:
     full, rest = batching.split_full(batches, rt.spec.max_rows)
     if rest and (len(docs) < limit or _held_s(rt, work, rest) >= rt.settings.batch_max_delay_s):
         full.append(rest)  # no backlog to wait for, or these rows have waited long enough
+    renewed = time.monotonic()
     for batch in full:
+        if time.monotonic() - renewed > rt.settings.lease_s / 3:  # a long cycle keeps its leases
+            with rt.sessions.begin() as session:
+                state.renew(session, work.docs, owner=rt.owner, lease_s=rt.settings.lease_s)
+            renewed = time.monotonic()
         if not embed_rows(rt, work, batch, cycle):
             break  # the provider asked us to back off: leave the rest for later
     finish(rt, work, cycle)
@@ -112,6 +116,9 @@ def apply_delete(rt: Runtime, doc: state.Claimed, cycle: Cycle) -> None:
         rt.store.delete_document(doc.collection, doc.tenant, doc.doc_id, doc.version)
     except RetryLater as exc:
         _retry(rt, doc, exc, cycle)
+        return
+    except SidecarError as exc:
+        _give_up(rt, doc, f"the vector store refused the delete: {exc}", cycle)
         return
     with rt.sessions.begin() as session:
         if state.mark_deleted(session, doc, owner=rt.owner):
@@ -138,18 +145,20 @@ def missing_rows(rt: Runtime, work: _Work) -> list[batching.Row]:
     """Rows still to embed: chunks whose vectors were never paid for, each text once."""
     with rt.sessions.begin() as session:
         work.vectors.update(cache.get_many(session, work.users))
+    work.cached = set(work.vectors)
     rows = []
-    saved: Counter[tuple[str, str]] = Counter()  # tokens not sent: already paid for, or shared
     for key, users in work.users.items():
-        chunk = users[0][1]
         if key not in work.vectors:
+            chunk = users[0][1]
             rows.append(batching.Row(key=key, text=chunk.text, tokens=chunk.tokens))
-        for doc, _chunk in users[0 if key in work.vectors else 1:]:
-            saved[(doc.collection, doc.tenant)] += chunk.tokens
-    if saved:
-        with rt.sessions.begin() as session:
-            stats.record_avoided(session, "dedup", saved, model=rt.embedder.model)
     return rows
+
+
+def _saved_tokens(work: _Work, doc: state.Claimed) -> int:
+    """Tokens of this document not sent: chunks paid for before, or shared with another
+    document of this cycle that carried them."""
+    return sum(chunk.tokens for chunk, key in zip(work.chunks[doc.id], work.keys[doc.id])
+               if key in work.cached or work.users[key][0][0] is not doc)
 
 
 def embed_rows(rt: Runtime, work: _Work, rows: list[batching.Row], cycle: Cycle) -> bool:
@@ -239,8 +248,9 @@ def outcome_unknown(exc: SidecarError) -> bool:
     a dropped connection, a malformed 2xx answer. A connection never made was not billed."""
     if isinstance(exc, MalformedResponse):
         return True  # the provider answered (and likely billed) but the answer was unusable
-    if exc.call is not None and exc.call.http_status is not None:
-        return False
+    status = exc.call.http_status if exc.call is not None else None
+    if status is not None and not 200 <= status < 300:
+        return False  # an error answer: not billed
     cause = exc.__cause__
     return not isinstance(cause, (httpx.ConnectError, httpx.ConnectTimeout))
 
@@ -272,30 +282,39 @@ def finish(rt: Runtime, work: _Work, cycle: Cycle) -> None:
         except RetryLater as exc:
             _retry(rt, doc, exc, cycle)
             continue
+        except (SidecarError, ValueError) as exc:  # e.g. a collection of another size: say why, move on
+            _give_up(rt, doc, f"the vector store refused the write: {exc}", cycle)
+            continue
         rt.crash("after_store_write")
         if not written:  # the store holds a newer version or a delete: SQL will catch up or give up
-            _retry(rt, doc, MalformedResponse(f"the store holds a newer state than version {doc.version}"),
-                   cycle)
+            _retry(rt, doc, StoreConflict(f"the store holds a newer state than version {doc.version}"), cycle)
             continue
         rt.held_since.pop(doc.id, None)
         with rt.sessions.begin() as session:
             if state.mark_indexed(session, doc, owner=rt.owner, chunk_count=len(chunks)):
                 cycle.indexed += 1
+                if saved := _saved_tokens(work, doc):
+                    stats.record_avoided(session, "dedup", {(doc.collection, doc.tenant): saved},
+                                         model=rt.embedder.model)
 
 
 def _failed(rt: Runtime, doc: state.Claimed, error: SidecarError, cycle: Cycle) -> None:
     if isinstance(error, InputRejected):
-        with rt.sessions.begin() as session:
-            state.give_up(session, doc, owner=rt.owner, error=f"provider rejected the text: {error}")
-        cycle.dead += 1
-        log.warning("document.dead id=%d reason=%s", doc.id, type(error).__name__)
+        _give_up(rt, doc, f"provider rejected the text: {error}", cycle)
     else:
         _retry(rt, doc, error, cycle)
 
 
+def _give_up(rt: Runtime, doc: state.Claimed, reason: str, cycle: Cycle) -> None:
+    with rt.sessions.begin() as session:
+        state.give_up(session, doc, owner=rt.owner, error=reason)
+    cycle.dead += 1
+    log.warning("document.dead id=%d reason=%s", doc.id, reason.split(":")[0])
+
+
 def _retry(rt: Runtime, doc: state.Claimed, error: SidecarError, cycle: Cycle) -> None:
     """Back to pending after a backoff; only failures that may be the document's own count."""
-    counts = isinstance(error, (MalformedResponse, StoreUnavailable))
+    counts = isinstance(error, (MalformedResponse, StoreUnavailable, StoreConflict))
     delay = 60.0 if isinstance(error, AccountError) else min(60.0, 0.5 * 2 ** min(doc.attempts, 7))
     retry_after = getattr(error, "retry_after_s", None) or 0.0
     with rt.sessions.begin() as session:

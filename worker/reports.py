@@ -92,8 +92,9 @@ def spend(
     if by is not None and by not in GROUPINGS:
         raise ValueError(f"by must be one of {', '.join(GROUPINGS)}, got {by!r}")
     groups: dict[tuple, dict[str, int]] = defaultdict(_empty)
+    distinct = None
     if by in ("collection", "tenant"):
-        _spend_by_document(session, by, since, until, groups)
+        distinct = _spend_by_document(session, by, since, until, groups)
     else:
         _spend_by_request(session, by, since, until, groups)
     _avoided(session, by, since, until, groups)
@@ -105,6 +106,8 @@ def spend(
         rows.append(_money({**dict(zip(names, key)), **values}))
         for name in _SUMS:
             total[name] += values[name]
+    if distinct is not None:
+        total["requests"], total["failed"] = distinct
     return {
         "by": by or "day,model",
         "since": None if since is None else since.isoformat(),
@@ -144,7 +147,9 @@ def _spend_by_request(session: Session, by: str | None, since: Any, until: Any, 
             g[name] += int(value or 0)
 
 
-def _spend_by_document(session: Session, by: str, since: Any, until: Any, groups: dict) -> None:
+def _spend_by_document(session: Session, by: str, since: Any, until: Any, groups: dict) -> tuple[int, int]:
+    """Fill `groups`; returns the distinct (requests, failed): a request that served several
+    groups counts in each group but once in the total."""
     pr = ProviderRequest
     label = getattr(Document, by)
     query = (
@@ -173,6 +178,7 @@ def _spend_by_document(session: Session, by: str, since: Any, until: Any, groups
             g["rows"] += row_shares[key]
             g["tokens"] += token_shares[key]
             g["cost_nano_cny"] += cost_shares[key]
+    return len(requests), sum(r["status"] != "succeeded" for r in requests.values())
 
 
 def _avoided(session: Session, by: str | None, since: Any, until: Any, groups: dict) -> None:

@@ -31,7 +31,7 @@ class Runtime:
     embedder: Embedder
     limiter: RateLimiter
     spec: catalog.ModelSpec
-    owner: str
+    process: str  # host:pid
     chunk_max_tokens: int
     wake: threading.Event = field(default_factory=threading.Event)
     probing: bool = False  # a provider pause expired: the next success clears it
@@ -41,6 +41,11 @@ class Runtime:
     budget_check: Callable[..., None] | None = None
     # Fault injection for tests: called at named points of the pipeline; raises to simulate a crash.
     crash_hook: Callable[[str], None] | None = None
+
+    @property
+    def owner(self) -> str:
+        """The lease owner: this thread of this process, so threads never act on each other's leases."""
+        return f"{self.process}:{threading.get_ident()}"
 
     def crash(self, point: str) -> None:
         if self.crash_hook is not None:
@@ -116,6 +121,6 @@ def build_runtime(settings: Settings, *, store: VectorStore | None = None,
         embedder=embedder or build_embedder(settings),
         limiter=build_limiter(settings),
         spec=spec,
-        owner=f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident() % 10000}",
+        process=f"{socket.gethostname()}:{os.getpid()}",
         chunk_max_tokens=min(max_tokens, spec.max_tokens_per_row),
     )

@@ -50,7 +50,9 @@ class EmbedService:
                 log.exception("embed.cycle_failed consecutive=%d", failures)
                 self._stop.wait(min(30.0, 0.5 * 2**failures))
                 continue
-            if cycle.idle or (cycle.held_back and not cycle.requests):
+            if cycle.paused:  # nothing to do until the pause ends (or a probe is due)
+                self._stop.wait(1.0)
+            elif cycle.idle or (cycle.held_back and not cycle.requests):
                 self.rt.wake.wait(self.rt.settings.poll_interval_s)
                 self.rt.wake.clear()
 

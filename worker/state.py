@@ -8,7 +8,6 @@ caller, so each accept or claim is one short transaction.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from worker import tokens
+from worker import chunking, tokens
 from worker.db import Document, MessageAttempt, RejectedEvent, SeenEvent, insert_ignore, utcnow
 from worker.events import Event
 
@@ -26,19 +25,28 @@ REJECTED_EVENT_MAX_CHARS = 64 << 10
 
 
 def text_hash(text: str) -> str:
-    return hashlib.sha256(tokens.normalize(text).encode("utf-8")).hexdigest()
+    return chunking.content_hash(text)
 
 
-def accept(session: Session, event: Event, coalesced: Counter[tuple[str, str]] | None = None) -> Outcome:
+def accept(
+    session: Session,
+    event: Event,
+    coalesced: Counter[tuple[str, str]] | None = None,
+    *,
+    delivery_id: str | None = None,
+) -> Outcome:
     """Record an event as the document's desired state, unless an equal or newer version is there.
 
-    Without a `version`, arrival order is the version (the stored one plus one). When a pending
-    version is replaced before it was embedded, its tokens are added to `coalesced` by
-    (collection, tenant): what coalescing saved.
+    Without a `version`, arrival order is the version (the stored one plus one); such an event
+    is then recorded under `delivery_id` (its message and position) when it has no `event_id`,
+    so that a redelivered message does not bump the version again. When a pending version is
+    replaced before it was embedded, its tokens are added to `coalesced` by (collection,
+    tenant): what coalescing saved.
     """
     now = utcnow()
-    if event.event_id is not None:
-        inserted = insert_ignore(session, SeenEvent, {"event_id": event.event_id, "received_at": now})
+    idempotency_key = event.event_id or (f"delivery:{delivery_id}" if event.version is None and delivery_id else None)
+    if idempotency_key is not None:
+        inserted = insert_ignore(session, SeenEvent, {"event_id": idempotency_key[:256], "received_at": now})
         if not inserted:
             return "duplicate"
     values: dict[str, Any] = {
@@ -231,36 +239,37 @@ def fail(
     }
     if max_attempts is None:
         values["attempts"] = _one_less
-    session.execute(
-        sa.update(Document)
-        .where(Document.id == doc.id, Document.lease_owner == owner)
-        .values(**values)
+    done = session.execute(
+        sa.update(Document).where(_mine(doc, owner)).values(**values)
         .execution_options(synchronize_session=False)
-    )
+    ).rowcount
+    if not done:  # a newer version arrived: it gets its own tries, not this version's verdict
+        _handed_back(session, doc, owner)
+        return "pending"
     return "dead" if dead else "pending"
 
 
 def give_up(session: Session, doc: Claimed, *, owner: str, error: str) -> None:
-    """The provider refused this document's text for good: a dead letter with the reason."""
-    session.execute(
+    """This version of the document failed for good: a dead letter with the reason."""
+    done = session.execute(
         sa.update(Document)
         .where(_mine(doc, owner))
         .values(status="dead", last_error=error[:2000], lease_owner=None, lease_until=None)
         .execution_options(synchronize_session=False)
-    )
+    ).rowcount
+    if not done:
+        _handed_back(session, doc, owner)
 
 
-def has_more_pending(session: Session) -> bool:
-    now = utcnow()
-    return (
+def renew(session: Session, docs: list[Claimed], *, owner: str, lease_s: float) -> None:
+    """Extend the leases of documents still being worked on (a long cycle must not lose them)."""
+    if docs:
         session.execute(
-            sa.select(Document.id)
-            .where(Document.status == "pending")
-            .where(sa.or_(Document.lease_until.is_(None), Document.lease_until < now))
-            .limit(1)
-        ).first()
-        is not None
-    )
+            sa.update(Document)
+            .where(Document.id.in_([d.id for d in docs]), Document.lease_owner == owner)
+            .values(lease_until=utcnow() + dt.timedelta(seconds=lease_s))
+            .execution_options(synchronize_session=False)
+        )
 
 
 def document_counts(session: Session) -> dict[str, int]:

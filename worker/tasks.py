@@ -34,12 +34,15 @@ def runtime() -> Runtime:
         return _runtime
 
 
-def ingest_events(rt: Runtime, raw_events: list[Any]) -> dict[str, int]:
-    """Validate and record each event in its own transaction; returns counts by outcome."""
+def ingest_events(rt: Runtime, raw_events: list[Any], *, message_id: str | None = None) -> dict[str, int]:
+    """Validate and record each event in its own transaction; returns counts by outcome.
+
+    `message_id` (the broker message's id) makes a redelivered message's version-less events
+    duplicates instead of new versions."""
     s = rt.settings
     outcomes: Counter[str] = Counter()
     coalesced: Counter[tuple[str, str]] = Counter()
-    for raw in raw_events:
+    for index, raw in enumerate(raw_events):
         try:
             event = parse_event(
                 raw, default_collection=s.default_collection, default_tenant=s.default_tenant,
@@ -52,7 +55,8 @@ def ingest_events(rt: Runtime, raw_events: list[Any]) -> dict[str, int]:
             outcomes["rejected"] += 1
             continue
         with rt.sessions.begin() as session:
-            outcomes[state.accept(session, event, coalesced)] += 1
+            delivery_id = f"{message_id}:{index}" if message_id else None
+            outcomes[state.accept(session, event, coalesced, delivery_id=delivery_id)] += 1
     with rt.sessions.begin() as session:
         stats.record_outcomes(session, outcomes)
         stats.record_avoided(session, "coalesced", coalesced, model=rt.embedder.model)
@@ -113,8 +117,10 @@ def _run(task: Any, events: list[Any], *, bad_call: str | None = None) -> dict[s
     try:
         rt = runtime()
         task_id = task.request.id or ""
+        # Deliveries of this try that began and never finished; a retry (same id) counts afresh.
+        attempt_key = f"{task_id}:{task.request.retries}"
         with rt.sessions.begin() as session:
-            attempts = state.message_started(session, task_id) if task_id else 1
+            attempts = state.message_started(session, attempt_key) if task_id else 1
         if attempts > rt.settings.max_attempts:
             bad_call = (f"the message was delivered {attempts} times and never finished "
                         "(it stops the worker each time): dead-lettered")
@@ -122,11 +128,11 @@ def _run(task: Any, events: list[Any], *, bad_call: str | None = None) -> dict[s
             with rt.sessions.begin() as session:
                 state.reject(session, {"args": task.request.args, "kwargs": task.request.kwargs},
                              "arguments", bad_call)
-                state.message_finished(session, task_id)
+                state.message_finished(session, attempt_key)
             return {"rejected": 1}
-        outcomes = ingest_events(rt, events)
+        outcomes = ingest_events(rt, events, message_id=task_id or None)
         with rt.sessions.begin() as session:
-            state.message_finished(session, task_id)
+            state.message_finished(session, attempt_key)
         return outcomes
     except Exception as exc:  # SQL unavailable and the like: the same message is retried
         log.warning("ingest.retry error=%s", type(exc).__name__)
