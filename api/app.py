@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 from api import metrics, routes_events, routes_spend
 from api.auth import ApiSettings, can_read
 from api.deps import session
-from worker import budget, db, db_audit, pauses, schema  # noqa: F401  (db_audit: the audit tables' models)
+from worker import budget, db, pauses, schema
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -13,9 +13,8 @@ from decimal import Decimal
 from typing import Any
 
 from worker.errors import ConfigError, InvalidEvent
+from worker.reports import GROUPINGS
 from worker.settings import Settings
-
-GROUPINGS = ("hour", "day", "model", "collection", "tenant")
 _NUMBERS = (("requests", 10), ("failed", 8), ("rows", 9), ("tokens", 12), ("tokens_avoided_dedup", 12),
             ("tokens_avoided_coalesced", 12), ("cost_cny", 16))
 _HEADS = {"tokens_avoided_dedup": "dedup", "tokens_avoided_coalesced": "coalesced", "cost_cny": "cost CNY"}
@@ -121,7 +120,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 def estimate(lines: Iterable[str], settings: Settings, *, progress: bool = False) -> dict[str, Any]:
     """Price a backfill the way the worker would embed it: coalesce, chunk, dedup, batch."""
     from worker import batching, chunking, tokens
-    from worker.events import parse_event
+    from worker.events import parse_with
 
     spec = settings.model_spec()
     limits = settings.rate_limits()
@@ -139,11 +138,7 @@ def estimate(lines: Iterable[str], settings: Settings, *, progress: bool = False
         if progress and events % 10_000 == 0:
             print(f"\rread {events} events", end="", file=sys.stderr, flush=True)
         try:
-            event = parse_event(
-                json.loads(line), default_collection=settings.default_collection,
-                default_tenant=settings.default_tenant, max_text_bytes=settings.max_text_bytes,
-                max_metadata_bytes=settings.max_metadata_bytes,
-            )
+            event = parse_with(json.loads(line), settings)
         except (InvalidEvent, ValueError) as exc:
             invalid_count += 1
             if len(invalid) < 20:

@@ -15,7 +15,7 @@ from api.auth import can_read, can_write
 from api.deps import session
 from worker import deadletters, reports
 from worker.errors import InvalidEvent
-from worker.events import parse_event
+from worker.events import parse_with
 
 router = APIRouter()
 NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
@@ -124,10 +124,7 @@ async def post_events(request: Request) -> Any:
     accepted, problems = [], []
     for index, item in enumerate(events):
         try:
-            event = parse_event(
-                item, default_collection=settings.default_collection, default_tenant=settings.default_tenant,
-                max_text_bytes=settings.max_text_bytes, max_metadata_bytes=settings.max_metadata_bytes,
-            )
+            event = parse_with(item, settings)
         except InvalidEvent as exc:
             problems.append({"index": index, "field": exc.field, "rule": exc.rule})
             continue

@@ -50,7 +50,6 @@ from bench.common import (
     clean_env,
     free_port,
     stop_process,
-    tail,
     temp_database,
     wait_for,
 )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from alembic import context
 
-import worker.db_audit  # noqa: F401  (its tables join Base.metadata)
 from worker.db import Base, make_engine
 
 config = context.config

@@ -7,7 +7,6 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-import worker.db_audit  # noqa: F401  (its tables join the metadata)
 from worker import db, schema
 from worker.errors import SchemaOutdated
 

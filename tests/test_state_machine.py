@@ -14,7 +14,6 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
-import worker.db_audit  # noqa: F401  (every migrated table is in the metadata)
 from worker import chunking, db, ledger, pipeline, reconciler
 from worker.db import utcnow
 from worker.limiter import Permit

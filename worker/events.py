@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from worker.errors import InvalidEvent
+
+if TYPE_CHECKING:
+    from worker.settings import Settings
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _FIELDS = {"op", "doc_id", "collection", "version", "text", "metadata", "tenant", "event_id"}
@@ -93,6 +96,14 @@ def parse_event(
         raise InvalidEvent("event_id", "a string of 1 to 256 characters")
 
     return Event(op, doc_id, collection, tenant, version, text, metadata, event_id)
+
+
+def parse_with(raw: Any, settings: Settings) -> Event:
+    """`parse_event` with the defaults and caps of `settings` (every caller's case)."""
+    return parse_event(
+        raw, default_collection=settings.default_collection, default_tenant=settings.default_tenant,
+        max_text_bytes=settings.max_text_bytes, max_metadata_bytes=settings.max_metadata_bytes,
+    )
 
 
 def _name(raw: dict[str, Any], field: str, default: str) -> str:

@@ -30,7 +30,7 @@ def status(session: Session, *, budget_settings: budget.BudgetSettings | None = 
     age = state.oldest_pending_age_s(session)
     return {
         "documents": state.document_counts(session),
-        "requests": {k: requests.get(k, 0) for k in ("succeeded", "failed", "unknown", "sent")},
+        "requests": {k: requests.get(k, 0) for k in REQUEST_STATUSES},
         "oldest_pending_age_s": None if age is None else round(age, 3),
         "budget": budget.budget_state(session, settings=budget_settings),
         "provider_pauses": pauses.current(session),  # account errors pause embedding for everyone

@@ -248,9 +248,9 @@ class QdrantStore:
         dense = vectors.get(DENSE) if isinstance(vectors, dict) else None
         if dense is None:
             raise ConfigError(f"qdrant collection {name!r} has no named vector {DENSE!r}")
-        for field, schema in _INDEXES.items():
-            if field not in (info.payload_schema or {}) and not self._local:  # local mode has none
-                self.client.create_payload_index(name, field, field_schema=schema)
+        for key, schema in _INDEXES.items():
+            if key not in (info.payload_schema or {}) and not self._local:  # local mode has none
+                self.client.create_payload_index(name, key, field_schema=schema)
         return dense.size, SPARSE in (info.config.params.sparse_vectors or {})
 
     # --- writes ---------------------------------------------------------------------------
@@ -492,20 +492,8 @@ class QdrantStore:
         return found[0].payload["version"] if found and found[0].payload else None
 
     def doc_versions(self, collection: str) -> dict[tuple[str, str], int]:
-        """{(tenant, doc_id): version} of every document with chunks, for drift repair."""
-        versions: dict[tuple[str, str], int] = {}
-        with _translated("doc_versions"):
-            if not self._exists(self._name(collection)):
-                return versions
-            fields = ["tenant", "doc_id", "version"]
-            records = self._scroll(
-                collection, self._chunks_filter(), with_vectors=False, payload=fields
-            )
-            for r in records:
-                p = r.payload or {}
-                key = (p["tenant"], p["doc_id"])
-                versions[key] = max(versions.get(key, p["version"]), p["version"])
-        return versions
+        """{(tenant, doc_id): newest version} of every document with chunks."""
+        return {key: max(summary.versions) for key, summary in self.doc_summaries(collection).items()}
 
     def doc_summaries(self, collection: str) -> dict[tuple[str, str], DocSummary]:
         """{(tenant, doc_id): what its points hold}, for the reconciler's drift repair."""

@@ -15,7 +15,7 @@ from celery import Celery, signals
 
 from worker import state, stats
 from worker.errors import InvalidEvent
-from worker.events import parse_event
+from worker.events import parse_with
 from worker.runtime import Runtime, build_runtime
 from worker.settings import Settings
 
@@ -34,20 +34,19 @@ def runtime() -> Runtime:
         return _runtime
 
 
-def ingest_events(rt: Runtime, raw_events: list[Any], *, message_id: str | None = None) -> dict[str, int]:
+def ingest_events(
+    rt: Runtime, raw_events: list[Any], *, message_id: str | None = None, attempt_key: str | None = None
+) -> dict[str, int]:
     """Validate and record each event in its own transaction; returns counts by outcome.
 
     `message_id` (the broker message's id) makes a redelivered message's version-less events
-    duplicates instead of new versions."""
-    s = rt.settings
+    duplicates instead of new versions; `attempt_key` is marked finished in the closing
+    transaction."""
     outcomes: Counter[str] = Counter()
     coalesced: Counter[tuple[str, str]] = Counter()
     for index, raw in enumerate(raw_events):
         try:
-            event = parse_event(
-                raw, default_collection=s.default_collection, default_tenant=s.default_tenant,
-                max_text_bytes=s.max_text_bytes, max_metadata_bytes=s.max_metadata_bytes,
-            )
+            event = parse_with(raw, rt.settings)
         except InvalidEvent as exc:
             with rt.sessions.begin() as session:
                 state.reject(session, raw, exc.field, exc.rule)
@@ -60,6 +59,8 @@ def ingest_events(rt: Runtime, raw_events: list[Any], *, message_id: str | None 
     with rt.sessions.begin() as session:
         stats.record_outcomes(session, outcomes)
         stats.record_avoided(session, "coalesced", coalesced, model=rt.embedder.model)
+        if attempt_key is not None:
+            state.message_finished(session, attempt_key)
     if outcomes["accepted"]:
         rt.wake.set()
     return dict(outcomes)
@@ -130,10 +131,7 @@ def _run(task: Any, events: list[Any], *, bad_call: str | None = None) -> dict[s
                              "arguments", bad_call)
                 state.message_finished(session, attempt_key)
             return {"rejected": 1}
-        outcomes = ingest_events(rt, events, message_id=task_id or None)
-        with rt.sessions.begin() as session:
-            state.message_finished(session, attempt_key)
-        return outcomes
+        return ingest_events(rt, events, message_id=task_id or None, attempt_key=attempt_key)
     except Exception as exc:  # SQL unavailable and the like: the same message is retried
         log.warning("ingest.retry error=%s", type(exc).__name__)
         # The countdown stays far below the visibility timeout (a longer ETA would be redelivered).
