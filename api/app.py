@@ -25,29 +25,27 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy.orm import Session
 
-from api import metrics, routes_events, routes_spend
-from api.auth import ApiSettings, can_read
+from api import metrics
+from api.auth import can_read
 from api.deps import session
-from worker import budget, db, pauses, schema
+from api.routes import events, spend
+from worker.ledger import budget
 from worker.settings import Settings
+from worker.sql import engines, pauses, schema
 
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings, *, api_settings: ApiSettings | None = None,
-               budget_settings: budget.BudgetSettings | None = None) -> FastAPI:
-    api_settings = api_settings or ApiSettings()
-    budget_settings = budget_settings or budget.BudgetSettings()
-
+def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         from worker.tasks import create_celery
 
-        engine = db.make_engine(settings.resolved_database_url())
+        engine = engines.make_engine(settings.resolved_database_url())
         app.state.engine = engine
-        app.state.sessions = db.make_sessionmaker(engine)
+        app.state.sessions = engines.make_sessionmaker(engine)
         app.state.celery = create_celery(settings)
-        if not (api_settings.api_tokens or api_settings.api_read_tokens):
+        if not (settings.api_tokens or settings.api_read_tokens):
             log.warning("api.no_tokens every call but the probes answers 401; set SIDECAR_API_TOKENS")
         try:
             yield
@@ -63,27 +61,32 @@ def create_app(settings: Settings, *, api_settings: ApiSettings | None = None,
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.api_settings = api_settings
-    app.state.budget_settings = budget_settings
-    app.include_router(routes_events.router)
-    app.include_router(routes_spend.router)
+    app.include_router(events.router)
+    app.include_router(spend.router)
 
     @app.get("/healthz", summary="Alive")
     def healthz() -> dict[str, str]:
         """Alive: the process answers."""
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="Ready: broker, SQL and Qdrant reachable, embedding not paused",
-             responses={503: {"description": "not ready; `reasons` says why"}})
+    @app.get(
+        "/readyz",
+        summary="Ready: broker, SQL and Qdrant reachable, embedding not paused",
+        responses={503: {"description": "not ready; `reasons` says why"}},
+    )
     def readyz(request: Request) -> JSONResponse:
         checks, reasons = readiness(request.app)
         body = {"ready": not reasons, "reasons": reasons, "checks": checks}
         return JSONResponse(body, status_code=200 if not reasons else 503)
 
-    @app.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(can_read)],
-             summary="Prometheus metrics (sidecar_ prefix)")
+    @app.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        dependencies=[Depends(can_read)],
+        summary="Prometheus metrics (sidecar_ prefix)",
+    )
     def get_metrics(request: Request, s: Session = Depends(session)) -> PlainTextResponse:
-        text = metrics.render(s, request.app.state.budget_settings)
+        text = metrics.render(s, request.app.state.settings)
         return PlainTextResponse(text, media_type=metrics.CONTENT_TYPE)
 
     return app
@@ -115,7 +118,9 @@ def readiness(app: FastAPI) -> tuple[dict[str, Any], list[str]]:
         if not settings.qdrant_url:
             return f"local mode at {settings.resolved_qdrant_path()} (opened by the worker only)"
         headers = {"api-key": settings.qdrant_api_key.get_secret_value()} if settings.qdrant_api_key else {}
-        httpx.get(f"{settings.qdrant_url.rstrip('/')}/readyz", headers=headers, timeout=3.0).raise_for_status()
+        httpx.get(
+            f"{settings.qdrant_url.rstrip('/')}/readyz", headers=headers, timeout=3.0
+        ).raise_for_status()
         return "reachable"
 
     check("sql", sql)
@@ -124,14 +129,16 @@ def readiness(app: FastAPI) -> tuple[dict[str, Any], list[str]]:
     reasons = [f"{name}: {c['detail']}" for name, c in checks.items() if not c["ok"]]
     if checks["sql"]["ok"]:
         with app.state.sessions() as s:
-            state = budget.budget_state(s, settings=app.state.budget_settings)
-        checks["budget"] = {"ok": not state["paused"], "detail": state["reasons"] or "within every cap",
-                            "paused_collections": state["paused_collections"]}
+            state = budget.budget_state(s, app.state.settings)
+        checks["budget"] = {
+            "ok": not state["paused"],
+            "detail": state["reasons"] or "within every cap",
+            "paused_collections": state["paused_collections"],
+        }
         if state["paused"]:
             reasons += [f"budget: {r}" for r in state["reasons"] if "all collections" in r]
         with app.state.sessions() as s:
             paused = [p for p in pauses.current(s) if p["state"] == "paused"]
-        checks["provider"] = {"ok": not paused,
-                              "detail": [p["reason"] for p in paused] or "not paused"}
+        checks["provider"] = {"ok": not paused, "detail": [p["reason"] for p in paused] or "not paused"}
         reasons += [f"provider: {p['reason']} (until {p['until']})" for p in paused]
     return checks, reasons

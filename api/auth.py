@@ -11,34 +11,18 @@ from typing import Annotated, Literal
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import SecretStr, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from worker.settings import Settings
 
 Role = Literal["read", "write"]
 
 
-class ApiSettings(BaseSettings):
-    """SIDECAR_API_*: comma-separated tokens, and the request body cap of POST /v1/events."""
-
-    model_config = SettingsConfigDict(env_prefix="SIDECAR_", env_file=".env", extra="ignore")
-
-    api_tokens: Annotated[list[SecretStr], NoDecode] = []
-    api_read_tokens: Annotated[list[SecretStr], NoDecode] = []
-    api_max_body_bytes: int = 32 << 20
-    api_max_events: int = 10_000
-
-    @field_validator("api_tokens", "api_read_tokens", mode="before")
-    @classmethod
-    def _split(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [t.strip() for t in value.split(",") if t.strip()]
-        return value
+_bearer = HTTPBearer(
+    auto_error=False, description="a token from SIDECAR_API_TOKENS or SIDECAR_API_READ_TOKENS"
+)
 
 
-_bearer = HTTPBearer(auto_error=False, description="a token from SIDECAR_API_TOKENS or SIDECAR_API_READ_TOKENS")
-
-
-def role_of(settings: ApiSettings, token: str) -> Role | None:
+def role_of(settings: Settings, token: str) -> Role | None:
     given = token.encode()
     write = read = False
     for secret in settings.api_tokens:
@@ -49,10 +33,9 @@ def role_of(settings: ApiSettings, token: str) -> Role | None:
 
 
 def _role(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> Role:
-    role = None if credentials is None else role_of(request.app.state.api_settings, credentials.credentials)
+    role = None if credentials is None else role_of(request.app.state.settings, credentials.credentials)
     if role is None:
-        raise HTTPException(401, "a valid bearer token is required",
-                            headers={"WWW-Authenticate": "Bearer"})
+        raise HTTPException(401, "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"})
     return role
 
 

@@ -7,11 +7,12 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from worker import budget, state
 from worker.catalog import from_nano
-from worker.db import ProviderRequest
-from worker.db_audit import Counter
-from worker.stats import AVOIDED_PREFIX, EVENT_PREFIX
+from worker.ledger import budget
+from worker.settings import Settings
+from worker.ledger.counters import AVOIDED_PREFIX, EVENT_PREFIX
+from worker.sql import documents
+from worker.sql.models import HourlyCounter, ProviderRequest
 
 LATENCY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -26,7 +27,9 @@ class Exposition:
 
     def sample(self, name: str, value: Any, **labels: Any) -> None:
         text = ",".join(f'{k}="{_escape(str(v))}"' for k, v in labels.items())
-        self.lines.append(f"sidecar_{name}{{{text}}} {_number(value)}" if text else f"sidecar_{name} {_number(value)}")
+        self.lines.append(
+            f"sidecar_{name}{{{text}}} {_number(value)}" if text else f"sidecar_{name} {_number(value)}"
+        )
 
     def text(self) -> str:
         return "\n".join(self.lines) + "\n"
@@ -42,15 +45,19 @@ def _number(value: Any) -> str:
     return str(value)
 
 
-def render(session: Session, budget_settings: budget.BudgetSettings) -> str:
+def render(session: Session, settings: Settings) -> str:
     out = Exposition()
     pr = ProviderRequest
 
-    counters = dict(session.execute(
-        sa.select(Counter.name, sa.func.sum(Counter.value)).group_by(Counter.name)
-    ).all())
-    docs = state.document_counts(session)
-    outcomes = {name[len(EVENT_PREFIX):]: int(v) for name, v in counters.items() if name.startswith(EVENT_PREFIX)}
+    counters = dict(
+        session.execute(
+            sa.select(HourlyCounter.name, sa.func.sum(HourlyCounter.value)).group_by(HourlyCounter.name)
+        ).all()
+    )
+    docs = documents.document_counts(session)
+    outcomes = {
+        name[len(EVENT_PREFIX) :]: int(v) for name, v in counters.items() if name.startswith(EVENT_PREFIX)
+    }
     out.family("events_accepted_total", "counter", "Events whose desired state was recorded.")
     out.sample("events_accepted_total", outcomes.get("accepted", 0))
     out.family("events_rejected_total", "counter", "Events that broke the contract (kept with the reason).")
@@ -66,18 +73,22 @@ def render(session: Session, budget_settings: budget.BudgetSettings) -> str:
             out.sample("documents", n, status=status)
     out.family("backlog_documents", "gauge", "Documents waiting to be embedded or deleted.")
     out.sample("backlog_documents", docs["pending"])
-    age = state.oldest_pending_age_s(session)
+    age = documents.oldest_pending_age_s(session)
     out.family("oldest_pending_age_seconds", "gauge", "Age of the oldest pending document (0 when none).")
     out.sample("oldest_pending_age_seconds", round(age or 0.0, 3))
 
     per_model = session.execute(
         sa.select(
-            pr.model, pr.status, sa.func.count(),
+            pr.model,
+            pr.status,
+            sa.func.count(),
             sa.func.sum(sa.case((pr.status == "succeeded", pr.rows), else_=0)),
             sa.func.sum(sa.func.coalesce(pr.billed_tokens, 0)),
             sa.func.sum(sa.func.coalesce(pr.cost_nano_cny, 0)),
             sa.func.sum(sa.case((pr.http_status == 429, 1), else_=0)),
-        ).group_by(pr.model, pr.status).order_by(pr.model, pr.status)
+        )
+        .group_by(pr.model, pr.status)
+        .order_by(pr.model, pr.status)
     ).all()
     out.family("requests_total", "counter", "Provider requests by model and ledger status.")
     for model, status, n, *_ in per_model:
@@ -98,13 +109,15 @@ def render(session: Session, budget_settings: budget.BudgetSettings) -> str:
             value = format(from_nano(t[2]), "f") if index == 2 else t[index]
             out.sample(name, value, model=model)
 
-    out.family("tokens_avoided_total", "counter", "Tokens not sent: dedup (cache, shared rows) and coalescing.")
+    out.family(
+        "tokens_avoided_total", "counter", "Tokens not sent: dedup (cache, shared rows) and coalescing."
+    )
     for kind in ("dedup", "coalesced"):
         out.sample("tokens_avoided_total", int(counters.get(f"{AVOIDED_PREFIX}{kind}", 0)), kind=kind)
 
     _latency(session, out)
 
-    b = budget.budget_state(session, settings=budget_settings)
+    b = budget.budget_state(session, settings)
     out.family("budget_paused", "gauge", "1 when an overall spend cap is reached and embedding waits.")
     out.sample("budget_paused", b["paused"])
     out.family("budget_collection_paused", "gauge", "1 for a collection whose spend cap is reached.")
@@ -114,10 +127,14 @@ def render(session: Session, budget_settings: budget.BudgetSettings) -> str:
     out.sample("budget_waiting_documents", b["waiting_documents"])
     out.family("budget_limit_cny", "gauge", "Spend cap in CNY for its window.")
     for cap in b["caps"]:
-        out.sample("budget_limit_cny", cap["limit_cny"], collection=cap["collection"] or "*", period=cap["period"])
+        out.sample(
+            "budget_limit_cny", cap["limit_cny"], collection=cap["collection"] or "*", period=cap["period"]
+        )
     out.family("budget_spent_cny", "gauge", "Spend counted against the cap in its current window.")
     for cap in b["caps"]:
-        out.sample("budget_spent_cny", cap["spent_cny"], collection=cap["collection"] or "*", period=cap["period"])
+        out.sample(
+            "budget_spent_cny", cap["spent_cny"], collection=cap["collection"] or "*", period=cap["period"]
+        )
     return out.text()
 
 
@@ -126,7 +143,9 @@ def _latency(session: Session, out: Exposition) -> None:
     columns = [sa.func.sum(sa.case((pr.latency_ms <= b * 1000, 1), else_=0)) for b in LATENCY_BUCKETS_S]
     rows = session.execute(
         sa.select(pr.model, sa.func.count(), sa.func.sum(pr.latency_ms), *columns)
-        .where(pr.latency_ms.is_not(None)).group_by(pr.model).order_by(pr.model)
+        .where(pr.latency_ms.is_not(None))
+        .group_by(pr.model)
+        .order_by(pr.model)
     ).all()
     out.family("provider_latency_seconds", "histogram", "Provider request latency.")
     for model, count, total_ms, *cumulative in rows:

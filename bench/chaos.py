@@ -68,13 +68,7 @@ BATCH_EVENTS = 20
 QUEUE = "celery"
 EXTRA_CALLS_DEFINITION = "bill requests - ceil(distinct chunk texts embedded / 10 rows per request)"
 
-WORDS = (
-    "order shipping refund invoice account password delivery warehouse parcel courier address "
-    "payment card bank transfer coupon discount return policy warranty repair battery screen "
-    "keyboard laptop phone tablet charger cable adapter storage memory update firmware support "
-    "ticket agent hours weekend holiday express standard tracking number customs duty tax region "
-    "language currency euro yuan dollar price list catalog stock size colour model series"
-).split()
+WORDS = ["order", "shipping", "refund", "invoice", "account", "password", "delivery", "warehouse", "parcel", "courier", "address", "payment", "card", "bank", "transfer", "coupon", "discount", "return", "policy", "warranty", "repair", "battery", "screen", "keyboard", "laptop", "phone", "tablet", "charger", "cable", "adapter", "storage", "memory", "update", "firmware", "support", "ticket", "agent", "hours", "weekend", "holiday", "express", "standard", "tracking", "number", "customs", "duty", "tax", "region", "language", "currency", "euro", "yuan", "dollar", "price", "list", "catalog", "stock", "size", "colour", "model", "series"]
 
 
 # --- the events and the model (pure) --------------------------------------------------------
@@ -235,14 +229,33 @@ class RedisServer:
     def start(self) -> None:
         log = open(self.dir / "redis.log", "ab")
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.dir),
-             "--maxmemory-policy", "noeviction"],
-            stdout=log, stderr=subprocess.STDOUT,
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--dir",
+                str(self.dir),
+                "--maxmemory-policy",
+                "noeviction",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         log.close()
-        wait_for(self.ping, timeout_s=20, what=f"redis-server on port {self.port}",
-                 procs=[(self.proc, self.dir / "redis.log")])
+        wait_for(
+            self.ping,
+            timeout_s=20,
+            what=f"redis-server on port {self.port}",
+            procs=[(self.proc, self.dir / "redis.log")],
+        )
 
     def ping(self) -> bool:
         import redis
@@ -303,8 +316,14 @@ class RedisServer:
                     out.append({"delivery_tag": tag.decode(), "error": repr(exc)})
                     continue
                 headers = message.get("headers", {})
-                out.append({"delivery_tag": tag.decode(), "task": headers.get("task"),
-                            "task_id": headers.get("id"), "args": args})
+                out.append(
+                    {
+                        "delivery_tag": tag.decode(),
+                        "task": headers.get("task"),
+                        "task_id": headers.get("id"),
+                        "args": args,
+                    }
+                )
             return out
         finally:
             client.close()
@@ -329,9 +348,22 @@ class Worker:
             log.flush()
             self._offset = log.tell()
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "api.cli", "worker", "--pool", "threads", "--embed-threads", "2",
-                 "--loglevel", "INFO"],
-                env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                [
+                    sys.executable,
+                    "-m",
+                    "api.cli",
+                    "worker",
+                    "--pool",
+                    "threads",
+                    "--embed-threads",
+                    "2",
+                    "--loglevel",
+                    "INFO",
+                ],
+                env=self.env,
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         self.starts += 1
         self.started_at = time.monotonic()
@@ -386,16 +418,24 @@ class Publisher(threading.Thread):
                     time.sleep(wait)  # pacing: events arrive over the whole kill phase
                 self._send(task, arg)
                 self.sent += 1
-        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+        except BaseException as exc:
             self.error = exc
 
     def _send(self, task: str, arg: Any) -> None:
         backoff_s = 0.2
         while True:
             try:
-                result = self.app.send_task(task, args=[arg], retry=True,
-                                            retry_policy={"max_retries": 2, "interval_start": 0.1,
-                                                          "interval_step": 0.2, "interval_max": 0.5})
+                result = self.app.send_task(
+                    task,
+                    args=[arg],
+                    retry=True,
+                    retry_policy={
+                        "max_retries": 2,
+                        "interval_start": 0.1,
+                        "interval_step": 0.2,
+                        "interval_max": 0.5,
+                    },
+                )
                 self.published.append((result.id, time.monotonic()))
                 return
             except Exception:  # the broker is down or restarting: try again, the event must get out
@@ -412,10 +452,13 @@ def sql_progress(engine: Any, model: dict[str, dict[str, Any]]) -> dict[str, Any
     import sqlalchemy as sa
 
     with engine.connect() as conn:
-        rows = conn.execute(sa.text(
-            "select doc_id, version, op, status from documents where collection = :c"), {"c": COLLECTION}
+        rows = conn.execute(
+            sa.text("select doc_id, version, op, status from documents where collection = :c"),
+            {"c": COLLECTION},
         ).all()
-        sent = conn.execute(sa.text("select count(*) from provider_requests where status = 'sent'")).scalar_one()
+        sent = conn.execute(
+            sa.text("select count(*) from provider_requests where status = 'sent'")
+        ).scalar_one()
     have = {r.doc_id: r for r in rows}
     behind = unfinished = 0
     for doc_id, event in model.items():
@@ -424,23 +467,37 @@ def sql_progress(engine: Any, model: dict[str, dict[str, Any]]) -> dict[str, Any
             behind += 1
         elif row.status == "pending":
             unfinished += 1
-    return {"behind": behind, "unfinished": unfinished, "sent_rows": sent,
-            "pending": sum(r.status == "pending" for r in rows)}
+    return {
+        "behind": behind,
+        "unfinished": unfinished,
+        "sent_rows": sent,
+        "pending": sum(r.status == "pending" for r in rows),
+    }
 
 
 def read_ledger(engine: Any) -> dict[str, Any]:
     import sqlalchemy as sa
 
     with engine.connect() as conn:
-        rows = conn.execute(sa.text(
-            "select id, provider_request_id, status, est_tokens, billed_tokens, rows from provider_requests"
-        )).all()
+        rows = conn.execute(
+            sa.text(
+                "select id, provider_request_id, status, est_tokens, billed_tokens, rows from provider_requests"
+            )
+        ).all()
         cached = conn.execute(sa.text("select count(*) from embedding_cache")).scalar_one()
-        docs = conn.execute(sa.text(
-            "select doc_id, version, op, status, attempts, last_error from documents where collection = :c"
-        ), {"c": COLLECTION}).all()
+        docs = conn.execute(
+            sa.text(
+                "select doc_id, version, op, status, attempts, last_error from documents where collection = :c"
+            ),
+            {"c": COLLECTION},
+        ).all()
         rejected = conn.execute(sa.text("select count(*) from rejected_events")).scalar_one()
-    return {"requests": rows, "cached_texts": cached, "docs": {d.doc_id: d for d in docs}, "rejected": rejected}
+    return {
+        "requests": rows,
+        "cached_texts": cached,
+        "docs": {d.doc_id: d for d in docs},
+        "rejected": rejected,
+    }
 
 
 def read_points(qdrant_path: Path) -> list[dict[str, Any]]:
@@ -452,8 +509,9 @@ def read_points(qdrant_path: Path) -> list[dict[str, Any]]:
             return []
         points, offset = [], None
         while True:
-            batch, offset = client.scroll(COLLECTION, limit=512, offset=offset, with_payload=True,
-                                          with_vectors=True)
+            batch, offset = client.scroll(
+                COLLECTION, limit=512, offset=offset, with_payload=True, with_vectors=True
+            )
             for p in batch:
                 vector = p.vector.get("dense") if isinstance(p.vector, dict) else p.vector
                 points.append({"id": str(p.id), "payload": p.payload or {}, "vector": vector})
@@ -471,22 +529,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--events", type=int, default=5000, help="events to publish (default 5000)")
     p.add_argument("--docs", type=int, default=500, help="documents they touch (default 500)")
     p.add_argument("--seed", type=int, default=7, help="seed of events, kills and faults (default 7)")
-    p.add_argument("--kill-every-s", type=float, nargs=2, default=(2.0, 6.0), metavar=("MIN", "MAX"),
-                   help="SIGKILL the worker MIN-MAX s (uniform, seeded) after it is ready (default 2 6)")
-    p.add_argument("--min-kills", type=int, default=20,
-                   help="kill at least this often, even when the backlog is empty (default 20)")
-    p.add_argument("--publish-s", type=float, default=None,
-                   help="spread publishing over this long (default: 1.5 x --min-kills x the mean kill wait)")
+    p.add_argument(
+        "--kill-every-s",
+        type=float,
+        nargs=2,
+        default=(2.0, 6.0),
+        metavar=("MIN", "MAX"),
+        help="SIGKILL the worker MIN-MAX s (uniform, seeded) after it is ready (default 2 6)",
+    )
+    p.add_argument(
+        "--min-kills",
+        type=int,
+        default=20,
+        help="kill at least this often, even when the backlog is empty (default 20)",
+    )
+    p.add_argument(
+        "--publish-s",
+        type=float,
+        default=None,
+        help="spread publishing over this long (default: 1.5 x --min-kills x the mean kill wait)",
+    )
     p.add_argument("--error-rate", type=float, default=0.10, help="emulator 5xx share (default 0.10)")
     p.add_argument("--throttle-rate", type=float, default=0.05, help="emulator 429 share (default 0.05)")
     p.add_argument("--latency-ms", type=float, default=5.0, help="emulator latency (default 5)")
     p.add_argument("--no-redis-restart", action="store_true", help="do not restart Redis mid-run")
-    p.add_argument("--quiesce-timeout-s", type=float, default=150.0,
-                   help="give up waiting for quiescence after this long; the checker runs anyway "
-                   "(default 150: ledger rows of a killed call stay `sent` for 2 x request timeout + 60 s)")
-    p.add_argument("--postgres-url", default=os.environ.get(
-        "SIDECAR_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"),
-        help="server URL; a fresh database is created on it and dropped afterwards")
+    p.add_argument(
+        "--quiesce-timeout-s",
+        type=float,
+        default=150.0,
+        help="give up waiting for quiescence after this long; the checker runs anyway "
+        "(default 150: ledger rows of a killed call stay `sent` for 2 x request timeout + 60 s)",
+    )
+    p.add_argument(
+        "--postgres-url",
+        default=os.environ.get(
+            "SIDECAR_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+        ),
+        help="server URL; a fresh database is created on it and dropped afterwards",
+    )
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, AOF, Qdrant files)")
     return p
 
@@ -494,7 +574,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     lo, hi = args.kill_every_s
-    publish_s = args.publish_s if args.publish_s is not None else max(5.0, args.min_kills * (lo + hi) / 2 * 1.5)
+    publish_s = (
+        args.publish_s if args.publish_s is not None else max(5.0, args.min_kills * (lo + hi) / 2 * 1.5)
+    )
     tmp = Path(tempfile.mkdtemp(prefix="sidecar-chaos-"))
     print(f"chaos: temp dir {tmp}", flush=True)
     try:
@@ -509,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, tmp: Path, database_url: str, publish_s: float) -> dict[str, Any]:
-    from worker import db
+    from worker.sql import engines
 
     started = time.monotonic()
     rng = random.Random(args.seed)
@@ -519,10 +601,15 @@ def run(args: argparse.Namespace, tmp: Path, database_url: str, publish_s: float
     sends = messages(events, args.seed)
 
     redis_server = RedisServer(tmp / "redis")
-    emulator = EmulatorProcess(tmp / "emulator.log", error_rate=args.error_rate,
-                               throttle_rate=args.throttle_rate, latency_ms=args.latency_ms, seed=args.seed)
+    emulator = EmulatorProcess(
+        tmp / "emulator.log",
+        error_rate=args.error_rate,
+        throttle_rate=args.throttle_rate,
+        latency_ms=args.latency_ms,
+        seed=args.seed,
+    )
     worker: Worker | None = None
-    engine = db.make_engine(database_url)
+    engine = engines.make_engine(database_url)
     try:
         env = clean_env(
             SIDECAR_DATA_DIR=str(tmp / "data"),
@@ -542,8 +629,9 @@ def run(args: argparse.Namespace, tmp: Path, database_url: str, publish_s: float
             # A killed worker's unacked messages come back after this (ingest takes milliseconds).
             SIDECAR_BROKER_VISIBILITY_TIMEOUT_S=str(VISIBILITY_TIMEOUT_S),
         )
-        migrated = subprocess.run([sys.executable, "-m", "api.cli", "migrate"], env=env, cwd=ROOT,
-                                  capture_output=True, text=True)
+        migrated = subprocess.run(
+            [sys.executable, "-m", "api.cli", "migrate"], env=env, cwd=ROOT, capture_output=True, text=True
+        )
         if migrated.returncode != 0:
             raise RuntimeError(f"sidecar migrate failed: {migrated.stderr[-2000:]}")
 
@@ -551,8 +639,11 @@ def run(args: argparse.Namespace, tmp: Path, database_url: str, publish_s: float
         worker.start()
         publisher = Publisher(redis_server.url, sends, publish_s)
         publisher.start()
-        print(f"chaos: {len(events)} events in {len(sends)} messages over {publish_s:.0f}s; "
-              f"{len(model)} documents in the model", flush=True)
+        print(
+            f"chaos: {len(events)} events in {len(sends)} messages over {publish_s:.0f}s; "
+            f"{len(model)} documents in the model",
+            flush=True,
+        )
 
         # Each incarnation runs `uptime_s` (2-6 s) after it is ready, then gets SIGKILL: counting
         # from readiness, not from the start, so that every kill lands on a worker doing work.
@@ -593,9 +684,11 @@ def run(args: argparse.Namespace, tmp: Path, database_url: str, publish_s: float
                 worker.start()
                 uptime_s = rng.uniform(lo, hi)
                 if kills % 5 == 0:
-                    print(f"chaos: {kills} kills, {publisher.sent}/{len(sends)} messages published, "
-                          f"{progress['behind']} docs behind, {progress['unfinished']} unfinished",
-                          flush=True)
+                    print(
+                        f"chaos: {kills} kills, {publisher.sent}/{len(sends)} messages published, "
+                        f"{progress['behind']} docs behind, {progress['unfinished']} unfinished",
+                        flush=True,
+                    )
             time.sleep(0.05)
         kill_phase_s = time.monotonic() - started
         print(f"chaos: kills over after {kills} kills; waiting for quiescence", flush=True)
@@ -606,11 +699,11 @@ def run(args: argparse.Namespace, tmp: Path, database_url: str, publish_s: float
         bill = emulator.client.get("/_emulator/bill").raise_for_status().json()
         ledger = read_ledger(engine)
         # Then the audit a user runs: `sidecar bill` matches unknown-outcome rows to the bill.
-        from worker import billing
+        from worker.ledger import billing
 
-        with db.make_sessionmaker(engine)() as session, session.begin():
+        with engines.make_sessionmaker(engine)() as session, session.begin():
             billing.reconcile(session, bill["requests"], apply=True)
-        with db.make_sessionmaker(engine)() as session:
+        with engines.make_sessionmaker(engine)() as session:
             audit = billing.reconcile(session, bill["requests"])
         points = read_points(tmp / "qdrant")
     finally:
@@ -620,22 +713,32 @@ def run(args: argparse.Namespace, tmp: Path, database_url: str, publish_s: float
         redis_server.stop()
         engine.dispose()
     result = judge(model, events, points, ledger, bill, unacked)
-    result.update(deliveries(tmp / "worker.log", publisher.published, unacked, kill_times,
-                             redis_restart_at, started))
     result.update(
-        bill_reconciled=audit.balanced, ledger_tokens_after_bill=audit.ledger_tokens,
+        deliveries(tmp / "worker.log", publisher.published, unacked, kill_times, redis_restart_at, started)
+    )
+    result.update(
+        bill_reconciled=audit.balanced,
+        ledger_tokens_after_bill=audit.ledger_tokens,
         bill_ids_in_ledger_after_bill=audit.matched_by_id,
-        kills=kills, redis_restarts=redis_server.restarts, worker_crashes=worker.crashes,
-        publish_retries=publisher.retries, messages=len(sends), quiesced=quiesce["quiesced"],
-        quiesce_waiting_for=quiesce["waiting_for"], kill_phase_s=round(kill_phase_s, 1),
-        duration_s=round(time.monotonic() - started, 1), seed=args.seed,
-        last_kill_s=round(last_kill - started, 1), temp_dir=str(tmp) if args.keep else None,
+        kills=kills,
+        redis_restarts=redis_server.restarts,
+        worker_crashes=worker.crashes,
+        publish_retries=publisher.retries,
+        messages=len(sends),
+        quiesced=quiesce["quiesced"],
+        quiesce_waiting_for=quiesce["waiting_for"],
+        kill_phase_s=round(kill_phase_s, 1),
+        duration_s=round(time.monotonic() - started, 1),
+        seed=args.seed,
+        last_kill_s=round(last_kill - started, 1),
+        temp_dir=str(tmp) if args.keep else None,
     )
     return result
 
 
-def wait_quiescent(engine: Any, model: dict[str, dict[str, Any]], redis_server: RedisServer,
-                   worker: Worker, timeout_s: float) -> dict[str, Any]:
+def wait_quiescent(
+    engine: Any, model: dict[str, dict[str, Any]], redis_server: RedisServer, worker: Worker, timeout_s: float
+) -> dict[str, Any]:
     """Poll until SQL holds the model, no ledger row is `sent`, the queue is empty and the
     reconciler had two rounds since the last restart; gives up after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
@@ -646,14 +749,21 @@ def wait_quiescent(engine: Any, model: dict[str, dict[str, Any]], redis_server: 
             worker.start()
         progress = sql_progress(engine, model)
         queued, _ = redis_server.queue_state()
-        waiting = [name for name, busy in (
-            ("documents behind the model", progress["behind"]),
-            ("documents pending", progress["unfinished"]),
-            ("ledger rows sent", progress["sent_rows"]),
-            ("broker queue", queued),
-            ("reconciler rounds", not worker.ready()
-             or time.monotonic() - (worker.ready_at or 0.0) < 2 * RECONCILE_INTERVAL_S + 1),
-        ) if busy]
+        waiting = [
+            name
+            for name, busy in (
+                ("documents behind the model", progress["behind"]),
+                ("documents pending", progress["unfinished"]),
+                ("ledger rows sent", progress["sent_rows"]),
+                ("broker queue", queued),
+                (
+                    "reconciler rounds",
+                    not worker.ready()
+                    or time.monotonic() - (worker.ready_at or 0.0) < 2 * RECONCILE_INTERVAL_S + 1,
+                ),
+            )
+            if busy
+        ]
         if not waiting:
             return {"quiesced": True, "waiting_for": []}
         time.sleep(0.5)
@@ -661,8 +771,14 @@ def wait_quiescent(engine: Any, model: dict[str, dict[str, Any]], redis_server: 
     return {"quiesced": False, "waiting_for": waiting, **progress}
 
 
-def judge(model: dict[str, dict[str, Any]], events: list[dict[str, Any]], points: list[dict[str, Any]],
-          ledger: dict[str, Any], bill: dict[str, Any], unacked: list[dict[str, Any]]) -> dict[str, Any]:
+def judge(
+    model: dict[str, dict[str, Any]],
+    events: list[dict[str, Any]],
+    points: list[dict[str, Any]],
+    ledger: dict[str, Any],
+    bill: dict[str, Any],
+    unacked: list[dict[str, Any]],
+) -> dict[str, Any]:
     import numpy as np
 
     from api.emulator import expected_vector
@@ -690,18 +806,28 @@ def judge(model: dict[str, dict[str, Any]], events: list[dict[str, Any]], points
     succeeded = {r.provider_request_id: r for r in requests if r.status == "succeeded"}
     bill_rows = bill["requests"]
     unmatched = [b for b in bill_rows if b["request_id"] not in succeeded]
-    mismatched = sum(1 for b in bill_rows if b["request_id"] in succeeded
-                     and succeeded[b["request_id"]].billed_tokens != b["tokens"])
+    mismatched = sum(
+        1
+        for b in bill_rows
+        if b["request_id"] in succeeded and succeeded[b["request_id"]].billed_tokens != b["tokens"]
+    )
     not_on_bill = sum(1 for rid in succeeded if rid not in {b["request_id"] for b in bill_rows})
     bill_tokens = int(bill["total_tokens"])
     minimum = math.ceil(ledger["cached_texts"] / MAX_ROWS)
-    unacked_events = [e for m in unacked for e in
-                      (m.get("args") if isinstance(m.get("args"), list) else [m.get("args")]) if isinstance(e, dict)]
+    unacked_events = [
+        e
+        for m in unacked
+        for e in (m.get("args") if isinstance(m.get("args"), list) else [m.get("args")])
+        if isinstance(e, dict)
+    ]
     unacked_docs = sorted({e["doc_id"] for e in unacked_events})
     # Failing documents whose model event still sits in a message delivered to a killed worker.
     failing = set(verdict.lost) | set(verdict.stale) | set(verdict.resurrected)
-    stranded = sorted(d for d in failing if any(
-        e.get("doc_id") == d and e.get("version") == model[d]["version"] for e in unacked_events))
+    stranded = sorted(
+        d
+        for d in failing
+        if any(e.get("doc_id") == d and e.get("version") == model[d]["version"] for e in unacked_events)
+    )
 
     result: dict[str, Any] = {
         "ok": False,
@@ -738,8 +864,13 @@ def judge(model: dict[str, dict[str, Any]], events: list[dict[str, Any]], points
             "stale": verdict.stale[:5],
             "resurrected": verdict.resurrected[:5],
             "dead": {d: (docs[d].last_error or "")[:200] for d in dead[:5]},
-            "behind": {d: {"model_version": model[d]["version"],
-                           "sql_version": docs[d].version if d in docs else None} for d in behind[:5]},
+            "behind": {
+                d: {
+                    "model_version": model[d]["version"],
+                    "sql_version": docs[d].version if d in docs else None,
+                }
+                for d in behind[:5]
+            },
             "unacked_docs": unacked_docs[:5],
             "stranded": stranded[:10],
         },
@@ -748,8 +879,14 @@ def judge(model: dict[str, dict[str, Any]], events: list[dict[str, Any]], points
     return result
 
 
-def deliveries(log_path: Path, published: list[tuple[str, float]], unacked: list[dict[str, Any]],
-               kill_times: list[float], redis_restart_at: float | None, started: float) -> dict[str, Any]:
+def deliveries(
+    log_path: Path,
+    published: list[tuple[str, float]],
+    unacked: list[dict[str, Any]],
+    kill_times: list[float],
+    redis_restart_at: float | None,
+    started: float,
+) -> dict[str, Any]:
     """Which published messages a worker never logged as received (gone from the broker), and
     which it received but never finished (they sit in kombu's `unacked` hash), with their publish
     time next to the nearest kill and the Redis restart (seconds since the start)."""
@@ -762,9 +899,11 @@ def deliveries(log_path: Path, published: list[tuple[str, float]], unacked: list
 
     def when(at: float) -> dict[str, Any]:
         nearest = min(kill_times, key=lambda k: abs(k - at), default=None)
-        return {"published_s": round(at - started, 2),
-                "nearest_kill_s": None if nearest is None else round(nearest - started, 2),
-                "redis_restart_s": None if redis_restart_at is None else round(redis_restart_at - started, 2)}
+        return {
+            "published_s": round(at - started, 2),
+            "nearest_kill_s": None if nearest is None else round(nearest - started, 2),
+            "redis_restart_s": None if redis_restart_at is None else round(redis_restart_at - started, 2),
+        }
 
     never = [(tid, at) for tid, at in published if tid not in received]
     unfinished = [tid for tid, _ in published if tid in received and tid not in finished]
@@ -791,18 +930,25 @@ def render(r: dict[str, Any]) -> str:
         ("SQL behind model", r["sql_behind_model"]),
         ("broker unacked msgs / docs", f"{r['broker_unacked_messages']} / {r['broker_unacked_docs']}"),
         ("msgs never received", r["messages_never_received"]),
-        ("msgs received, unfinished", f"{r['messages_received_not_finished']} "
-                                      f"({r['messages_unfinished_in_unacked']} in unacked)"),
+        (
+            "msgs received, unfinished",
+            f"{r['messages_received_not_finished']} ({r['messages_unfinished_in_unacked']} in unacked)",
+        ),
         ("failing docs stranded", r["failing_docs_stranded_in_broker"]),
         ("ledger rows", " ".join(f"{k}={v}" for k, v in r["ledger_rows"].items())),
         ("ledger tokens", r["ledger_tokens"]),
         ("bill tokens", r["bill_tokens"]),
         ("unaccounted tokens", r["unaccounted_tokens"]),
         ("unknown-row estimates", r["unknown_estimate_tokens"]),
-        ("bill ids in ledger", f"{r['bill_ids_in_ledger']}/{r['bill_requests']} "
-                               f"({r['bill_tokens_not_in_ledger']} tokens not)"),
-        ("after `sidecar bill`", f"balanced={r['bill_reconciled']} ledger tokens {r['ledger_tokens_after_bill']}, "
-                                 f"bill ids in ledger {r['bill_ids_in_ledger_after_bill']}/{r['bill_requests']}"),
+        (
+            "bill ids in ledger",
+            f"{r['bill_ids_in_ledger']}/{r['bill_requests']} ({r['bill_tokens_not_in_ledger']} tokens not)",
+        ),
+        (
+            "after `sidecar bill`",
+            f"balanced={r['bill_reconciled']} ledger tokens {r['ledger_tokens_after_bill']}, "
+            f"bill ids in ledger {r['bill_ids_in_ledger_after_bill']}/{r['bill_requests']}",
+        ),
         ("extra provider calls", r["extra_provider_calls"]),
         ("duration", f"{r['duration_s']}s"),
         ("ok", r["ok"]),

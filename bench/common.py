@@ -38,8 +38,9 @@ def clean_env(**values: str | None) -> dict[str, str]:
 def start_process(argv: Sequence[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
     """Start `python argv...` with its output in `log_path` (the repository root as cwd)."""
     with open(log_path, "wb") as log_file:
-        return subprocess.Popen([sys.executable, *argv], env=env, cwd=ROOT, stdout=log_file,
-                                stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, *argv], env=env, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT
+        )
 
 
 def stop_process(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
@@ -53,8 +54,14 @@ def stop_process(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
             proc.wait()
 
 
-def wait_for(condition: Callable[[], T], *, timeout_s: float, what: str,
-             procs: Sequence[tuple[subprocess.Popen, Path]] = (), interval_s: float = 0.1) -> T:
+def wait_for(
+    condition: Callable[[], T],
+    *,
+    timeout_s: float,
+    what: str,
+    procs: Sequence[tuple[subprocess.Popen, Path]] = (),
+    interval_s: float = 0.1,
+) -> T:
     """Poll `condition` until it returns something truthy; fail early if a child exits."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -63,8 +70,10 @@ def wait_for(condition: Callable[[], T], *, timeout_s: float, what: str,
             return value
         for proc, log_path in procs:
             if proc.poll() is not None:
-                raise RuntimeError(f"{' '.join(map(str, proc.args[1:4]))} exited ({proc.returncode}) "
-                                   f"while waiting for {what}; last log lines:\n{tail(log_path)}")
+                raise RuntimeError(
+                    f"{' '.join(map(str, proc.args[1:4]))} exited ({proc.returncode}) "
+                    f"while waiting for {what}; last log lines:\n{tail(log_path)}"
+                )
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
         time.sleep(interval_s)
@@ -187,8 +196,12 @@ class EmulatorProcess:
                 return False
 
         try:
-            wait_for(answers, timeout_s=start_timeout_s, what=f"the emulator on {self.url}",
-                     procs=[(self.proc, log_path)])
+            wait_for(
+                answers,
+                timeout_s=start_timeout_s,
+                what=f"the emulator on {self.url}",
+                procs=[(self.proc, log_path)],
+            )
         except BaseException:
             self.stop()
             raise

@@ -369,9 +369,7 @@ def long_document(rng: random.Random, count_tokens) -> tuple[str, str]:
         topic = rng.choice(list(TITLES["en"]))
         fill = slots(rng, "en")
         heading = f"Section {section}. " + TITLES["en"][topic].format(**fill)
-        paras = [
-            paragraph(rng, "en", topic, rng.randint(3, 6), fill) for _ in range(rng.randint(2, 4))
-        ]
+        paras = [paragraph(rng, "en", topic, rng.randint(3, 6), fill) for _ in range(rng.randint(2, 4))]
         text = "\n\n".join([heading, *paras])
         parts.append(text)
         tokens += count_tokens(text) + 1
@@ -403,16 +401,23 @@ def events(count_tokens) -> list[dict]:
             _, fresh = document(rng, lang, topic, rng.randint(1, 3))
             text = "\n\n".join([UPDATE_NOTES[lang], d["text"], fresh.split("\n\n", 1)[1]])
         meta = {**d["metadata"], "revised": True}
-        out.append({"op": "upsert", "collection": COLLECTION, "version": 2, "doc_id": d["doc_id"],
-                    "text": text, "metadata": meta})
+        out.append(
+            {
+                "op": "upsert",
+                "collection": COLLECTION,
+                "version": 2,
+                "doc_id": d["doc_id"],
+                "text": text,
+                "metadata": meta,
+            }
+        )
     updated_ids = {d["doc_id"] for d in updated}
     # Most deletes hit untouched documents; a few remove a document that was just updated.
     deleted = rng.sample([d for d in docs if d["doc_id"] not in updated_ids], DELETES - 3)
     deleted += rng.sample(updated, 3)
     for d in deleted:
         version = 3 if d["doc_id"] in updated_ids else 2
-        out.append({"op": "delete", "collection": COLLECTION, "version": version,
-                    "doc_id": d["doc_id"]})
+        out.append({"op": "delete", "collection": COLLECTION, "version": version, "doc_id": d["doc_id"]})
     return out
 
 

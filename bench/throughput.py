@@ -35,8 +35,8 @@ from typing import Any
 
 from bench.common import (
     EmulatorProcess,
-    exclusive,
     clean_env,
+    exclusive,
     flush_redis,
     max_window,
     percentile,
@@ -65,16 +65,7 @@ UNLIMITED_TPM = 10_000_000_000
 # longer notes. About 38 tokens per event on average, so at 600 rpm × 10 rows and 300k tpm the
 # request limit binds (6,000 rows/min) with the token limit three quarters used.
 SIZE_MIX = ((0.65, 6, 28), (0.28, 28, 78), (0.07, 78, 190))
-WORDS = (
-    "order shipping return refund invoice customer account password delivery warehouse parcel "
-    "tracking address payment card discount coupon subscription renewal cancel upgrade support "
-    "ticket agent reply question answer product size colour stock price tax receipt weekend "
-    "morning evening coffee kettle lamp backpack speaker battery charger cable screen keyboard "
-    "garden kitchen recipe lentil soup bread oven minutes salt pepper lemon garlic onion tomato "
-    "travel train station ticket museum river bridge harbour market street hotel breakfast map "
-    "search vector index cluster latency memory storage backup restore deploy release version "
-    "report meeting budget quarter growth team project deadline review draft summary note"
-).split()
+WORDS = ["order", "shipping", "return", "refund", "invoice", "customer", "account", "password", "delivery", "warehouse", "parcel", "tracking", "address", "payment", "card", "discount", "coupon", "subscription", "renewal", "cancel", "upgrade", "support", "ticket", "agent", "reply", "question", "answer", "product", "size", "colour", "stock", "price", "tax", "receipt", "weekend", "morning", "evening", "coffee", "kettle", "lamp", "backpack", "speaker", "battery", "charger", "cable", "screen", "keyboard", "garden", "kitchen", "recipe", "lentil", "soup", "bread", "oven", "minutes", "salt", "pepper", "lemon", "garlic", "onion", "tomato", "travel", "train", "station", "ticket", "museum", "river", "bridge", "harbour", "market", "street", "hotel", "breakfast", "map", "search", "vector", "index", "cluster", "latency", "memory", "storage", "backup", "restore", "deploy", "release", "version", "report", "meeting", "budget", "quarter", "growth", "team", "project", "deadline", "review", "draft", "summary", "note"]
 
 
 @dataclass(frozen=True)
@@ -100,8 +91,13 @@ def make_events(count: int, *, seed: int = 7, prefix: str = "doc") -> list[Bench
 
 
 def as_message(event: BenchEvent) -> dict[str, Any]:
-    return {"op": "upsert", "doc_id": event.doc_id, "collection": COLLECTION, "version": 1,
-            "text": event.text}
+    return {
+        "op": "upsert",
+        "doc_id": event.doc_id,
+        "collection": COLLECTION,
+        "version": 1,
+        "text": event.text,
+    }
 
 
 def publish(broker_url: str, events: list[BenchEvent]) -> dict[str, float]:
@@ -152,8 +148,9 @@ class RunResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def worker_env(svc: Services, database_url: str, index: int, *, rpm: int, tpm: int, shared_limiter: bool,
-               **settings: str) -> dict[str, str]:
+def worker_env(
+    svc: Services, database_url: str, index: int, *, rpm: int, tpm: int, shared_limiter: bool, **settings: str
+) -> dict[str, str]:
     home = svc.workdir / f"worker-{index}"
     home.mkdir(parents=True, exist_ok=True)
     return clean_env(
@@ -174,9 +171,20 @@ def worker_env(svc: Services, database_url: str, index: int, *, rpm: int, tpm: i
     )
 
 
-def run_pipeline(svc: Services, events: list[BenchEvent], *, name: str, workers: int, embed_threads: int,
-                 rpm: int, tpm: int, shared_limiter: bool, timeout_s: float, run_for_s: float | None = None,
-                 settings: dict[str, str] | None = None) -> RunResult:
+def run_pipeline(
+    svc: Services,
+    events: list[BenchEvent],
+    *,
+    name: str,
+    workers: int,
+    embed_threads: int,
+    rpm: int,
+    tpm: int,
+    shared_limiter: bool,
+    timeout_s: float,
+    run_for_s: float | None = None,
+    settings: dict[str, str] | None = None,
+) -> RunResult:
     """Workers up, events published, wait until every doc is indexed (or `run_for_s` passed),
     workers stopped; then the emulator's log, the ledger and each worker's Qdrant are read."""
     import sqlalchemy as sa
@@ -192,17 +200,32 @@ def run_pipeline(svc: Services, events: list[BenchEvent], *, name: str, workers:
 
         procs = []
         for i in range(workers):
-            env = worker_env(svc, database_url, i, rpm=rpm, tpm=tpm, shared_limiter=shared_limiter,
-                             **(settings or {}))
+            env = worker_env(
+                svc, database_url, i, rpm=rpm, tpm=tpm, shared_limiter=shared_limiter, **(settings or {})
+            )
             env["SIDECAR_QDRANT_PATH"] = str(svc.workdir / f"{name}-qdrant-{i}")
             log_path = svc.workdir / f"{name}-worker-{i}.log"
-            argv = ["-m", "api.cli", "worker", "--pool", "threads", "--embed-threads", str(embed_threads),
-                    "--loglevel", "INFO"]
+            argv = [
+                "-m",
+                "api.cli",
+                "worker",
+                "--pool",
+                "threads",
+                "--embed-threads",
+                str(embed_threads),
+                "--loglevel",
+                "INFO",
+            ]
             procs.append((start_process(argv, env, log_path), log_path))
         engine = sa.create_engine(database_url)
         try:
-            wait_for(lambda: all("embed.started" in tail(p, 10**7) for _, p in procs), timeout_s=60,
-                     what=f"{workers} workers ready", procs=procs, interval_s=0.2)
+            wait_for(
+                lambda: all("embed.started" in tail(p, 10**7) for _, p in procs),
+                timeout_s=60,
+                what=f"{workers} workers ready",
+                procs=procs,
+                interval_s=0.2,
+            )
             ready = [proc_usage(proc.pid) for proc, _ in procs]
 
             started = time.time()
@@ -211,15 +234,21 @@ def run_pipeline(svc: Services, events: list[BenchEvent], *, name: str, workers:
 
             def settled() -> dict[str, int] | None:
                 with engine.connect() as conn:
-                    counts = dict(conn.execute(sa.text(
-                        "select status, count(*) from documents group by status")).all())
+                    counts = dict(
+                        conn.execute(sa.text("select status, count(*) from documents group by status")).all()
+                    )
                 progress.show(counts)
                 done = counts.get("indexed", 0) + counts.get("dead", 0) >= len(events)
                 over = run_for_s is not None and time.time() - started >= run_for_s
                 return counts if done or over else None
 
-            counts = wait_for(settled, timeout_s=timeout_s, what=f"{len(events)} documents indexed",
-                              procs=procs, interval_s=0.25)
+            counts = wait_for(
+                settled,
+                timeout_s=timeout_s,
+                what=f"{len(events)} documents indexed",
+                procs=procs,
+                interval_s=0.25,
+            )
             finished = time.time()
             progress.close()
             drained = counts.get("indexed", 0) + counts.get("dead", 0) >= len(events)
@@ -229,17 +258,31 @@ def run_pipeline(svc: Services, events: list[BenchEvent], *, name: str, workers:
                 stop_process(proc, grace_s=30.0 if run_for_s is None else 3.0)
             engine.dispose()
         with sa.create_engine(database_url).connect() as conn:
-            ledger = conn.execute(sa.text(
-                "select count(*) filter (where status = 'succeeded') as succeeded, "
-                "count(*) filter (where status <> 'succeeded') as failed, "
-                "coalesce(sum(rows) filter (where status = 'succeeded'), 0) as rows, "
-                "coalesce(sum(billed_tokens), 0) as tokens from provider_requests")).mappings().one()
+            ledger = (
+                conn.execute(
+                    sa.text(
+                        "select count(*) filter (where status = 'succeeded') as succeeded, "
+                        "count(*) filter (where status <> 'succeeded') as failed, "
+                        "coalesce(sum(rows) filter (where status = 'succeeded'), 0) as rows, "
+                        "coalesce(sum(billed_tokens), 0) as tokens from provider_requests"
+                    )
+                )
+                .mappings()
+                .one()
+            )
     log = svc.emulator.log()
     return RunResult(
-        events=len(events), drained=drained, indexed=counts.get("indexed", 0), dead=counts.get("dead", 0),
-        published_at=started, finished_at=finished, log=log, ledger=dict(ledger),
+        events=len(events),
+        drained=drained,
+        indexed=counts.get("indexed", 0),
+        dead=counts.get("dead", 0),
+        published_at=started,
+        finished_at=finished,
+        log=log,
+        ledger=dict(ledger),
         searchable_at=read_searchable([svc.workdir / f"{name}-qdrant-{i}" for i in range(workers)])
-        if run_for_s is None else {},
+        if run_for_s is None
+        else {},
         publish_times=publish_times,
         worker_cpu_s=sum(e.cpu_s - r.cpu_s for e, r in zip(end, ready)),
         startup_cpu_s=sum(r.cpu_s for r in ready),
@@ -261,8 +304,10 @@ class Progress:
         if now - self.last < (0.5 if self.tty else 5.0):
             return
         self.last = now
-        line = (f"{self.name:<9} {now - self.started:6.1f}s  indexed {counts.get('indexed', 0):>6}/{self.total}"
-                f"  pending {counts.get('pending', 0):>6}  dead {counts.get('dead', 0)}")
+        line = (
+            f"{self.name:<9} {now - self.started:6.1f}s  indexed {counts.get('indexed', 0):>6}/{self.total}"
+            f"  pending {counts.get('pending', 0):>6}  dead {counts.get('dead', 0)}"
+        )
         print("\r" + line if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
 
     def close(self) -> None:
@@ -284,8 +329,13 @@ def read_searchable(paths: list[Path]) -> dict[str, float]:
                 continue
             offset = None
             while True:
-                points, offset = client.scroll(COLLECTION, limit=2048, offset=offset, with_vectors=False,
-                                               with_payload=["doc_id", "embedded_at"])
+                points, offset = client.scroll(
+                    COLLECTION,
+                    limit=2048,
+                    offset=offset,
+                    with_vectors=False,
+                    with_payload=["doc_id", "embedded_at"],
+                )
                 for point in points:
                     payload = point.payload or {}
                     if "embedded_at" in payload:
@@ -361,6 +411,7 @@ def rounded(values: dict[str, Any]) -> dict[str, Any]:
 
 def table(rows: list[tuple[str, Any, str]]) -> str:
     """Aligned `figure  value  target` lines."""
+
     def fmt(v: Any) -> str:
         if isinstance(v, bool):
             return "yes" if v else "no"
@@ -389,47 +440,100 @@ def limits_mode(args: argparse.Namespace, svc: Services) -> dict[str, Any]:
     expected_s = args.events / ceiling * 60
     timeout_s = args.timeout_s or 3 * expected_s + 120
 
-    print(f"limits: {args.events} events (mean {mean_tokens:.1f} tokens), ceiling {ceiling:,.0f} rows/min, "
-          f"about {expected_s:.0f}s of embedding; {args.workers} workers", file=sys.stderr)
-    run = run_pipeline(svc, events, name="pipeline", workers=args.workers, embed_threads=args.embed_threads,
-                       rpm=args.rpm, tpm=args.tpm, shared_limiter=True, timeout_s=timeout_s)
+    print(
+        f"limits: {args.events} events (mean {mean_tokens:.1f} tokens), ceiling {ceiling:,.0f} rows/min, "
+        f"about {expected_s:.0f}s of embedding; {args.workers} workers",
+        file=sys.stderr,
+    )
+    run = run_pipeline(
+        svc,
+        events,
+        name="pipeline",
+        workers=args.workers,
+        embed_threads=args.embed_threads,
+        rpm=args.rpm,
+        tpm=args.tpm,
+        shared_limiter=True,
+        timeout_s=timeout_s,
+    )
     figures = provider_figures(run, ceiling)
 
-    naive: dict[str, Any] = {"naive_utilization": None, "naive_achieved_rows_per_min": None,
-                             "naive_rate_limited_ratio": None, "naive_rows_per_request": None}
+    naive: dict[str, Any] = {
+        "naive_utilization": None,
+        "naive_achieved_rows_per_min": None,
+        "naive_rate_limited_ratio": None,
+        "naive_rows_per_request": None,
+    }
     if args.naive_s > 0:
         # Enough events that the naive path cannot drain them in --naive-s (one row per request).
         n = min(args.events, max(50, int(args.rpm * args.naive_s / 60 * 1.5)))
-        print(f"naive: {n} events for at most {args.naive_s:.0f}s, one document per request, "
-              "per-process limiters", file=sys.stderr)
+        print(
+            f"naive: {n} events for at most {args.naive_s:.0f}s, one document per request, "
+            "per-process limiters",
+            file=sys.stderr,
+        )
         base = make_events(n, prefix="naive")
         naive_run = run_pipeline(
-            svc, base, name="naive", workers=args.workers, embed_threads=args.embed_threads, rpm=args.rpm,
-            tpm=args.tpm, shared_limiter=False, timeout_s=args.naive_s + 60, run_for_s=args.naive_s,
+            svc,
+            base,
+            name="naive",
+            workers=args.workers,
+            embed_threads=args.embed_threads,
+            rpm=args.rpm,
+            tpm=args.tpm,
+            shared_limiter=False,
+            timeout_s=args.naive_s + 60,
+            run_for_s=args.naive_s,
             settings={"SIDECAR_CLAIM_DOCS": "1", "SIDECAR_BATCH_MAX_DELAY_S": "0"},
         )
         nf = provider_figures(naive_run, ceiling)
-        naive = {"naive_utilization": nf["utilization"], "naive_achieved_rows_per_min": nf["achieved_rows_per_min"],
-                 "naive_rate_limited_ratio": nf["rate_limited_ratio"], "naive_rows_per_request": nf["rows_per_request"],
-                 "naive_events": n, "naive_drained": naive_run.drained}
+        naive = {
+            "naive_utilization": nf["utilization"],
+            "naive_achieved_rows_per_min": nf["achieved_rows_per_min"],
+            "naive_rate_limited_ratio": nf["rate_limited_ratio"],
+            "naive_rows_per_request": nf["rows_per_request"],
+            "naive_events": n,
+            "naive_drained": naive_run.drained,
+        }
 
     lat = latency_figures(run)
     result = {
         "mode": "limits",
-        "events": args.events, "workers": args.workers, "embed_threads": args.embed_threads,
-        "rpm": args.rpm, "tpm": args.tpm, "latency_ms": args.latency_ms, "max_rows": max_rows,
+        "events": args.events,
+        "workers": args.workers,
+        "embed_threads": args.embed_threads,
+        "rpm": args.rpm,
+        "tpm": args.tpm,
+        "latency_ms": args.latency_ms,
+        "max_rows": max_rows,
         "mean_tokens_per_row": mean_tokens,
         "ceiling_rows_per_min": ceiling,
-        **{k: figures[k] for k in ("achieved_rows_per_min", "utilization", "rate_limited_ratio",
-                                   "rows_per_request", "max_window_rpm", "max_window_tpm")},
-        "latency_p50_s": lat["latency_p50_s"], "latency_p99_s": lat["latency_p99_s"],
+        **{
+            k: figures[k]
+            for k in (
+                "achieved_rows_per_min",
+                "utilization",
+                "rate_limited_ratio",
+                "rows_per_request",
+                "max_window_rpm",
+                "max_window_tpm",
+            )
+        },
+        "latency_p50_s": lat["latency_p50_s"],
+        "latency_p99_s": lat["latency_p99_s"],
         "cpu_s_per_1k_events": run.worker_cpu_s / args.events * 1000,
         "peak_rss_mb": run.peak_rss_mb,
         **naive,
-        "requests": figures["requests"], "accepted_requests": figures["accepted_requests"],
-        "rows": figures["rows"], "tokens": figures["tokens"], "provider_span_s": figures["provider_span_s"],
-        "indexed": run.indexed, "dead": run.dead, "searchable_docs": lat["searchable_docs"],
-        "ledger_rows": run.ledger["rows"], "ledger_failed": run.ledger["failed"],
+        "requests": figures["requests"],
+        "accepted_requests": figures["accepted_requests"],
+        "rows": figures["rows"],
+        "tokens": figures["tokens"],
+        "provider_span_s": figures["provider_span_s"],
+        "indexed": run.indexed,
+        "dead": run.dead,
+        "searchable_docs": lat["searchable_docs"],
+        "ledger_rows": run.ledger["rows"],
+        "ledger_failed": run.ledger["failed"],
         "drain_s": run.finished_at - run.published_at,
         "shared_limiter_keys": run.limiter_keys,
         "emulator_cpu_s": svc.emulator.usage().cpu_s,
@@ -442,71 +546,140 @@ def limits_mode(args: argparse.Namespace, svc: Services) -> dict[str, Any]:
         "max_window_tpm": result["max_window_tpm"] <= args.tpm,
     }
     met = result["targets_met"]
-    print(table([
-        ("events (mixed sizes)", args.events, f"mean {mean_tokens:.1f} tokens, 1 row each"),
-        ("workers × embed threads", f"{args.workers} × {args.embed_threads}",
-         "shared limiter keys in Redis: " + str(run.limiter_keys)),
-        ("limits", f"{args.rpm} rpm, {args.tpm:,} tpm", f"{args.latency_ms:g} ms latency, {max_rows} rows/request max"),
-        ("ceiling rows/min", ceiling, "min(rpm × max rows, tpm ÷ mean tokens per row)"),
-        ("achieved rows/min", result["achieved_rows_per_min"], "emulator-accepted rows over first→last accepted request"),
-        ("utilization", result["utilization"], f"≥ 0.95  {'met' if met['utilization'] else 'MISSED'}"),
-        ("rate-limited ratio", result["rate_limited_ratio"], f"≤ 0.01  {'met' if met['rate_limited_ratio'] else 'MISSED'}"),
-        ("rows per request", result["rows_per_request"], f"≥ 9.5  {'met' if met['rows_per_request'] else 'MISSED'}"),
-        ("max 60 s window rpm", result["max_window_rpm"], f"≤ {args.rpm}  {'met' if met['max_window_rpm'] else 'MISSED'}"),
-        ("max 60 s window tpm", result["max_window_tpm"], f"≤ {args.tpm:,}  {'met' if met['max_window_tpm'] else 'MISSED'}"),
-        ("requests (accepted/all)", f"{figures['accepted_requests']}/{figures['requests']}", f"ledger failed {run.ledger['failed']}"),
-        ("indexed / searchable docs", f"{run.indexed}/{lat['searchable_docs']}", f"dead {run.dead}"),
-        ("latency p50 s", lat["latency_p50_s"], "published → embedded_at in Qdrant"),
-        ("latency p99 s", lat["latency_p99_s"], ""),
-        ("drain s", result["drain_s"], "first publish → all indexed in SQL"),
-        ("worker CPU s / 1k events", result["cpu_s_per_1k_events"], f"ready → stop; startup {run.startup_cpu_s:.1f}s extra"),
-        ("peak RSS MB", run.peak_rss_mb, "max VmHWM over worker processes"),
-        ("emulator CPU s", result["emulator_cpu_s"], "its own process, not counted above"),
-        ("naive utilization", naive["naive_utilization"], "1 doc per claim, per-process limiters, retry on 429"),
-        ("naive rate-limited ratio", naive["naive_rate_limited_ratio"], ""),
-        ("naive rows per request", naive["naive_rows_per_request"], ""),
-    ]))
+    print(
+        table(
+            [
+                ("events (mixed sizes)", args.events, f"mean {mean_tokens:.1f} tokens, 1 row each"),
+                (
+                    "workers × embed threads",
+                    f"{args.workers} × {args.embed_threads}",
+                    "shared limiter keys in Redis: " + str(run.limiter_keys),
+                ),
+                (
+                    "limits",
+                    f"{args.rpm} rpm, {args.tpm:,} tpm",
+                    f"{args.latency_ms:g} ms latency, {max_rows} rows/request max",
+                ),
+                ("ceiling rows/min", ceiling, "min(rpm × max rows, tpm ÷ mean tokens per row)"),
+                (
+                    "achieved rows/min",
+                    result["achieved_rows_per_min"],
+                    "emulator-accepted rows over first→last accepted request",
+                ),
+                (
+                    "utilization",
+                    result["utilization"],
+                    f"≥ 0.95  {'met' if met['utilization'] else 'MISSED'}",
+                ),
+                (
+                    "rate-limited ratio",
+                    result["rate_limited_ratio"],
+                    f"≤ 0.01  {'met' if met['rate_limited_ratio'] else 'MISSED'}",
+                ),
+                (
+                    "rows per request",
+                    result["rows_per_request"],
+                    f"≥ 9.5  {'met' if met['rows_per_request'] else 'MISSED'}",
+                ),
+                (
+                    "max 60 s window rpm",
+                    result["max_window_rpm"],
+                    f"≤ {args.rpm}  {'met' if met['max_window_rpm'] else 'MISSED'}",
+                ),
+                (
+                    "max 60 s window tpm",
+                    result["max_window_tpm"],
+                    f"≤ {args.tpm:,}  {'met' if met['max_window_tpm'] else 'MISSED'}",
+                ),
+                (
+                    "requests (accepted/all)",
+                    f"{figures['accepted_requests']}/{figures['requests']}",
+                    f"ledger failed {run.ledger['failed']}",
+                ),
+                ("indexed / searchable docs", f"{run.indexed}/{lat['searchable_docs']}", f"dead {run.dead}"),
+                ("latency p50 s", lat["latency_p50_s"], "published → embedded_at in Qdrant"),
+                ("latency p99 s", lat["latency_p99_s"], ""),
+                ("drain s", result["drain_s"], "first publish → all indexed in SQL"),
+                (
+                    "worker CPU s / 1k events",
+                    result["cpu_s_per_1k_events"],
+                    f"ready → stop; startup {run.startup_cpu_s:.1f}s extra",
+                ),
+                ("peak RSS MB", run.peak_rss_mb, "max VmHWM over worker processes"),
+                ("emulator CPU s", result["emulator_cpu_s"], "its own process, not counted above"),
+                (
+                    "naive utilization",
+                    naive["naive_utilization"],
+                    "1 doc per claim, per-process limiters, retry on 429",
+                ),
+                ("naive rate-limited ratio", naive["naive_rate_limited_ratio"], ""),
+                ("naive rows per request", naive["naive_rows_per_request"], ""),
+            ]
+        )
+    )
     return result
 
 
 def overhead_mode(args: argparse.Namespace, svc: Services) -> dict[str, Any]:
     events = make_events(args.events)
     print(f"overhead: {args.events} events, no limits or latency; {args.workers} workers", file=sys.stderr)
-    run = run_pipeline(svc, events, name="overhead", workers=args.workers, embed_threads=args.embed_threads,
-                       rpm=UNLIMITED_RPM, tpm=UNLIMITED_TPM, shared_limiter=True,
-                       timeout_s=args.timeout_s or 600)
+    run = run_pipeline(
+        svc,
+        events,
+        name="overhead",
+        workers=args.workers,
+        embed_threads=args.embed_threads,
+        rpm=UNLIMITED_RPM,
+        tpm=UNLIMITED_TPM,
+        shared_limiter=True,
+        timeout_s=args.timeout_s or 600,
+    )
     last = max(run.searchable_at.values()) if run.searchable_at else run.finished_at
     pipeline_rate = args.events / (last - run.published_at)
     figures = provider_figures(run, 0.0)
-    noop_rate, noop_cpu_s = noop_rate_per_s(svc, args.events, workers=args.workers, concurrency=args.concurrency)
+    noop_rate, noop_cpu_s = noop_rate_per_s(
+        svc, args.events, workers=args.workers, concurrency=args.concurrency
+    )
     lat = latency_figures(run)
     result = {
         "mode": "overhead",
-        "events": args.events, "workers": args.workers, "embed_threads": args.embed_threads,
+        "events": args.events,
+        "workers": args.workers,
+        "embed_threads": args.embed_threads,
         "events_per_s": pipeline_rate,
         "noop_tasks_per_s": noop_rate,
         "events_per_noop_task": pipeline_rate / noop_rate if noop_rate else None,
         "rows_per_request": figures["rows_per_request"],
-        "latency_p50_s": lat["latency_p50_s"], "latency_p99_s": lat["latency_p99_s"],
+        "latency_p50_s": lat["latency_p50_s"],
+        "latency_p99_s": lat["latency_p99_s"],
         "cpu_s_per_1k_events": run.worker_cpu_s / args.events * 1000,
         "noop_cpu_s_per_1k_tasks": noop_cpu_s / args.events * 1000,
         "peak_rss_mb": run.peak_rss_mb,
-        "indexed": run.indexed, "searchable_docs": lat["searchable_docs"],
+        "indexed": run.indexed,
+        "searchable_docs": lat["searchable_docs"],
         "emulator_cpu_s": svc.emulator.usage().cpu_s,
     }
-    print(table([
-        ("events", args.events, f"{args.workers} workers × {args.embed_threads} embed threads"),
-        ("pipeline events/s", pipeline_rate, "first publish → last embedded_at in Qdrant"),
-        ("bare Celery no-op tasks/s", noop_rate, f"{args.events} tasks, one per message, same pool"),
-        ("pipeline ÷ no-op", result["events_per_noop_task"], f"pipeline publishes {PUBLISH_BATCH} events per message"),
-        ("rows per request", figures["rows_per_request"], ""),
-        ("latency p50 s", lat["latency_p50_s"], "published → embedded_at in Qdrant"),
-        ("latency p99 s", lat["latency_p99_s"], ""),
-        ("worker CPU s / 1k events", result["cpu_s_per_1k_events"], "ready → stop"),
-        ("no-op CPU s / 1k tasks", result["noop_cpu_s_per_1k_tasks"], ""),
-        ("peak RSS MB", run.peak_rss_mb, "max VmHWM over worker processes"),
-        ("emulator CPU s", result["emulator_cpu_s"], "its own process"),
-    ]))
+    print(
+        table(
+            [
+                ("events", args.events, f"{args.workers} workers × {args.embed_threads} embed threads"),
+                ("pipeline events/s", pipeline_rate, "first publish → last embedded_at in Qdrant"),
+                ("bare Celery no-op tasks/s", noop_rate, f"{args.events} tasks, one per message, same pool"),
+                (
+                    "pipeline ÷ no-op",
+                    result["events_per_noop_task"],
+                    f"pipeline publishes {PUBLISH_BATCH} events per message",
+                ),
+                ("rows per request", figures["rows_per_request"], ""),
+                ("latency p50 s", lat["latency_p50_s"], "published → embedded_at in Qdrant"),
+                ("latency p99 s", lat["latency_p99_s"], ""),
+                ("worker CPU s / 1k events", result["cpu_s_per_1k_events"], "ready → stop"),
+                ("no-op CPU s / 1k tasks", result["noop_cpu_s_per_1k_tasks"], ""),
+                ("peak RSS MB", run.peak_rss_mb, "max VmHWM over worker processes"),
+                ("emulator CPU s", result["emulator_cpu_s"], "its own process"),
+            ]
+        )
+    )
     return result
 
 
@@ -523,20 +696,40 @@ def noop_rate_per_s(svc: Services, count: int, *, workers: int, concurrency: int
     procs = []
     for i in range(workers):
         log_path = svc.workdir / f"noop-worker-{i}.log"
-        argv = ["-m", "bench.throughput", "--serve-noop", "--broker", svc.broker_url, "--counter",
-                svc.limiter_url, "--concurrency", str(concurrency), "--node", f"noop{i}"]
+        argv = [
+            "-m",
+            "bench.throughput",
+            "--serve-noop",
+            "--broker",
+            svc.broker_url,
+            "--counter",
+            svc.limiter_url,
+            "--concurrency",
+            str(concurrency),
+            "--node",
+            f"noop{i}",
+        ]
         procs.append((start_process(argv, clean_env(), log_path), log_path))
     try:
-        wait_for(lambda: int(counter.get(NOOP_READY_KEY) or 0) >= workers, timeout_s=60,
-                 what="no-op workers ready", procs=procs)
+        wait_for(
+            lambda: int(counter.get(NOOP_READY_KEY) or 0) >= workers,
+            timeout_s=60,
+            what="no-op workers ready",
+            procs=procs,
+        )
         ready = [proc_usage(p.pid) for p, _ in procs]
         app = create_celery(Settings(_env_file=None, broker_url=svc.broker_url))
         started = time.time()
         with app.producer_or_acquire() as producer:
             for _ in range(count):
                 app.send_task(NOOP_TASK, producer=producer)
-        wait_for(lambda: int(counter.get(NOOP_DONE_KEY) or 0) >= count, timeout_s=300,
-                 what=f"{count} no-op tasks", procs=procs, interval_s=0.02)
+        wait_for(
+            lambda: int(counter.get(NOOP_DONE_KEY) or 0) >= count,
+            timeout_s=300,
+            what=f"{count} no-op tasks",
+            procs=procs,
+            interval_s=0.02,
+        )
         elapsed = time.time() - started
         cpu_s = sum(proc_usage(p.pid).cpu_s - r.cpu_s for (p, _), r in zip(procs, ready))
     finally:
@@ -562,8 +755,17 @@ def serve_noop(broker_url: str, counter_url: str, concurrency: int, node: str) -
         counter.incr(NOOP_DONE_KEY)
 
     signals.worker_ready.connect(lambda **_: counter.incr(NOOP_READY_KEY), weak=False)
-    app.worker_main(["worker", "--pool=threads", f"--concurrency={concurrency}", "--loglevel=WARNING",
-                     f"--hostname={node}@%h", "--without-gossip", "--without-mingle"])
+    app.worker_main(
+        [
+            "worker",
+            "--pool=threads",
+            f"--concurrency={concurrency}",
+            "--loglevel=WARNING",
+            f"--hostname={node}@%h",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
     return 0
 
 
@@ -584,18 +786,37 @@ def build_parser() -> argparse.ArgumentParser:
     add("--embed-threads", type=int, default=2, help="embedding loops per worker (default 2)")
     add("--concurrency", type=int, default=4, help="ingest task slots per worker (default 4)")
     add("--events", type=int, default=2000, help="events to publish (default 2000)")
-    add("--naive-s", type=float, default=60.0,
-        help="longest run of the naive baseline in seconds; 0 skips it (default 60)")
-    add("--overhead", action="store_true",
-        help="no limits or latency: pipeline events/s next to a bare Celery no-op task's rate")
-    add("--postgres-url", default=os.environ.get("SIDECAR_BENCH_POSTGRES_URL",
-                                                  "postgresql+psycopg://postgres@127.0.0.1:5432/test"),
-        help="a database on the server where each run creates (and drops) its own database")
-    add("--redis-url", default=os.environ.get("SIDECAR_BENCH_REDIS_URL", "redis://127.0.0.1:6379"),
-        help="Redis server; the broker uses db --broker-db, the shared limiter db --limiter-db")
+    add(
+        "--naive-s",
+        type=float,
+        default=60.0,
+        help="longest run of the naive baseline in seconds; 0 skips it (default 60)",
+    )
+    add(
+        "--overhead",
+        action="store_true",
+        help="no limits or latency: pipeline events/s next to a bare Celery no-op task's rate",
+    )
+    add(
+        "--postgres-url",
+        default=os.environ.get(
+            "SIDECAR_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+        ),
+        help="a database on the server where each run creates (and drops) its own database",
+    )
+    add(
+        "--redis-url",
+        default=os.environ.get("SIDECAR_BENCH_REDIS_URL", "redis://127.0.0.1:6379"),
+        help="Redis server; the broker uses db --broker-db, the shared limiter db --limiter-db",
+    )
     add("--broker-db", type=int, default=12, help="Redis db of the broker, flushed (default 12)")
     add("--limiter-db", type=int, default=11, help="Redis db of the shared limiter, flushed (default 11)")
-    add("--timeout-s", type=float, default=None, help="give up a run after this long (default: from the ceiling)")
+    add(
+        "--timeout-s",
+        type=float,
+        default=None,
+        help="give up a run after this long (default: from the ceiling)",
+    )
     add("--keep", action="store_true", help="keep the work directory (logs, Qdrant paths)")
     # The no-op worker of --overhead runs this module in a child process.
     add("--serve-noop", action="store_true", help=argparse.SUPPRESS)
@@ -621,8 +842,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with exclusive(args.postgres_url, f"bench redis dbs {broker_url} {limiter_url}"):
             emulator = EmulatorProcess(workdir / "emulator.log", **limits)
-            svc = Services(postgres_url=args.postgres_url, broker_url=broker_url, limiter_url=limiter_url,
-                           emulator=emulator, workdir=workdir)
+            svc = Services(
+                postgres_url=args.postgres_url,
+                broker_url=broker_url,
+                limiter_url=limiter_url,
+                emulator=emulator,
+                workdir=workdir,
+            )
             result = overhead_mode(args, svc) if args.overhead else limits_mode(args, svc)
     except (RuntimeError, TimeoutError) as exc:
         print(f"bench.throughput: {exc}\nlogs kept in {workdir}", file=sys.stderr)

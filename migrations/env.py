@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from alembic import context
 
-from worker.db import Base, make_engine
+from worker.sql.engines import make_engine
+from worker.sql.models import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -16,14 +16,14 @@ import sqlalchemy as sa
 import uvicorn
 
 from api.app import create_app
-from api.auth import ApiSettings
-from worker import budget, db, schema, state, stats
-from worker.db import Document, ProviderRequest, RequestItem
 from worker.events import parse_event
+from worker.ledger import budget, counters
 from worker.settings import Settings
+from worker.sql import documents, engines, schema
+from worker.sql.models import Document, ProviderRequest, RequestItem
 
 WRITE, READ = "w-token-1", "r-token-1"
-UTC = dt.timezone.utc
+UTC = dt.UTC
 
 
 class RunningApi:
@@ -32,9 +32,12 @@ class RunningApi:
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host, 0))
         self.url = f"http://{host}:{self._sock.getsockname()[1]}"
-        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
-                                                     timeout_graceful_shutdown=1))
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True)
+        self._server = uvicorn.Server(
+            uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=1)
+        )
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True
+        )
         self._thread.start()
         deadline = time.monotonic() + 10
         while True:
@@ -57,8 +60,8 @@ class Api:
 
     def __init__(self, url: str, database_url: str, broker) -> None:
         self.url, self.database_url, self.broker = url, database_url, broker
-        self.engine = db.make_engine(database_url)
-        self.sessions = db.make_sessionmaker(self.engine)
+        self.engine = engines.make_engine(database_url)
+        self.sessions = engines.make_sessionmaker(self.engine)
 
     def client(self, token: str | None = WRITE) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -87,12 +90,19 @@ def broker(redis_url) -> Iterator:
 
 def start_api(database_url: str, broker, tmp_path, **budget_values) -> tuple[RunningApi, Api]:
     schema.upgrade(database_url)
-    settings = Settings(_env_file=None, data_dir=tmp_path, database_url=database_url, broker_url=broker.url,
-                        max_text_bytes=4096)
-    api_settings = ApiSettings(_env_file=None, api_tokens=f"{WRITE},w-token-2", api_read_tokens=READ,
-                               api_max_body_bytes=64 << 10, api_max_events=50)
-    budget_settings = budget.BudgetSettings(_env_file=None, **budget_values)
-    running = RunningApi(create_app(settings, api_settings=api_settings, budget_settings=budget_settings))
+    settings = Settings(
+        _env_file=None,
+        data_dir=tmp_path,
+        database_url=database_url,
+        broker_url=broker.url,
+        max_text_bytes=4096,
+        api_tokens=f"{WRITE},w-token-2",
+        api_read_tokens=READ,
+        api_max_body_bytes=64 << 10,
+        api_max_events=50,
+        **budget_values,
+    )
+    running = RunningApi(create_app(settings))
     return running, Api(running.url, database_url, broker)
 
 
@@ -107,30 +117,73 @@ def api(database_url, broker, tmp_path) -> Iterator[Api]:
 # --- ledger rows written by hand, so expected figures can be computed by hand --------------------
 
 
-def add_document(session, doc_id: str, *, collection: str = "docs", tenant: str = "default",
-                 status: str = "indexed") -> int:
-    doc = Document(tenant=tenant, collection=collection, doc_id=doc_id, version=1, op="upsert", text="x",
-                   text_hash="h" * 64, status=status, attempts=0)
+def add_document(
+    session, doc_id: str, *, collection: str = "docs", tenant: str = "default", status: str = "indexed"
+) -> int:
+    doc = Document(
+        tenant=tenant,
+        collection=collection,
+        doc_id=doc_id,
+        version=1,
+        op="upsert",
+        text="x",
+        text_hash="h" * 64,
+        status=status,
+        attempts=0,
+    )
     session.add(doc)
     session.flush()
     return doc.id
 
 
-def add_request(session, rid: str, at: dt.datetime, *, items: list[tuple[int, int]], status: str = "succeeded",
-                model: str = "text-embedding-v4", billed: int | None = None, cost: int | None = None,
-                provider_id: str | None = None, latency_ms: float | None = 120.0, http_status: int | None = 200,
-                est_tokens: int | None = None) -> None:
+def add_request(
+    session,
+    rid: str,
+    at: dt.datetime,
+    *,
+    items: list[tuple[int, int]],
+    status: str = "succeeded",
+    model: str = "text-embedding-v4",
+    billed: int | None = None,
+    cost: int | None = None,
+    provider_id: str | None = None,
+    latency_ms: float | None = 120.0,
+    http_status: int | None = 200,
+    est_tokens: int | None = None,
+) -> None:
     """items: (document id, est_tokens); rows = len(items)."""
     est = est_tokens if est_tokens is not None else sum(t for _, t in items)
-    session.add(ProviderRequest(
-        id=rid, provider_request_id=provider_id, status=status, model=model, dimensions=1024, api="compatible",
-        rows=len(items), est_tokens=est, billed_tokens=billed, cost_nano_cny=cost, http_status=http_status,
-        latency_ms=latency_ms, attempt=1, created_at=at, completed_at=None if status == "sent" else at,
-    ))
+    session.add(
+        ProviderRequest(
+            id=rid,
+            provider_request_id=provider_id,
+            status=status,
+            model=model,
+            dimensions=1024,
+            api="compatible",
+            rows=len(items),
+            est_tokens=est,
+            billed_tokens=billed,
+            cost_nano_cny=cost,
+            http_status=http_status,
+            latency_ms=latency_ms,
+            attempt=1,
+            created_at=at,
+            completed_at=None if status == "sent" else at,
+        )
+    )
     session.flush()
     for i, (doc, tokens) in enumerate(items):
-        session.add(RequestItem(request_id=rid, document_id=doc, version=1, chunk_index=i, content_hash="c" * 64,
-                                est_tokens=tokens))
+        session.add(
+            RequestItem(
+                request_id=rid,
+                document_id=doc,
+                version=1,
+                chunk_index=i,
+                content_hash="c" * 64,
+                est_tokens=tokens,
+            )
+        )
     session.flush()
 
 
@@ -144,12 +197,22 @@ EVENT = {"op": "upsert", "doc_id": "a", "text": "hello"}
 
 
 def test_tokens_read_and_write(api):
-    with api.client(None) as anon, api.client("nope") as wrong, api.client(READ) as reader, \
-            api.client(WRITE) as writer, api.client("w-token-2") as writer2:
+    with (
+        api.client(None) as anon,
+        api.client("nope") as wrong,
+        api.client(READ) as reader,
+        api.client(WRITE) as writer,
+        api.client("w-token-2") as writer2,
+    ):
         assert anon.get("/healthz").status_code == 200
         for client in (anon, wrong):
-            for method, path in (("GET", "/v1/spend"), ("GET", "/v1/requests"), ("GET", "/metrics"),
-                                 ("POST", "/v1/events"), ("GET", "/v1/deadletters")):
+            for method, path in (
+                ("GET", "/v1/spend"),
+                ("GET", "/v1/requests"),
+                ("GET", "/metrics"),
+                ("POST", "/v1/events"),
+                ("GET", "/v1/deadletters"),
+            ):
                 r = client.request(method, path, json=EVENT)
                 assert r.status_code == 401, (method, path)
                 assert r.headers["www-authenticate"] == "Bearer"
@@ -166,7 +229,9 @@ def test_tokens_read_and_write(api):
 def test_openapi_documents_the_bearer_scheme(api):
     spec = httpx.get(f"{api.url}/openapi.json").json()
     assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
-    assert {"/v1/events", "/v1/requests", "/v1/spend", "/v1/deadletters", "/readyz", "/metrics"} <= set(spec["paths"])
+    assert {"/v1/events", "/v1/requests", "/v1/spend", "/v1/deadletters", "/readyz", "/metrics"} <= set(
+        spec["paths"]
+    )
 
 
 # --- events -------------------------------------------------------------------------------------
@@ -180,22 +245,36 @@ def test_events_accepted_reach_the_broker(api):
     assert r.status_code == 202
     body = r.json()
     assert body["accepted"] == 2 and body["task_id"]
-    assert body["events"] == [{"index": 0, "doc_id": "a", "collection": "documents"},
-                              {"index": 1, "doc_id": "b", "collection": "faq"}]
+    assert body["events"] == [
+        {"index": 0, "doc_id": "a", "collection": "documents"},
+        {"index": 1, "doc_id": "b", "collection": "faq"},
+    ]
     assert one.status_code == 202 and one.json()["accepted"] == 1
     assert api.queued() == [[events], [[{"op": "upsert", "doc_id": "z", "text": "t", "tenant": "acme"}]]]
 
 
 def test_invalid_events_are_named_by_index_field_and_rule(api):
-    events = [EVENT, {"op": "move", "doc_id": "a"}, {"op": "upsert", "doc_id": "b"},
-              {"op": "delete", "doc_id": "c", "collection": "no spaces"}, "text",
-              {"op": "upsert", "doc_id": "d", "text": "x" * 5000}, {"op": "upsert", "doc_id": "e", "text": "t", "x": 1}]
+    events = [
+        EVENT,
+        {"op": "move", "doc_id": "a"},
+        {"op": "upsert", "doc_id": "b"},
+        {"op": "delete", "doc_id": "c", "collection": "no spaces"},
+        "text",
+        {"op": "upsert", "doc_id": "d", "text": "x" * 5000},
+        {"op": "upsert", "doc_id": "e", "text": "t", "x": 1},
+    ]
     with api.client() as c:
         r = c.post("/v1/events", json=events)
         assert r.status_code == 422
         detail = r.json()["detail"]
         assert [(d["index"], d["field"]) for d in detail] == [
-            (1, "op"), (2, "text"), (3, "collection"), (4, "event"), (5, "text"), (6, "x")]
+            (1, "op"),
+            (2, "text"),
+            (3, "collection"),
+            (4, "event"),
+            (5, "text"),
+            (6, "x"),
+        ]
         assert detail[0]["rule"] == 'required; must be "upsert" or "delete"'
         assert detail[4]["rule"] == "5000 bytes of UTF-8 is over the cap of 4096"
         assert "unknown field" in detail[5]["rule"]
@@ -204,7 +283,8 @@ def test_invalid_events_are_named_by_index_field_and_rule(api):
         assert r.status_code == 422 and r.json()["detail"][0]["field"] == "body"
         assert c.post("/v1/events", json=[]).status_code == 422
         assert c.post("/v1/events", json={"op": "upsert", "doc_id": "", "text": "t"}).json()["detail"] == [
-            {"index": 0, "field": "doc_id", "rule": "required; a string of 1 to 512 characters"}]
+            {"index": 0, "field": "doc_id", "rule": "required; a string of 1 to 512 characters"}
+        ]
 
         big = [{"op": "upsert", "doc_id": f"d{i}", "text": "y" * 4000} for i in range(20)]
         r = c.post("/v1/events", json=big)
@@ -218,23 +298,35 @@ def test_invalid_events_are_named_by_index_field_and_rule(api):
 
 
 def _event(raw):
-    return parse_event(raw, default_collection="documents", default_tenant="default",
-                       max_text_bytes=1 << 20, max_metadata_bytes=1 << 14)
+    return parse_event(
+        raw,
+        default_collection="documents",
+        default_tenant="default",
+        max_text_bytes=1 << 20,
+        max_metadata_bytes=1 << 14,
+    )
 
 
 def test_document_state_and_dead_letters(api):
     with api.sessions.begin() as s:
-        state.accept(s, _event({"op": "upsert", "doc_id": "a/b c", "text": "some text", "version": 7}))
-        state.reject(s, {"op": "upsert", "doc_id": "bad"}, "text", "required for upsert; a string")
+        documents.accept(s, _event({"op": "upsert", "doc_id": "a/b c", "text": "some text", "version": 7}))
+        documents.reject(s, {"op": "upsert", "doc_id": "bad"}, "text", "required for upsert; a string")
         dead = add_document(s, "gone", collection="faq", status="dead")
-        s.execute(sa.update(Document).where(Document.id == dead).values(last_error="InputRejected: no", attempts=3))
-        add_request(s, "r1", at("2026-11-20T10:00:00"), items=[(dead, 5)], billed=5, cost=2500, provider_id="p1")
+        s.execute(
+            sa.update(Document).where(Document.id == dead).values(last_error="InputRejected: no", attempts=3)
+        )
+        add_request(
+            s, "r1", at("2026-11-20T10:00:00"), items=[(dead, 5)], billed=5, cost=2500, provider_id="p1"
+        )
     with api.client(READ) as c, api.client() as w:
         doc = c.get("/v1/documents/documents/a/b c").json()
         assert (doc["status"], doc["version"], doc["chunks"], doc["last_error"]) == ("pending", 7, None, None)
         assert len(doc["content_hash"]) == 64
         rejected = c.get("/v1/documents/documents/bad").json()
-        assert rejected["status"] == "rejected" and rejected["last_error"] == "text: required for upsert; a string"
+        assert (
+            rejected["status"] == "rejected"
+            and rejected["last_error"] == "text: required for upsert; a string"
+        )
         assert c.get("/v1/documents/documents/missing").status_code == 404
         assert c.get("/v1/documents/documents/a/b c", params={"tenant": "other"}).status_code == 404
         gone = c.get("/v1/documents/faq/gone").json()
@@ -242,7 +334,8 @@ def test_document_state_and_dead_letters(api):
 
         letters = c.get("/v1/deadletters").json()
         assert [(d["id"], d["doc_id"], d["last_error"], d["attempts"]) for d in letters["items"]] == [
-            (dead, "gone", "InputRejected: no", 3)]
+            (dead, "gone", "InputRejected: no", 3)
+        ]
         assert c.post(f"/v1/deadletters/{dead}/retry").status_code == 403
         assert w.post(f"/v1/deadletters/{dead}/retry").json() == {"retried": 1}
         assert w.post(f"/v1/deadletters/{dead}/retry").status_code == 404
@@ -262,14 +355,23 @@ def test_requests_filters_and_cursor_pagination(api):
         docs = add_document(s, "d1")
         faq = add_document(s, "f1", collection="faq")
         for i in range(25):
-            add_request(s, f"req-{i:02d}", base + dt.timedelta(minutes=i // 2),  # pairs share a timestamp
-                        items=[(faq if i % 5 == 0 else docs, 10)], billed=10, cost=5000,
-                        model="text-embedding-v3" if i % 2 else "text-embedding-v4",
-                        status="failed" if i == 7 else "succeeded", provider_id=f"p-{i}")
+            add_request(
+                s,
+                f"req-{i:02d}",
+                base + dt.timedelta(minutes=i // 2),  # pairs share a timestamp
+                items=[(faq if i % 5 == 0 else docs, 10)],
+                billed=10,
+                cost=5000,
+                model="text-embedding-v3" if i % 2 else "text-embedding-v4",
+                status="failed" if i == 7 else "succeeded",
+                provider_id=f"p-{i}",
+            )
     with api.client(READ) as c:
         seen, cursor, pages = [], None, 0
         while True:
-            page = c.get("/v1/requests", params={"limit": 10, **({"cursor": cursor} if cursor else {})}).json()
+            page = c.get(
+                "/v1/requests", params={"limit": 10, **({"cursor": cursor} if cursor else {})}
+            ).json()
             seen += [r["id"] for r in page["items"]]
             pages += 1
             cursor = page["next_cursor"]
@@ -301,14 +403,33 @@ def ledger_for_spend(s) -> None:
     #    docs gets 20500·30/40 = 15 375, faq 5 125; tokens 41·30/40 = 30.75 → 31 (largest remainder), 10.
     add_request(s, "A", at("2026-11-20T10:15:00"), items=[(d1, 30), (f1, 10)], billed=41, cost=20_500)
     # B: v3, 11:05 on the 20th; 100 tokens → 50 000 nano; all docs.
-    add_request(s, "B", at("2026-11-20T11:05:00"), items=[(d1, 100)], model="text-embedding-v3",
-                billed=100, cost=50_000)
+    add_request(
+        s,
+        "B",
+        at("2026-11-20T11:05:00"),
+        items=[(d1, 100)],
+        model="text-embedding-v3",
+        billed=100,
+        cost=50_000,
+    )
     # C: v4, 09:00 on the 21st; failed, nothing billed.
-    add_request(s, "C", at("2026-11-21T09:00:00"), items=[(f1, 7)], status="failed", billed=0, cost=0,
-                http_status=429, latency_ms=30.0)
-    stats.record_avoided(s, "dedup", {("docs", "t1"): 12}, model="text-embedding-v4", now=at("2026-11-20T10:30:00"))
-    stats.record_avoided(s, "coalesced", {("faq", "t2"): 5}, model="text-embedding-v4",
-                         now=at("2026-11-21T09:10:00"))
+    add_request(
+        s,
+        "C",
+        at("2026-11-21T09:00:00"),
+        items=[(f1, 7)],
+        status="failed",
+        billed=0,
+        cost=0,
+        http_status=429,
+        latency_ms=30.0,
+    )
+    counters.record_avoided(
+        s, "dedup", {("docs", "t1"): 12}, model="text-embedding-v4", now=at("2026-11-20T10:30:00")
+    )
+    counters.record_avoided(
+        s, "coalesced", {("faq", "t2"): 5}, model="text-embedding-v4", now=at("2026-11-21T09:10:00")
+    )
 
 
 def _rows(data: dict, key: str, *fields: str) -> dict:
@@ -318,8 +439,17 @@ def _rows(data: dict, key: str, *fields: str) -> dict:
 def test_spend_groupings_match_hand_computed_figures(api):
     with api.sessions.begin() as s:
         ledger_for_spend(s)
-    fields = ("requests", "failed", "rows", "tokens", "cost_cny", "tokens_avoided_dedup", "tokens_avoided_coalesced")
+    fields = (
+        "requests",
+        "failed",
+        "rows",
+        "tokens",
+        "cost_cny",
+        "tokens_avoided_dedup",
+        "tokens_avoided_coalesced",
+    )
     with api.client(READ) as c:
+
         def spend(**params):
             return c.get("/v1/spend", params=params).json()
 
@@ -330,33 +460,44 @@ def test_spend_groupings_match_hand_computed_figures(api):
         }
         assert day["total"]["cost_cny"] == "0.000070500" and day["total"]["tokens"] == 141
         assert _rows(spend(by="hour"), "hour", "tokens", "tokens_avoided_dedup") == {
-            "2026-11-20T10:00Z": (41, 12), "2026-11-20T11:00Z": (100, 0), "2026-11-21T09:00Z": (0, 0)}
+            "2026-11-20T10:00Z": (41, 12),
+            "2026-11-20T11:00Z": (100, 0),
+            "2026-11-21T09:00Z": (0, 0),
+        }
         assert _rows(spend(by="model"), "model", "requests", "tokens", "cost_cny") == {
-            "text-embedding-v3": (1, 100, "0.000050000"), "text-embedding-v4": (2, 41, "0.000020500")}
+            "text-embedding-v3": (1, 100, "0.000050000"),
+            "text-embedding-v4": (2, 41, "0.000020500"),
+        }
         assert _rows(spend(by="collection"), "collection", *fields) == {
             "docs": (2, 0, 2, 131, "0.000065375", 12, 0),
             "faq": (2, 1, 1, 10, "0.000005125", 0, 5),
         }
         assert _rows(spend(by="tenant"), "tenant", "tokens", "cost_cny") == {
-            "t1": (131, "0.000065375"), "t2": (10, "0.000005125")}
+            "t1": (131, "0.000065375"),
+            "t2": (10, "0.000005125"),
+        }
         ranged = spend(by="collection", since="2026-11-20T11:00:00Z", until="2026-11-21T00:00:00Z")
-        assert _rows(ranged, "collection", "requests", "tokens", "cost_cny") == {"docs": (1, 100, "0.000050000")}
+        assert _rows(ranged, "collection", "requests", "tokens", "cost_cny") == {
+            "docs": (1, 100, "0.000050000")
+        }
         assert c.get("/v1/spend", params={"by": "week"}).status_code == 422
 
 
 def test_metrics_from_sql(api):
     with api.sessions.begin() as s:
         ledger_for_spend(s)
-        stats.record_outcomes(s, {"accepted": 3, "stale": 1})
-        state.reject(s, {"op": "x"}, "op", "bad")
+        counters.record_outcomes(s, {"accepted": 3, "stale": 1})
+        documents.reject(s, {"op": "x"}, "op", "bad")
         add_document(s, "waiting", status="pending")
     with api.client(READ) as c:
         r = c.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
     lines = set(r.text.splitlines())
     for expected in (
-        "sidecar_events_accepted_total 3", "sidecar_events_rejected_total 1",
-        'sidecar_events_total{outcome="stale"} 1', "sidecar_backlog_documents 1",
+        "sidecar_events_accepted_total 3",
+        "sidecar_events_rejected_total 1",
+        'sidecar_events_total{outcome="stale"} 1',
+        "sidecar_backlog_documents 1",
         'sidecar_rows_embedded_total{model="text-embedding-v4"} 2',
         'sidecar_tokens_total{model="text-embedding-v3"} 100',
         'sidecar_cost_cny_total{model="text-embedding-v4"} 0.000020500',
@@ -378,12 +519,15 @@ def test_readyz_names_what_is_not_ready(database_url, broker, tmp_path):
         assert r.status_code == 200 and r.json()["ready"] is True
         assert {"sql", "broker", "qdrant", "budget"} <= set(r.json()["checks"])
         with api.sessions.begin() as s:
-            add_request(s, "big", dt.datetime.now(UTC), items=[(add_document(s, "d"), 30)], billed=30, cost=15_000)
+            add_request(
+                s, "big", dt.datetime.now(UTC), items=[(add_document(s, "d"), 30)], billed=30, cost=15_000
+            )
         r = httpx.get(f"{api.url}/readyz")
         assert r.status_code == 503
         assert r.json()["reasons"] == [
             "budget: daily cap of CNY 0.00001 for all collections reached: spent 0.000015; resumes at "
-            f"{(dt.datetime.now(UTC) + dt.timedelta(days=1)):%Y-%m-%d}T00:00Z or when the cap is raised"]
+            f"{(dt.datetime.now(UTC) + dt.timedelta(days=1)):%Y-%m-%d}T00:00Z or when the cap is raised"
+        ]
         with api.client(READ) as c:
             assert "sidecar_budget_paused 1" in c.get("/metrics").text
     finally:
@@ -393,7 +537,8 @@ def test_readyz_names_what_is_not_ready(database_url, broker, tmp_path):
 
 def test_openapi_schema_fuzzed_without_server_errors(sqlite_url, broker, tmp_path):
     schemathesis = pytest.importorskip("schemathesis")
-    from hypothesis import HealthCheck, given, settings as hsettings
+    from hypothesis import HealthCheck, given
+    from hypothesis import settings as hsettings
 
     running, api = start_api(sqlite_url, broker, tmp_path)
     try:
@@ -402,13 +547,14 @@ def test_openapi_schema_fuzzed_without_server_errors(sqlite_url, broker, tmp_pat
         for operation in schema_.get_all_operations():
             op = operation.ok()
 
-            @hsettings(max_examples=25, deadline=None, database=None,
-                       suppress_health_check=list(HealthCheck))
+            @hsettings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
             @given(case=op.as_strategy())
             def run(case):
                 response = case.call(base_url=api.url, headers={"Authorization": f"Bearer {WRITE}"})
                 if response.status_code >= 500:
-                    failures.append((case.method, case.formatted_path, response.status_code, response.text[:300]))
+                    failures.append(
+                        (case.method, case.formatted_path, response.status_code, response.text[:300])
+                    )
 
             run()
         assert failures == []

@@ -54,8 +54,11 @@ def test_messages_of_a_killed_worker_are_delivered_again(redis_url, tmp_path):
     hold = tmp_path / "seen"
     env = {**os.environ, "BROKER": db, "HOLD_FILE": str(hold)}
     producer = Celery(broker=db)
-    producer.conf.broker_transport_options = {"visibility_timeout": 2, "unacked_restore_interval": 1,
-                                              "unacked_restore_throttle": 1}
+    producer.conf.broker_transport_options = {
+        "visibility_timeout": 2,
+        "unacked_restore_interval": 1,
+        "unacked_restore_throttle": 1,
+    }
     for n in range(3):
         producer.send_task("t.slow", args=[n])
     first = subprocess.Popen([sys.executable, "-c", CONSUMER], env=env)
@@ -65,7 +68,10 @@ def test_messages_of_a_killed_worker_are_delivered_again(redis_url, tmp_path):
     first.send_signal(signal.SIGKILL)
     first.wait()
     # Nothing may be lost: every message is in the queue, unacked, or in a dead consumer's list.
-    queued = r.llen("celery") + r.hlen("unacked") + sum(
-        r.llen(k) for k in r.scan_iter(match=f"{broker.INFLIGHT_PREFIX}*"))
+    queued = (
+        r.llen("celery")
+        + r.hlen("unacked")
+        + sum(r.llen(k) for k in r.scan_iter(match=f"{broker.INFLIGHT_PREFIX}*"))
+    )
     assert queued >= 3, queued
     r.flushdb()

@@ -40,8 +40,14 @@ def test_events_hold_every_kind_and_the_model_keeps_the_highest_version():
 
 
 def _point(doc_id: str, version: int, chunk: chunking.Chunk, count: int) -> dict:
-    payload = {"doc_id": doc_id, "version": version, "chunk_index": chunk.index, "chunk_count": count,
-               "content_hash": chunk.content_hash, "text": chunk.text}
+    payload = {
+        "doc_id": doc_id,
+        "version": version,
+        "chunk_index": chunk.index,
+        "chunk_count": count,
+        "content_hash": chunk.content_hash,
+        "text": chunk.text,
+    }
     return {"payload": payload, "vector": [0.0]}
 
 
@@ -79,11 +85,32 @@ def test_checker_classifies_points(stored, lost, stale, resurrected):
 @pytest.mark.timeout(240)
 def test_short_chaos_run_is_ok(postgres_server_url):
     if shutil.which("redis-server") is None:
-        missing_service("redis-server (the chaos run starts and restarts its own)", FileNotFoundError("not on PATH"))
+        missing_service(
+            "redis-server (the chaos run starts and restarts its own)", FileNotFoundError("not on PATH")
+        )
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.chaos", "--events", "300", "--docs", "60", "--seed", "11",
-         "--kill-every-s", "1.5", "3", "--min-kills", "3", "--postgres-url", postgres_server_url],
-        cwd=ROOT, capture_output=True, text=True, timeout=230,
+        [
+            sys.executable,
+            "-m",
+            "bench.chaos",
+            "--events",
+            "300",
+            "--docs",
+            "60",
+            "--seed",
+            "11",
+            "--kill-every-s",
+            "1.5",
+            "3",
+            "--min-kills",
+            "3",
+            "--postgres-url",
+            postgres_server_url,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=230,
     )
     lines = proc.stdout.strip().splitlines()
     assert lines, proc.stderr[-4000:]

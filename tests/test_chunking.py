@@ -44,17 +44,32 @@ def assert_well_formed(chunks: list[Chunk], max_tokens: int) -> None:
         ("", 16, []),
         (" \n\t\u3000 ", 16, []),
         ("  Hello world.  ", 16, ["Hello world."]),
-        ("One two three four five six.\n\nSeven eight nine ten.", 10,
-         ["One two three four five six.", "Seven eight nine ten."]),  # paragraph
-        ("Hello. This one: here is more\ntext. And then a paragraph.\n\nNext part begins now", 12,
-         ["Hello. This one: here is more", "text. And then a paragraph.\n\nNext part begins now"]),
-        ("First line of text here\nsecond line goes on and on", 8,
-         ["First line of text here", "second line goes on and on"]),  # line
+        (
+            "One two three four five six.\n\nSeven eight nine ten.",
+            10,
+            ["One two three four five six.", "Seven eight nine ten."],
+        ),  # paragraph
+        (
+            "Hello. This one: here is more\ntext. And then a paragraph.\n\nNext part begins now",
+            12,
+            ["Hello. This one: here is more", "text. And then a paragraph.\n\nNext part begins now"],
+        ),
+        (
+            "First line of text here\nsecond line goes on and on",
+            8,
+            ["First line of text here", "second line goes on and on"],
+        ),  # line
         ("今天天气很好。我们去公园散步吧！", 8, ["今天天气很好。", "我们去公园散步吧！"]),  # CJK sentence
-        ("It rains. The sun is out again and again", 8,
-         ["It rains. The sun is out again", "and again"]),  # "." is in the window's first half
-        ("Sí. ¿Dónde está la estación? Allí, al final de la calle.", 10,
-         ["Sí. ¿Dónde está la", "estación? Allí, al final de la", "calle."]),  # whitespace
+        (
+            "It rains. The sun is out again and again",
+            8,
+            ["It rains. The sun is out again", "and again"],
+        ),  # "." is in the window's first half
+        (
+            "Sí. ¿Dónde está la estación? Allí, al final de la calle.",
+            10,
+            ["Sí. ¿Dónde está la", "estación? Allí, al final de la", "calle."],
+        ),  # whitespace
     ],
 )
 def test_split_text_table(text: str, max_tokens: int, expected: list[str]) -> None:

@@ -9,7 +9,7 @@ import pytest
 import sqlalchemy as sa
 
 from api.cli import build_parser, main
-from worker import db, schema
+from worker.sql import engines, models, schema
 
 
 @pytest.fixture()
@@ -19,14 +19,23 @@ def cli_env(tmp_path, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     url = f"sqlite:///{tmp_path / 'sidecar.sqlite'}"
     schema.upgrade(url)
-    return db.make_engine(url)
+    return engines.make_engine(url)
 
 
 def test_every_subcommand_has_help(capsys):
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices
-    assert {"worker", "api", "emulator", "migrate", "demo", "spend", "status", "deadletters",
-            "reconcile"} <= set(commands)
+    assert {
+        "worker",
+        "api",
+        "emulator",
+        "migrate",
+        "demo",
+        "spend",
+        "status",
+        "deadletters",
+        "reconcile",
+    } <= set(commands)
     for name in commands:
         with pytest.raises(SystemExit) as info:
             main([name, "--help"])
@@ -42,10 +51,21 @@ def test_status_json_contract(cli_env, capsys):
 
 def test_deadletters_list_and_retry(cli_env, capsys):
     with cli_env.begin() as conn:
-        conn.execute(sa.insert(db.Document).values(
-            tenant="t", collection="c", doc_id="poison", version=3, op="upsert", text="x",
-            status="dead", attempts=9, last_error="provider rejected the text: moderation",
-            created_at=db.utcnow(), updated_at=db.utcnow()))
+        conn.execute(
+            sa.insert(models.Document).values(
+                tenant="t",
+                collection="c",
+                doc_id="poison",
+                version=3,
+                op="upsert",
+                text="x",
+                status="dead",
+                attempts=9,
+                last_error="provider rejected the text: moderation",
+                created_at=models.utcnow(),
+                updated_at=models.utcnow(),
+            )
+        )
     assert main(["deadletters", "list"]) == 0
     out = capsys.readouterr().out
     assert "poison" in out and "moderation" in out
@@ -53,7 +73,10 @@ def test_deadletters_list_and_retry(cli_env, capsys):
     assert main(["deadletters", "retry", "--all"]) == 0
     assert "1 dead letter(s)" in capsys.readouterr().out
     with cli_env.connect() as conn:
-        assert conn.execute(sa.select(db.Document.status, db.Document.attempts)).one() == ("pending", 0)
+        assert conn.execute(sa.select(models.Document.status, models.Document.attempts)).one() == (
+            "pending",
+            0,
+        )
 
 
 def test_spend_json_contract(cli_env, capsys):
@@ -65,18 +88,42 @@ def test_spend_json_contract(cli_env, capsys):
 def test_bill_command_reconciles_and_exits_1_until_balanced(cli_env, tmp_path, capsys):
     from sqlalchemy.orm import Session
 
-    from worker import ledger
+    from worker.ledger import calls
 
     with Session(cli_env) as session, session.begin():
         for rid in ("r1", "r2"):
-            ledger.open_request(session, request_id=rid, model="text-embedding-v4", dimensions=1024,
-                                api="compatible", rows=1, est_tokens=100, items=[], attempt=1,
-                                key_fingerprint=None, worker="w")
-        ledger.close_abandoned(session, older_than=db.utcnow() + dt.timedelta(seconds=1))
-    at = db.utcnow().timestamp() + 0.5
+            calls.open_request(
+                session,
+                request_id=rid,
+                model="text-embedding-v4",
+                dimensions=1024,
+                api="compatible",
+                rows=1,
+                est_tokens=100,
+                items=[],
+                attempt=1,
+                key_fingerprint=None,
+                worker="w",
+            )
+        calls.close_abandoned(session, older_than=models.utcnow() + dt.timedelta(seconds=1))
+    at = models.utcnow().timestamp() + 0.5
     bill = tmp_path / "bill.json"
-    bill.write_text(json.dumps({"total_tokens": 100, "requests": [
-        {"request_id": "p1", "model": "text-embedding-v4", "api": "compatible", "tokens": 100, "at": at}]}))
+    bill.write_text(
+        json.dumps(
+            {
+                "total_tokens": 100,
+                "requests": [
+                    {
+                        "request_id": "p1",
+                        "model": "text-embedding-v4",
+                        "api": "compatible",
+                        "tokens": 100,
+                        "at": at,
+                    }
+                ],
+            }
+        )
+    )
     assert main(["bill", str(bill)]) == 1
     assert main(["bill", str(bill), "--apply", "--json"]) == 1  # unbalanced before the writes
     capsys.readouterr()

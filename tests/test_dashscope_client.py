@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 import pytest
 
-from worker.dashscope import DashScopeEmbedder, classify
+from worker.embedding.dashscope import DashScopeEmbedder, classify
 from worker.errors import (
     AccountError,
     ConfigError,
@@ -102,7 +102,11 @@ def compat_body(indices: list[int], *, dims: int = DIMS) -> dict:
 
 def native_body(indices: list[int]) -> dict:
     embeddings = [
-        {"text_index": i, "embedding": [i + 0.5] * DIMS, "sparse_embedding": [{"index": 7149 + i, "value": 0.5}]}
+        {
+            "text_index": i,
+            "embedding": [i + 0.5] * DIMS,
+            "sparse_embedding": [{"index": 7149 + i, "value": 0.5}],
+        }
         for i in indices
     ]
     return {"output": {"embeddings": embeddings}, "usage": {"total_tokens": 9}, "request_id": "req-native"}
@@ -208,7 +212,9 @@ def test_from_settings_names_the_bad_setting(fields: dict, setting: str) -> None
 
 def test_sparse_needs_the_native_api() -> None:
     with pytest.raises(ConfigError):
-        DashScopeEmbedder(root_url="http://x", api_key=KEY, model="text-embedding-v4", dimensions=64, sparse=True)
+        DashScopeEmbedder(
+            root_url="http://x", api_key=KEY, model="text-embedding-v4", dimensions=64, sparse=True
+        )
 
 
 def test_unreachable_provider_is_unavailable_and_repr_hides_key() -> None:

@@ -15,17 +15,41 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_demo_ingests_a_file_and_reports_a_matching_bill(tmp_path):
-    events = [{"op": "upsert", "doc_id": f"n{i}", "version": 1, "collection": "notes",
-               "text": f"Note {i} about {'tea' if i % 2 else 'maps'}."} for i in range(30)]
-    events += [{"op": "delete", "doc_id": "n3", "version": 2, "collection": "notes"},
-               {"op": "upsert", "doc_id": "n4", "version": 2, "collection": "notes", "text": "Note 4, again."}]
+    events = [
+        {
+            "op": "upsert",
+            "doc_id": f"n{i}",
+            "version": 1,
+            "collection": "notes",
+            "text": f"Note {i} about {'tea' if i % 2 else 'maps'}.",
+        }
+        for i in range(30)
+    ]
+    events += [
+        {"op": "delete", "doc_id": "n3", "version": 2, "collection": "notes"},
+        {"op": "upsert", "doc_id": "n4", "version": 2, "collection": "notes", "text": "Note 4, again."},
+    ]
     path = tmp_path / "events.jsonl"
     path.write_text("\n".join(json.dumps(e) for e in events) + "\nnot json\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SIDECAR_", "DASHSCOPE_"))}
     proc = subprocess.run(
-        [sys.executable, "-m", "api.cli", "demo", "--events", str(path), "--data-dir", str(tmp_path / "d"),
-         "--query", "tea"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240,
+        [
+            sys.executable,
+            "-m",
+            "api.cli",
+            "demo",
+            "--events",
+            str(path),
+            "--data-dir",
+            str(tmp_path / "d"),
+            "--query",
+            "tea",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout

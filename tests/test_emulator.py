@@ -14,8 +14,8 @@ import pytest
 
 from api.emulator import (
     EmulatorConfig,
-    config_from_args,
     add_parser,
+    config_from_args,
     expected_sparse,
     expected_vector,
 )
@@ -89,9 +89,7 @@ def test_compatible_through_openai_client(emulator, oai):
 
 
 def test_compatible_single_string_and_default_dimension(emulator, oai):
-    result = oai.embeddings.create(
-        model="text-embedding-v3", input="alpha", encoding_format="float"
-    )
+    result = oai.embeddings.create(model="text-embedding-v3", input="alpha", encoding_format="float")
     assert len(result.data) == 1
     assert result.data[0].embedding == expected_vector("text-embedding-v3", 1024, "alpha")
 
@@ -118,9 +116,7 @@ def test_native_request_id_in_body_and_header(emulator):
 
 def test_query_document_and_instruct_vectors_differ(emulator, native_sdk):
     def vector(**params):
-        resp = native_sdk.call(
-            model=V4, input="how to bake bread", api_key=emulator.api_key, **params
-        )
+        resp = native_sdk.call(model=V4, input="how to bake bread", api_key=emulator.api_key, **params)
         return resp.output["embeddings"][0]["embedding"]
 
     document, query = vector(), vector(text_type="query")
@@ -149,9 +145,7 @@ def test_vectors_rank_documents_sharing_the_query_words_higher():
 @pytest.mark.parametrize("output_type", ["sparse", "dense&sparse"])
 def test_sparse_output(emulator, native_sdk, output_type):
     text = "wind and sorrow, wind again"
-    resp = native_sdk.call(
-        model=V4, input=[text], api_key=emulator.api_key, output_type=output_type
-    )
+    resp = native_sdk.call(model=V4, input=[text], api_key=emulator.api_key, output_type=output_type)
     row = resp.output["embeddings"][0]
     assert ("embedding" in row) == (output_type == "dense&sparse")
     sparse = row["sparse_embedding"]
@@ -165,30 +159,70 @@ def test_sparse_output(emulator, native_sdk, output_type):
 
 # --- rules --------------------------------------------------------------------------------
 
-TOO_LONG = (
-    400, "InvalidParameter", "invalid_parameter_error", "Range of input length should be [1, 8192]"
-)
+TOO_LONG = (400, "InvalidParameter", "invalid_parameter_error", "Range of input length should be [1, 8192]")
 RULES = [
-    pytest.param(body_for, {"texts": ["a"] * 11}, None, (
-        400, "InvalidParameter", "invalid_parameter_error",
-        "Value error, batch size is invalid, it should not be larger than 10.",
-    ), id="too-many-rows"),
+    pytest.param(
+        body_for,
+        {"texts": ["a"] * 11},
+        None,
+        (
+            400,
+            "InvalidParameter",
+            "invalid_parameter_error",
+            "Value error, batch size is invalid, it should not be larger than 10.",
+        ),
+        id="too-many-rows",
+    ),
     pytest.param(body_for, {"texts": ["ok", LONG]}, None, TOO_LONG, id="too-long"),
     pytest.param(body_for, {"texts": ["ok", ""]}, None, TOO_LONG, id="empty-text"),
     pytest.param(body_for, {"texts": ["  \n "]}, None, TOO_LONG, id="blank-text"),
-    pytest.param(body_for, {"texts": ["a"], "dims": 100}, None, (
-        400, "InvalidParameter", "invalid_parameter_error", None), id="bad-dimension"),
-    pytest.param(body_for, {"texts": ["a"], "model": "text-embedding-v9"}, None, (
-        404, "ModelNotFound", "model_not_found", None), id="unknown-model"),
-    pytest.param(body_for, {"texts": ["a"]}, "", (
-        401, "InvalidApiKey", "invalid_api_key", "Incorrect API key provided."), id="no-key"),
-    pytest.param(body_for, {"texts": ["a"]}, "sk-wrong", (
-        401, "InvalidApiKey", "invalid_api_key", "Incorrect API key provided."), id="wrong-key"),
-    pytest.param(None, b'{"model": "text-embedding-v4", ', None, (
-        400, "BadRequest.IllegalInput", "invalid_parameter_error", None), id="malformed-json"),
-    pytest.param(body_for, {"texts": ["fine", "say <<BLOCKED>> here"]}, None, (
-        400, "DataInspectionFailed", "data_inspection_failed",
-        "Input data may contain inappropriate content."), id="inspection"),
+    pytest.param(
+        body_for,
+        {"texts": ["a"], "dims": 100},
+        None,
+        (400, "InvalidParameter", "invalid_parameter_error", None),
+        id="bad-dimension",
+    ),
+    pytest.param(
+        body_for,
+        {"texts": ["a"], "model": "text-embedding-v9"},
+        None,
+        (404, "ModelNotFound", "model_not_found", None),
+        id="unknown-model",
+    ),
+    pytest.param(
+        body_for,
+        {"texts": ["a"]},
+        "",
+        (401, "InvalidApiKey", "invalid_api_key", "Incorrect API key provided."),
+        id="no-key",
+    ),
+    pytest.param(
+        body_for,
+        {"texts": ["a"]},
+        "sk-wrong",
+        (401, "InvalidApiKey", "invalid_api_key", "Incorrect API key provided."),
+        id="wrong-key",
+    ),
+    pytest.param(
+        None,
+        b'{"model": "text-embedding-v4", ',
+        None,
+        (400, "BadRequest.IllegalInput", "invalid_parameter_error", None),
+        id="malformed-json",
+    ),
+    pytest.param(
+        body_for,
+        {"texts": ["fine", "say <<BLOCKED>> here"]},
+        None,
+        (
+            400,
+            "DataInspectionFailed",
+            "data_inspection_failed",
+            "Input data may contain inappropriate content.",
+        ),
+        id="inspection",
+    ),
 ]
 
 
@@ -228,9 +262,7 @@ def test_row_limit_follows_the_model(emulator, native_sdk):
     bad = native_sdk.call(model="text-embedding-v2", input=["a"] * 26, api_key=emulator.api_key)
     assert (bad.status_code, bad.code) == (400, "InvalidParameter")
     assert bad.message == "Value error, batch size is invalid, it should not be larger than 25."
-    too_long = native_sdk.call(
-        model="text-embedding-v2", input="word " * 2100, api_key=emulator.api_key
-    )
+    too_long = native_sdk.call(model="text-embedding-v2", input="word " * 2100, api_key=emulator.api_key)
     assert too_long.message == "Range of input length should be [1, 2048]"
 
 
@@ -286,13 +318,25 @@ def test_token_factor_scales_usage(emulator, oai):
 @pytest.mark.parametrize(
     "api, limits, code, message",
     [
-        ("native", {"rpm": 2}, "Throttling.RateQuota",
-         "Requests rate limit exceeded, please try again later."),
+        (
+            "native",
+            {"rpm": 2},
+            "Throttling.RateQuota",
+            "Requests rate limit exceeded, please try again later.",
+        ),
         ("compatible", {"rpm": 2}, "limit_requests", "You exceeded your current requests list."),
-        ("native", {"tpm": 5}, "Throttling.AllocationQuota",
-         "Allocated quota exceeded, please increase your quota limit."),
-        ("compatible", {"tpm": 5}, "insufficient_quota",
-         "You exceeded your current quota, please check your plan and billing details."),
+        (
+            "native",
+            {"tpm": 5},
+            "Throttling.AllocationQuota",
+            "Allocated quota exceeded, please increase your quota limit.",
+        ),
+        (
+            "compatible",
+            {"tpm": 5},
+            "insufficient_quota",
+            "You exceeded your current quota, please check your plan and billing details.",
+        ),
         ("native", {"rps": 2}, "Throttling.BurstRate", None),
         ("compatible", {"tps": 5}, "limit_burst_rate", None),
     ],
@@ -350,7 +394,9 @@ def test_throttle_rate(emulator):
     responses = [post(emulator, "native", body_for("native", ["a"])) for _ in range(20)]
     assert {r.status_code for r in responses} == {429}
     assert {r.json()["code"] for r in responses} == {
-        "Throttling.RateQuota", "Throttling.AllocationQuota", "Throttling.BurstRate",
+        "Throttling.RateQuota",
+        "Throttling.AllocationQuota",
+        "Throttling.BurstRate",
     }
     assert emulator.bill()["requests"] == []
 
@@ -402,10 +448,12 @@ def test_bill_lists_every_charged_request(emulator, oai, native_sdk):
     bill = emulator.bill()
     assert set(bill) == {"total_tokens", "requests"}
     assert [(r["api"], r["model"]) for r in bill["requests"]] == [
-        ("compatible", V4), ("native", "text-embedding-v3"),
+        ("compatible", V4),
+        ("native", "text-embedding-v3"),
     ]
     assert [r["tokens"] for r in bill["requests"]] == [
-        sum(count_tokens(t) for t in TEXTS[:2]), sum(count_tokens(t) for t in TEXTS),
+        sum(count_tokens(t) for t in TEXTS[:2]),
+        sum(count_tokens(t) for t in TEXTS),
     ]
     assert bill["total_tokens"] == sum(r["tokens"] for r in bill["requests"])
     assert all(set(r) == {"request_id", "model", "api", "tokens", "at"} for r in bill["requests"])
@@ -431,12 +479,33 @@ def test_cli_parser_builds_the_config():
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(
-        "emulator --port 9000 --rpm 60 --error-rate 0.1 --region singapore --api-key sk-1 "
-        "--api-key sk-2 --hang-s 2 --inspection-marker XX".split()
+        [
+            "emulator",
+            "--port",
+            "9000",
+            "--rpm",
+            "60",
+            "--error-rate",
+            "0.1",
+            "--region",
+            "singapore",
+            "--api-key",
+            "sk-1",
+            "--api-key",
+            "sk-2",
+            "--hang-s",
+            "2",
+            "--inspection-marker",
+            "XX",
+        ]
     )
     assert (args.host, args.port) == ("127.0.0.1", 9000) and callable(args.func)
     config = config_from_args(args)
     assert config == EmulatorConfig(
-        region="singapore", api_keys=("sk-1", "sk-2"), rpm=60, error_rate=0.1, hang_s=2.0,
+        region="singapore",
+        api_keys=("sk-1", "sk-2"),
+        rpm=60,
+        error_rate=0.1,
+        hang_s=2.0,
         inspection_marker="XX",
     )

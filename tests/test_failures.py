@@ -5,11 +5,12 @@ from __future__ import annotations
 import time
 
 import pytest
-
 import sqlalchemy as sa
 
-from worker import pauses, pipeline, reports
-from worker.db import Document, ProviderRequest, utcnow
+from worker import pipeline
+from worker.ledger import reports
+from worker.sql import pauses
+from worker.sql.models import Document, ProviderRequest, utcnow
 from worker.tasks import ingest_events
 
 
@@ -32,7 +33,9 @@ def all_indexed(session) -> bool:
 
 
 def ledger_tokens(session) -> int:
-    return session.execute(sa.select(sa.func.coalesce(sa.func.sum(ProviderRequest.billed_tokens), 0))).scalar_one()
+    return session.execute(
+        sa.select(sa.func.coalesce(sa.func.sum(ProviderRequest.billed_tokens), 0))
+    ).scalar_one()
 
 
 def events(n: int) -> list[dict]:
@@ -75,8 +78,11 @@ def test_malformed_answers_never_reach_the_store(make_runtime, emulator):
     emulator.configure(truncate_rate=1.0)
     ingest_events(rt, events(2))
     pipeline.run_cycle(rt)
-    assert rt.store.count("documents") == 0 if "documents" in [
-        c.name for c in rt.store.client.get_collections().collections] else True
+    assert (
+        rt.store.count("documents") == 0
+        if "documents" in [c.name for c in rt.store.client.get_collections().collections]
+        else True
+    )
     emulator.configure(truncate_rate=0.0)
     run_until(rt, all_indexed)
     with rt.sessions() as session:
@@ -102,7 +108,7 @@ def test_account_errors_pause_everyone_and_resume_when_fixed(make_runtime, emula
     with rt.sessions() as session:
         pause = pauses.active(session)
         assert pause is not None and "invalid_api_key" in pause.reason
-        assert reports.status(session)["documents"]["pending"] == 4  # nothing lost
+        assert reports.status(session, rt.settings)["documents"]["pending"] == 4  # nothing lost
     assert pipeline.run_cycle(rt).paused  # no process calls the provider while paused
     emulator.configure(api_keys=[emulator.api_key])
     time.sleep(0.35)
@@ -119,7 +125,9 @@ def test_reconciler_repairs_drift_without_paying_again(make_runtime, emulator):
     ingest_events(rt, events(3))
     run_until(rt, all_indexed)
     paid = emulator.bill()["total_tokens"]
-    rt.store.client.delete("documents", points_selector=[p.id for p in rt.store.document_points("documents", "default", "d1")])
+    rt.store.client.delete(
+        "documents", points_selector=[p.id for p in rt.store.document_points("documents", "default", "d1")]
+    )
     rt.store.write_document("documents", "default", "ghost", 1, [], meta={}, model="m", dimensions=1024)
     report = reconciler.reconcile(rt)
     assert report.redriven == 1
@@ -129,15 +137,25 @@ def test_reconciler_repairs_drift_without_paying_again(make_runtime, emulator):
 
 
 def test_abandoned_sent_rows_are_closed_with_their_estimate(make_runtime):
-    from worker import ledger
+    from worker.ledger import calls
 
     rt = make_runtime()
     with rt.sessions.begin() as session:
-        ledger.open_request(session, request_id="r1", model="text-embedding-v4", dimensions=1024,
-                            api="compatible", rows=1, est_tokens=1000, items=[], attempt=1,
-                            key_fingerprint=None, worker="w")
+        calls.open_request(
+            session,
+            request_id="r1",
+            model="text-embedding-v4",
+            dimensions=1024,
+            api="compatible",
+            rows=1,
+            est_tokens=1000,
+            items=[],
+            attempt=1,
+            key_fingerprint=None,
+            worker="w",
+        )
     with rt.sessions.begin() as session:
-        assert ledger.close_abandoned(session, older_than=utcnow()) == 1
+        assert calls.close_abandoned(session, older_than=utcnow()) == 1
     with rt.sessions() as session:
         row = session.get(ProviderRequest, "r1")
     assert (row.status, row.billed_tokens, row.cost_nano_cny) == ("unknown", 1000, 500_000)
@@ -146,8 +164,8 @@ def test_abandoned_sent_rows_are_closed_with_their_estimate(make_runtime):
 def test_the_ledger_reconciles_with_the_bill_including_unknown_outcomes(make_runtime, emulator):
     """A timed-out call (billed, id unknown) and a call cut off before it was sent (not billed):
     after reconciliation every bill entry is in the ledger once and the tokens are equal."""
-    from worker import billing, ledger
     from tests.test_state_machine import SimulatedCrash
+    from worker.ledger import billing, calls
 
     rt = make_runtime(request_timeout_s=0.3)
     ingest_events(rt, events(3))
@@ -161,7 +179,7 @@ def test_the_ledger_reconciles_with_the_bill_including_unknown_outcomes(make_run
         pipeline.run_cycle(rt)
     rt.crash_hook = None
     with rt.sessions.begin() as session:
-        ledger.close_abandoned(session, older_than=utcnow())  # as the reconciler would, later
+        calls.close_abandoned(session, older_than=utcnow())  # as the reconciler would, later
         session.execute(sa.update(Document).values(lease_until=None))
     emulator.configure(hang_rate=1.0, hang_s=0.8)
     pipeline.run_cycle(rt)

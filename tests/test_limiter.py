@@ -13,10 +13,10 @@ from collections.abc import Callable
 
 import pytest
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from worker.errors import ProviderThrottled, RetryLater
 from worker.limiter import (
@@ -350,8 +350,12 @@ def test_local_and_redis_make_the_same_decisions(redis_client, ops, limits):
     clock = FakeClock()
     local = LocalRateLimiter(limits, clock=clock, sleep=clock.sleep, seed=1)
     shared = RedisRateLimiter(
-        redis_client, limits, key=f"test:limiter:{uuid.uuid4().hex}", clock=clock,
-        sleep=clock.sleep, seed=1,
+        redis_client,
+        limits,
+        key=f"test:limiter:{uuid.uuid4().hex}",
+        clock=clock,
+        sleep=clock.sleep,
+        seed=1,
     )
 
     def outcome(lim: RateLimiter, op: tuple, permits: list[Permit]):
@@ -363,7 +367,7 @@ def test_local_and_redis_make_the_same_decisions(redis_client, ops, limits):
                 return ("wait", exc.retry_after_s)
             permits.append(permit)
             return ("granted", permit)
-        pick = (lambda i: permits[i % len(permits)] if permits and i is not None else None)
+        pick = lambda i: permits[i % len(permits)] if permits and i is not None else None
         if kind == "settle":
             permit = pick(op[1])
             return None if permit is None else lim.settle(permit, op[2])
@@ -401,8 +405,14 @@ def test_booking_is_the_same_in_both_implementations(redis_client):
     limits = Limits(600, 30_000, schedule_ahead_s=1.0)
     peers = [
         LocalRateLimiter(limits, clock=clocks[0], sleep=clocks[0].sleep, seed=1),
-        RedisRateLimiter(redis_client, limits, key=f"test:limiter:{uuid.uuid4().hex}", clock=clocks[1],
-                         sleep=clocks[1].sleep, seed=1),
+        RedisRateLimiter(
+            redis_client,
+            limits,
+            key=f"test:limiter:{uuid.uuid4().hex}",
+            clock=clocks[1],
+            sleep=clocks[1].sleep,
+            seed=1,
+        ),
     ]
     rng = random.Random(7)
     for _ in range(200):

@@ -7,19 +7,21 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from worker import db, schema
 from worker.errors import SchemaOutdated
+from worker.sql import engines, models, schema
 
 
 def test_upgrade_downgrade_and_no_drift(database_url):
-    engine = db.make_engine(database_url)
+    engine = engines.make_engine(database_url)
     with pytest.raises(SchemaOutdated, match="sidecar migrate"):
         schema.check_schema(engine)
 
     schema.upgrade(database_url)
     schema.check_schema(engine)
     with engine.connect() as conn:
-        diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), db.Base.metadata)
+        diff = compare_metadata(
+            MigrationContext.configure(conn, opts={"compare_type": True}), models.Base.metadata
+        )
     assert diff == []
 
     schema.downgrade(database_url, "base")

@@ -6,9 +6,10 @@ import pytest
 import sqlalchemy as sa
 
 from api.emulator import expected_vector
-from worker import pipeline, state
-from worker.db import Document, ProviderRequest, RequestItem
+from worker import pipeline
 from worker.events import parse_event
+from worker.sql import documents
+from worker.sql.models import Document, ProviderRequest, RequestItem
 from worker.tasks import ingest_events
 
 
@@ -83,8 +84,10 @@ def test_long_text_is_chunked_and_shrinks(make_runtime):
     assert len(first) > 3
     ingest_events(rt, [upsert("long", "now short", version=2)])
     drain(rt)
-    assert [(p.payload["chunk_index"], p.payload["version"]) for p in
-            rt.store.document_points("documents", "default", "long")] == [(0, 2)]
+    assert [
+        (p.payload["chunk_index"], p.payload["version"])
+        for p in rt.store.document_points("documents", "default", "long")
+    ] == [(0, 2)]
 
 
 def test_bad_events_are_rejected_and_the_rest_flow(make_runtime):
@@ -93,7 +96,7 @@ def test_bad_events_are_rejected_and_the_rest_flow(make_runtime):
     assert outcome == {"rejected": 2, "accepted": 1}
     drain(rt)
     with rt.sessions() as session:
-        counts = state.document_counts(session)
+        counts = documents.document_counts(session)
     assert counts["rejected"] == 2 and counts["indexed"] == 1
 
 
@@ -105,7 +108,9 @@ def test_moderation_rejection_is_narrowed_to_one_document(make_runtime, emulator
     drain(rt)
     with rt.sessions() as session:
         statuses = dict(session.execute(sa.select(Document.doc_id, Document.status)).all())
-        last_error = session.execute(sa.select(Document.last_error).where(Document.doc_id == "d4")).scalar_one()
+        last_error = session.execute(
+            sa.select(Document.last_error).where(Document.doc_id == "d4")
+        ).scalar_one()
     assert statuses.pop("d4") == "dead"
     assert set(statuses.values()) == {"indexed"}
     assert "DataInspectionFailed" in last_error or "inspection" in last_error.lower()
@@ -158,11 +163,14 @@ def test_hybrid_output_stores_the_sparse_vector(make_runtime, emulator):
     rt = make_runtime(embedding_api="native", sparse_vectors=True)
     ingest_events(rt, [upsert("h", "green tea and black tea")])
     drain(rt)
-    point = rt.store.client.retrieve("documents", [rt.store.document_points("documents", "default", "h")[0].id],
-                                     with_vectors=True)[0]
+    point = rt.store.client.retrieve(
+        "documents", [rt.store.document_points("documents", "default", "h")[0].id], with_vectors=True
+    )[0]
     sparse = point.vector["sparse"]
     expected = expected_sparse(rt.embedder.model, "green tea and black tea")
-    assert dict(zip(sparse.indices, sparse.values)) == pytest.approx({e["index"]: e["value"] for e in expected})
+    assert dict(zip(sparse.indices, sparse.values)) == pytest.approx(
+        {e["index"]: e["value"] for e in expected}
+    )
 
 
 def test_sparse_needs_the_native_api():
@@ -178,6 +186,8 @@ def test_under_a_backlog_a_partial_batch_waits_for_company(make_runtime):
     ingest_events(rt, [upsert(f"d{i:02}", f"note {i}") for i in range(12)])
     drain(rt)
     with rt.sessions() as session:
-        sizes = session.execute(sa.select(ProviderRequest.rows).order_by(ProviderRequest.created_at)).scalars()
+        sizes = session.execute(
+            sa.select(ProviderRequest.rows).order_by(ProviderRequest.created_at)
+        ).scalars()
         # A full claim of 11: ten go, one is handed back and leads the next claim with the 12th.
         assert list(sizes) == [10, 2]

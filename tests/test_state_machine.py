@@ -12,11 +12,19 @@ from __future__ import annotations
 import sqlalchemy as sa
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
-from worker import chunking, db, ledger, pipeline, reconciler
-from worker.db import utcnow
+from worker import chunking, pipeline, reconciler
+from worker.ledger import calls
 from worker.limiter import Permit
+from worker.sql import models
+from worker.sql.models import utcnow
 from worker.tasks import ingest_events
 
 CRASH_POINTS = ("before_call", "after_call", "after_ledger", "after_store_write")
@@ -44,7 +52,7 @@ def make_machine(rt, emulator):
         def __init__(self) -> None:
             super().__init__()
             with rt.sessions.begin() as session:
-                for table in reversed(db.Base.metadata.sorted_tables):
+                for table in reversed(models.Base.metadata.sorted_tables):
                     session.execute(table.delete())
             for collection in rt.store.client.get_collections().collections:
                 rt.store.client.delete_collection(collection.name)
@@ -106,16 +114,18 @@ def make_machine(rt, emulator):
                 if text is None:
                     assert points == [], f"{doc}: deleted or never sent, yet visible"
                     continue
-                expected = chunking.split_text(text, max_tokens=rt.chunk_max_tokens,
-                                               overlap_tokens=rt.settings.chunk_overlap_tokens)
-                assert [(p.payload["version"], p.payload["text"]) for p in points] == \
-                    [(version, c.text) for c in expected], f"{doc}: store differs from the model"
+                expected = chunking.split_text(
+                    text, max_tokens=rt.chunk_max_tokens, overlap_tokens=rt.settings.chunk_overlap_tokens
+                )
+                assert [(p.payload["version"], p.payload["text"]) for p in points] == [
+                    (version, c.text) for c in expected
+                ], f"{doc}: store differs from the model"
             with rt.sessions() as session:
                 ledger_tokens = session.execute(
-                    sa.select(sa.func.coalesce(sa.func.sum(db.ProviderRequest.billed_tokens), 0))
+                    sa.select(sa.func.coalesce(sa.func.sum(models.ProviderRequest.billed_tokens), 0))
                 ).scalar_one()
                 open_rows = session.execute(
-                    sa.select(sa.func.count()).where(db.ProviderRequest.status == "sent")
+                    sa.select(sa.func.count()).where(models.ProviderRequest.status == "sent")
                 ).scalar_one()
             assert open_rows == 0
             assert ledger_tokens == emulator.bill()["total_tokens"]
@@ -129,14 +139,14 @@ def drain(rt, emulator) -> None:
     emulator.configure(error_rate=0.0)
     for _ in range(20):
         with rt.sessions.begin() as session:
-            session.execute(sa.update(db.Document).values(lease_until=None, lease_owner=None))
-            ledger.close_abandoned(session, older_than=utcnow())
+            session.execute(sa.update(models.Document).values(lease_until=None, lease_owner=None))
+            calls.close_abandoned(session, older_than=utcnow())
         reconciler.reconcile(rt)
         while not pipeline.run_cycle(rt).idle:
             pass
         with rt.sessions() as session:
             pending = session.execute(
-                sa.select(sa.func.count()).where(db.Document.status == "pending")
+                sa.select(sa.func.count()).where(models.Document.status == "pending")
             ).scalar_one()
         if not pending:
             return
@@ -148,6 +158,7 @@ def test_pipeline_state_machine(make_runtime, emulator):
     rt.limiter = FreeLimiter()
     run_state_machine_as_test(
         make_machine(rt, emulator),
-        settings=settings(max_examples=20, stateful_step_count=12, deadline=None,
-                          suppress_health_check=list(HealthCheck)),
+        settings=settings(
+            max_examples=20, stateful_step_count=12, deadline=None, suppress_health_check=list(HealthCheck)
+        ),
     )

@@ -16,7 +16,7 @@ from qdrant_client import QdrantClient, models
 from tests.fixtures.services import QDRANT_URL, missing_service
 from worker.errors import ConfigError, StoreUnavailable
 from worker.settings import Settings
-from worker.store import ChunkVector, QdrantStore, point_id
+from worker.vectorstore.qdrant import ChunkVector, QdrantStore, point_id
 
 pytestmark = pytest.mark.filterwarnings("ignore:Payload indexes have no effect:UserWarning")
 
@@ -33,9 +33,7 @@ def chunks(n: int, tag: str = "", offset: int = 0) -> list[ChunkVector]:
     return [ChunkVector(i, f"{tag} chunk {i}", f"h{tag}{i}", vec(i + offset)) for i in range(n)]
 
 
-def write(
-    store: QdrantStore, doc_id: str, version: int, n: int, *, tenant="t1", offset=0, meta=None
-) -> bool:
+def write(store: QdrantStore, doc_id: str, version: int, n: int, *, tenant="t1", offset=0, meta=None) -> bool:
     """Write `n` chunks of `doc_id` at `version`; chunk i gets vec(i + offset)."""
     return store.write_document(
         COLL,
@@ -119,7 +117,11 @@ def test_write_creates_collection_with_payload_contract(store):
     assert [p.id for p in points] == [point_id("t1", COLL, "doc-1", i) for i in range(2)]
     p = points[1].payload
     assert {k: p[k] for k in ("doc_id", "tenant", "chunk_index", "chunk_count", "version")} == {
-        "doc_id": "doc-1", "tenant": "t1", "chunk_index": 1, "chunk_count": 2, "version": 7,
+        "doc_id": "doc-1",
+        "tenant": "t1",
+        "chunk_index": 1,
+        "chunk_count": 2,
+        "version": 7,
     }
     assert p["content_hash"] == "hv71" and p["text"] == "v7 chunk 1"
     assert p["meta"] == {"lang": "en", "doc_id": "spoof", "version": 99}  # nested, so no clash
@@ -240,9 +242,7 @@ def test_search_ranks_an_identical_vector_first(store):
 def test_sparse_vectors_are_stored(store):
     store.ensure_collection(COLL, DIMS, sparse=True)
     chunk = ChunkVector(0, "x", "h", vec(0), sparse={3: 0.5, 17: 1.25})
-    assert store.write_document(
-        COLL, "t1", "doc-1", 1, [chunk], meta={}, model="m", dimensions=DIMS
-    )
+    assert store.write_document(COLL, "t1", "doc-1", 1, [chunk], meta={}, model="m", dimensions=DIMS)
     ids = [point_id("t1", COLL, "doc-1", 0)]
     [record] = store.client.retrieve(store.prefix + COLL, ids, with_vectors=True)
     sparse = record.vector["sparse"]

@@ -23,15 +23,19 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def wait_for(condition, *, timeout_s: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
+def wait_for(
+    condition, *, timeout_s: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None
+):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = condition()
         if value:
             return value
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"worker exited ({proc.returncode}) while waiting for {what}:\n"
-                                 f"{log.read_text()[-4000:] if log else ''}")
+            raise AssertionError(
+                f"worker exited ({proc.returncode}) while waiting for {what}:\n"
+                f"{log.read_text()[-4000:] if log else ''}"
+            )
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}\n{log.read_text()[-4000:] if log else ''}")
 
@@ -53,19 +57,25 @@ def worker_env(tmp_path, database_url, redis_url, emulator):
         "SIDECAR_BATCH_MAX_DELAY_S": "0.2",
     }
     env.pop("SIDECAR_QDRANT_URL", None)
-    subprocess.run([sys.executable, "-m", "api.cli", "migrate"], env=env, cwd=ROOT, check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "api.cli", "migrate"], env=env, cwd=ROOT, check=True, capture_output=True
+    )
     return env
 
 
 def start_worker(env, log: Path) -> subprocess.Popen:
     with open(log, "wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "api.cli", "worker", "--loglevel", "INFO"],
-                                env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, "-m", "api.cli", "worker", "--loglevel", "INFO"],
+            env=env,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def stop_worker(proc: subprocess.Popen) -> None:
-    from api.demo import stop  # SIGTERM, then SIGKILL after 30 s
+    from api.cli.demo import stop  # SIGTERM, then SIGKILL after 30 s
 
     stop(proc)
 
@@ -77,13 +87,23 @@ def test_events_to_qdrant_and_ledger_matching_the_bill(worker_env, tmp_path, emu
     producer = Celery(broker=env["SIDECAR_BROKER_URL"])
     producer.conf.task_serializer = "json"
     try:
-        events = [{"op": "upsert", "doc_id": f"doc-{i}", "version": 1, "text": f"Note {i}: tea and maps.",
-                   "metadata": {"n": i}} for i in range(40)]
-        events += [{"op": "upsert", "doc_id": "doc-3", "version": 2, "text": "Note 3, rewritten."},
-                   {"op": "delete", "doc_id": "doc-5", "version": 2},
-                   {"op": "upsert", "doc_id": "doc-7", "version": 0, "text": "older, ignored"},
-                   {"op": "upsert", "doc_id": "bad"},  # no text: rejected, the rest flow on
-                   "not an object"]
+        events = [
+            {
+                "op": "upsert",
+                "doc_id": f"doc-{i}",
+                "version": 1,
+                "text": f"Note {i}: tea and maps.",
+                "metadata": {"n": i},
+            }
+            for i in range(40)
+        ]
+        events += [
+            {"op": "upsert", "doc_id": "doc-3", "version": 2, "text": "Note 3, rewritten."},
+            {"op": "delete", "doc_id": "doc-5", "version": 2},
+            {"op": "upsert", "doc_id": "doc-7", "version": 0, "text": "older, ignored"},
+            {"op": "upsert", "doc_id": "bad"},  # no text: rejected, the rest flow on
+            "not an object",
+        ]
         producer.send_task("sidecar.ingest_many", args=[events[:20]])
         for event in events[20:]:
             producer.send_task("sidecar.ingest", args=[event])
@@ -95,8 +115,13 @@ def test_events_to_qdrant_and_ledger_matching_the_bill(worker_env, tmp_path, emu
                 rows = conn.execute(sa.text("select doc_id, version, status from documents")).all()
                 rejected = conn.execute(sa.text("select count(*) from rejected_events")).scalar_one()
             state = {d: (v, s) for d, v, s in rows}
-            return (len(state) == 40 and rejected == 2 and state["doc-3"][0] == 2
-                    and state["doc-5"][0] == 2 and all(s != "pending" for _, s in state.values())) and state
+            return (
+                len(state) == 40
+                and rejected == 2
+                and state["doc-3"][0] == 2
+                and state["doc-5"][0] == 2
+                and all(s != "pending" for _, s in state.values())
+            ) and state
 
         state = wait_for(settled, timeout_s=60, what="all documents settled", proc=proc, log=log)
     finally:
@@ -106,8 +131,9 @@ def test_events_to_qdrant_and_ledger_matching_the_bill(worker_env, tmp_path, emu
     assert state["doc-7"] == (1, "indexed")
     assert sum(s == "indexed" for _, s in state.values()) == 39
     with engine.connect() as conn:
-        ledger = conn.execute(sa.text(
-            "select provider_request_id, billed_tokens, rows, status from provider_requests")).all()
+        ledger = conn.execute(
+            sa.text("select provider_request_id, billed_tokens, rows, status from provider_requests")
+        ).all()
         served = conn.execute(sa.text("select count(*) from provider_request_items")).scalar_one()
     engine.dispose()
     bill = emulator.bill()
@@ -143,25 +169,44 @@ def test_a_provider_cooldown_never_holds_broker_messages(worker_env, tmp_path, e
     engine = sa.create_engine(env["SIDECAR_DATABASE_URL"])
     try:
         for batch in range(4):
-            producer.send_task("sidecar.ingest_many", args=[[
-                {"op": "upsert", "doc_id": f"c{batch}-{i}", "text": f"text {batch} {i}"} for i in range(10)]])
+            producer.send_task(
+                "sidecar.ingest_many",
+                args=[
+                    [
+                        {"op": "upsert", "doc_id": f"c{batch}-{i}", "text": f"text {batch} {i}"}
+                        for i in range(10)
+                    ]
+                ],
+            )
 
         def refused() -> bool:
             return any(entry["status"] == 429 for entry in emulator.log())
 
         wait_for(refused, timeout_s=30, what="the provider's first 429", proc=proc, log=log)
         for batch in range(4, 8):  # published while the limiter is cooling down
-            producer.send_task("sidecar.ingest_many", args=[[
-                {"op": "upsert", "doc_id": f"c{batch}-{i}", "text": f"text {batch} {i}"} for i in range(10)]])
+            producer.send_task(
+                "sidecar.ingest_many",
+                args=[
+                    [
+                        {"op": "upsert", "doc_id": f"c{batch}-{i}", "text": f"text {batch} {i}"}
+                        for i in range(10)
+                    ]
+                ],
+            )
 
         def accepted_and_acked():
             with engine.connect() as conn:
                 docs = conn.execute(sa.text("select count(*) from documents")).scalar_one()
             return docs == 80 and broker.llen("celery") == 0 and broker.hlen("unacked") == 0
 
-        wait_for(accepted_and_acked, timeout_s=30, what="events accepted and messages acked", proc=proc, log=log)
+        wait_for(
+            accepted_and_acked, timeout_s=30, what="events accepted and messages acked", proc=proc, log=log
+        )
         with engine.connect() as conn:
-            assert conn.execute(sa.text("select count(*) from documents where status = 'indexed'")).scalar_one() == 0
+            assert (
+                conn.execute(sa.text("select count(*) from documents where status = 'indexed'")).scalar_one()
+                == 0
+            )
     finally:
         stop_worker(proc)
         engine.dispose()

@@ -47,8 +47,7 @@ def plan_batches(
         for name, limit in limits.items():
             if row.tokens > limit:
                 raise ValueError(
-                    f"row {row.key!r}: {row.tokens} tokens is over {name}={limit}; "
-                    "chunk the text first"
+                    f"row {row.key!r}: {row.tokens} tokens is over {name}={limit}; chunk the text first"
                 )
         over_budget = budget is not None and batch_tokens + row.tokens > budget
         if batch and (len(batch) == max_rows or over_budget):

@@ -94,7 +94,9 @@ class Channel(kombu_redis.Channel):
                     self.connection._deliver(message, queue)  # kombu records it as unacked here
                 except Exception:
                     with self.conn_or_acquire() as client:  # not recorded: back on the queue
-                        client.pipeline().lrem(inflight, 1, item).rpush(self._q_for_pri(queue, 0), item).execute()
+                        client.pipeline().lrem(inflight, 1, item).rpush(
+                            self._q_for_pri(queue, 0), item
+                        ).execute()
                     raise
             with self.conn_or_acquire() as client:
                 client.lrem(inflight, 1, item)
@@ -121,7 +123,7 @@ def restore_dead_consumers(client: Any) -> int:
     moved = 0
     for raw in client.scan_iter(match=f"{INFLIGHT_PREFIX}*", count=100):
         key = bytes_to_str(raw)
-        consumer, _, source = key[len(INFLIGHT_PREFIX):].partition(":")
+        consumer, _, source = key[len(INFLIGHT_PREFIX) :].partition(":")
         moved += int(restore(keys=[key, f"{ALIVE_PREFIX}{consumer}", source]))
     if moved:
         log.warning("broker.restored messages=%d (popped by consumers that died)", moved)

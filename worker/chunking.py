@@ -49,8 +49,7 @@ def split_text(text: str, *, max_tokens: int, overlap_tokens: int = 0) -> list[C
         raise ValueError(f"max_tokens must be >= {MIN_MAX_TOKENS}, got {max_tokens}")
     if not 0 <= overlap_tokens < max_tokens / 2:
         raise ValueError(
-            f"overlap_tokens must be >= 0 and below max_tokens/2 ({max_tokens / 2:g}), "
-            f"got {overlap_tokens}"
+            f"overlap_tokens must be >= 0 and below max_tokens/2 ({max_tokens / 2:g}), got {overlap_tokens}"
         )
     text = tokens.normalize(text)
     starts = _token_starts(tokens.encode(text))

@@ -101,8 +101,11 @@ def parse_event(
 def parse_with(raw: Any, settings: Settings) -> Event:
     """`parse_event` with the defaults and caps of `settings` (every caller's case)."""
     return parse_event(
-        raw, default_collection=settings.default_collection, default_tenant=settings.default_tenant,
-        max_text_bytes=settings.max_text_bytes, max_metadata_bytes=settings.max_metadata_bytes,
+        raw,
+        default_collection=settings.default_collection,
+        default_tenant=settings.default_tenant,
+        max_text_bytes=settings.max_text_bytes,
+        max_metadata_bytes=settings.max_metadata_bytes,
     )
 
 

@@ -54,8 +54,13 @@ AIMD_FLOOR = 0.1
 AIMD_CUT_SPACING_S = 5.0  # at most one halving per this many seconds
 _EPSILON_S = 1e-6  # a scheduled reservation is made this much after its turn (float rounding)
 _TUNING = (
-    STRIKE_RESET_S, BACKOFF_BASE_S, BACKOFF_MAX_S,
-    AIMD_WINDOW_S, AIMD_STEP, AIMD_FLOOR, AIMD_CUT_SPACING_S,
+    STRIKE_RESET_S,
+    BACKOFF_BASE_S,
+    BACKOFF_MAX_S,
+    AIMD_WINDOW_S,
+    AIMD_STEP,
+    AIMD_FLOOR,
+    AIMD_CUT_SPACING_S,
 )
 
 
@@ -117,7 +122,9 @@ def try_reserve(state: GcraState, limits: Limits, now: float, tokens: int) -> fl
     return 0.0
 
 
-def reserve_ahead(state: GcraState, limits: Limits, now: float, tokens: int, ahead_s: float) -> tuple[bool, float]:
+def reserve_ahead(
+    state: GcraState, limits: Limits, now: float, tokens: int, ahead_s: float
+) -> tuple[bool, float]:
     """(granted, wait): `try_reserve`, or when the wait is at most `ahead_s` and no cooldown runs,
     a reservation at `now + wait`, its exact turn (the caller sleeps `wait`, then sends)."""
     wait = try_reserve(state, limits, now, tokens)
@@ -138,7 +145,10 @@ def settle(state: GcraState, limits: Limits, now: float, estimated: int, billed:
 
 
 def strike(
-    state: GcraState, now: float, retry_after_s: float | None, jitter: float,
+    state: GcraState,
+    now: float,
+    retry_after_s: float | None,
+    jitter: float,
     granted_at: float | None = None,
 ) -> float:
     """A 429: a cooldown for everyone; returns how long it still runs. `jitter` is in [0, 1)."""
@@ -176,8 +186,12 @@ class RateLimiter(Protocol):
 
 
 def _acquire(
-    reserve: Callable[[float], tuple[bool, float, float]], tokens: int, timeout_s: float,
-    ahead_s: float, clock: Callable[[], float], sleep: Callable[[float], None],
+    reserve: Callable[[float], tuple[bool, float, float]],
+    tokens: int,
+    timeout_s: float,
+    ahead_s: float,
+    clock: Callable[[], float],
+    sleep: Callable[[float], None],
 ) -> Permit:
     """Try `reserve(ahead_s)` (→ granted, wait, now) until it grants, or raise once the wait
     would pass the deadline. A grant with a wait is a slot booked ahead: sleep, then go."""
@@ -389,8 +403,14 @@ class RedisRateLimiter:
             return bool(granted), wait, now
 
         try:
-            return _acquire(reserve, tokens, timeout_s, self.limits.schedule_ahead_s,
-                            self._clock or time.monotonic, self._sleep)
+            return _acquire(
+                reserve,
+                tokens,
+                timeout_s,
+                self.limits.schedule_ahead_s,
+                self._clock or time.monotonic,
+                self._sleep,
+            )
         except RedisError as exc:
             raise RetryLater(f"rate limiter: Redis unavailable ({type(exc).__name__})") from exc
 

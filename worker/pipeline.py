@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from worker import batching, cache, chunking, ledger, pauses, state, stats
-from worker.db import ProviderPause, utcnow
+from worker import batching, chunking
 from worker.errors import (
     AccountError,
     InputRejected,
@@ -31,8 +30,11 @@ from worker.errors import (
     StoreConflict,
     StoreUnavailable,
 )
+from worker.ledger import calls, counters
 from worker.runtime import Runtime
-from worker.store import ChunkVector
+from worker.sql import cache, documents, pauses
+from worker.sql.models import ProviderPause, utcnow
+from worker.vectorstore.qdrant import ChunkVector
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +59,12 @@ class Cycle:
 class _Work:
     """Upserts of this cycle, their chunks and who needs which vector."""
 
-    docs: list[state.Claimed]
+    docs: list[documents.Claimed]
     chunks: dict[int, list[chunking.Chunk]] = field(default_factory=dict)
     keys: dict[int, list[str]] = field(default_factory=dict)
-    users: dict[str, list[tuple[state.Claimed, chunking.Chunk]]] = field(default_factory=lambda: defaultdict(list))
+    users: dict[str, list[tuple[documents.Claimed, chunking.Chunk]]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
     vectors: dict[str, cache.Embedded] = field(default_factory=dict)
     cached: set[str] = field(default_factory=set)  # keys paid for before this cycle
     errors: dict[int, SidecarError] = field(default_factory=dict)
@@ -73,7 +77,7 @@ def run_cycle(rt: Runtime) -> Cycle:
         if pause is not None and pause.until > utcnow():
             return Cycle(idle=True, paused=pause.reason)
         rt.probing = pause is not None  # expired: the first success after it clears the row
-        docs = state.claim(session, owner=rt.owner, limit=limit, lease_s=rt.settings.lease_s)
+        docs = documents.claim(session, owner=rt.owner, limit=limit, lease_s=rt.settings.lease_s)
     if not docs:
         return Cycle(idle=True)
     cycle = Cycle(claimed=len(docs))
@@ -92,7 +96,9 @@ def run_cycle(rt: Runtime) -> Cycle:
     plan_chunks(rt, work)
     rows = missing_rows(rt, work)
     batches = batching.plan_batches(
-        rows, max_rows=rt.spec.max_rows, max_tokens_per_row=rt.spec.max_tokens_per_row,
+        rows,
+        max_rows=rt.spec.max_rows,
+        max_tokens_per_row=rt.spec.max_tokens_per_row,
         balance_tokens=True,
     )
     full, rest = batching.split_full(batches, rt.spec.max_rows)
@@ -102,7 +108,7 @@ def run_cycle(rt: Runtime) -> Cycle:
     for batch in full:
         if time.monotonic() - renewed > rt.settings.lease_s / 3:  # a long cycle keeps its leases
             with rt.sessions.begin() as session:
-                state.renew(session, work.docs, owner=rt.owner, lease_s=rt.settings.lease_s)
+                documents.renew(session, work.docs, owner=rt.owner, lease_s=rt.settings.lease_s)
             renewed = time.monotonic()
         if not embed_rows(rt, work, batch, cycle):
             break  # the provider asked us to back off: leave the rest for later
@@ -110,7 +116,7 @@ def run_cycle(rt: Runtime) -> Cycle:
     return cycle
 
 
-def apply_delete(rt: Runtime, doc: state.Claimed, cycle: Cycle) -> None:
+def apply_delete(rt: Runtime, doc: documents.Claimed, cycle: Cycle) -> None:
     try:
         ensure_collection(rt, doc.collection)  # so the delete leaves a tombstone even in a new collection
         rt.store.delete_document(doc.collection, doc.tenant, doc.doc_id, doc.version)
@@ -121,7 +127,7 @@ def apply_delete(rt: Runtime, doc: state.Claimed, cycle: Cycle) -> None:
         _give_up(rt, doc, f"the vector store refused the delete: {exc}", cycle)
         return
     with rt.sessions.begin() as session:
-        if state.mark_deleted(session, doc, owner=rt.owner):
+        if documents.mark_deleted(session, doc, owner=rt.owner):
             cycle.deleted += 1
 
 
@@ -154,11 +160,14 @@ def missing_rows(rt: Runtime, work: _Work) -> list[batching.Row]:
     return rows
 
 
-def _saved_tokens(work: _Work, doc: state.Claimed) -> int:
+def _saved_tokens(work: _Work, doc: documents.Claimed) -> int:
     """Tokens of this document not sent: chunks paid for before, or shared with another
     document of this cycle that carried them."""
-    return sum(chunk.tokens for chunk, key in zip(work.chunks[doc.id], work.keys[doc.id])
-               if key in work.cached or work.users[key][0][0] is not doc)
+    return sum(
+        chunk.tokens
+        for chunk, key in zip(work.chunks[doc.id], work.keys[doc.id])
+        if key in work.cached or work.users[key][0][0] is not doc
+    )
 
 
 def embed_rows(rt: Runtime, work: _Work, rows: list[batching.Row], cycle: Cycle) -> bool:
@@ -180,12 +189,14 @@ def embed_rows(rt: Runtime, work: _Work, rows: list[batching.Row], cycle: Cycle)
         return False
 
 
-def call_provider(rt: Runtime, work: _Work, rows: list[batching.Row], cycle: Cycle) -> dict[str, cache.Embedded]:
+def call_provider(
+    rt: Runtime, work: _Work, rows: list[batching.Row], cycle: Cycle
+) -> dict[str, cache.Embedded]:
     est_tokens = sum(row.tokens for row in rows)
     permit = rt.limiter.acquire(est_tokens, timeout_s=rt.settings.lease_s / 4)
     request_id = str(uuid.uuid4())
     items = [
-        ledger.ItemRef(doc.id, doc.version, chunk.index, chunk.content_hash, chunk.tokens)
+        calls.ItemRef(doc.id, doc.version, chunk.index, chunk.content_hash, chunk.tokens)
         for row in rows
         for doc, chunk in work.users[row.key]
     ]
@@ -196,11 +207,18 @@ def call_provider(rt: Runtime, work: _Work, rows: list[batching.Row], cycle: Cyc
             except RetryLater:
                 rt.limiter.settle(permit, 0)
                 raise
-        ledger.open_request(
-            session, request_id=request_id, model=rt.embedder.model, dimensions=rt.embedder.dimensions,
-            api=rt.embedder.api, rows=len(rows), est_tokens=est_tokens, items=items,
+        calls.open_request(
+            session,
+            request_id=request_id,
+            model=rt.embedder.model,
+            dimensions=rt.embedder.dimensions,
+            api=rt.embedder.api,
+            rows=len(rows),
+            est_tokens=est_tokens,
+            items=items,
             attempt=max(doc.attempts for doc, _ in work.users[rows[0].key]),
-            key_fingerprint=rt.settings.key_fingerprint(), worker=rt.owner,
+            key_fingerprint=rt.settings.key_fingerprint(),
+            worker=rt.owner,
         )
     cycle.requests += 1
     rt.crash("before_call")
@@ -211,8 +229,11 @@ def call_provider(rt: Runtime, work: _Work, rows: list[batching.Row], cycle: Cyc
         if exc.call is not None and exc.call.http_status == 429:
             rt.limiter.throttled(getattr(exc, "retry_after_s", None), permit=permit)
         with rt.sessions.begin() as session:
-            ledger.record_failure(
-                session, request_id, exc.call, message=str(exc),
+            calls.record_failure(
+                session,
+                request_id,
+                exc.call,
+                message=str(exc),
                 unknown_cost_nano=rt.spec.cost_nano_cny(est_tokens) if outcome_unknown(exc) else None,
             )
             if isinstance(exc, AccountError):
@@ -226,9 +247,12 @@ def call_provider(rt: Runtime, work: _Work, rows: list[batching.Row], cycle: Cyc
         row.key: cache.Embedded(vector, weights) for row, vector, weights in zip(rows, result.vectors, sparse)
     }
     with rt.sessions.begin() as session:
-        ledger.record_success(session, request_id, result, rt.spec.cost_nano_cny(result.billed_tokens))
+        calls.record_success(session, request_id, result, rt.spec.cost_nano_cny(result.billed_tokens))
         cache.put_many(
-            session, vectors, model=rt.embedder.model, dimensions=rt.embedder.dimensions,
+            session,
+            vectors,
+            model=rt.embedder.model,
+            dimensions=rt.embedder.dimensions,
             request_id=request_id,
         )
         if rt.probing:
@@ -238,7 +262,10 @@ def call_provider(rt: Runtime, work: _Work, rows: list[batching.Row], cycle: Cyc
     cycle.rows += len(rows)
     log.info(
         "embed.done request_id=%s rows=%d tokens=%d ms=%.0f",
-        result.request_id, len(rows), result.billed_tokens, result.latency_ms,
+        result.request_id,
+        len(rows),
+        result.billed_tokens,
+        result.latency_ms,
     )
     return vectors
 
@@ -265,19 +292,30 @@ def finish(rt: Runtime, work: _Work, cycle: Cycle) -> None:
         keys = work.keys[doc.id]
         if not all(key in work.vectors for key in keys):
             with rt.sessions.begin() as session:
-                state.release(session, doc, owner=rt.owner)
+                documents.release(session, doc, owner=rt.owner)
             cycle.held_back += 1
             continue
         chunks = [
-            ChunkVector(chunk.index, chunk.text, chunk.content_hash, work.vectors[key].vector,
-                        work.vectors[key].sparse)
+            ChunkVector(
+                chunk.index,
+                chunk.text,
+                chunk.content_hash,
+                work.vectors[key].vector,
+                work.vectors[key].sparse,
+            )
             for chunk, key in zip(work.chunks[doc.id], keys)
         ]
         try:
             ensure_collection(rt, doc.collection)
             written = rt.store.write_document(
-                doc.collection, doc.tenant, doc.doc_id, doc.version, chunks,
-                meta=doc.meta or {}, model=rt.embedder.model, dimensions=rt.embedder.dimensions,
+                doc.collection,
+                doc.tenant,
+                doc.doc_id,
+                doc.version,
+                chunks,
+                meta=doc.meta or {},
+                model=rt.embedder.model,
+                dimensions=rt.embedder.dimensions,
             )
         except RetryLater as exc:
             _retry(rt, doc, exc, cycle)
@@ -291,35 +329,39 @@ def finish(rt: Runtime, work: _Work, cycle: Cycle) -> None:
             continue
         rt.held_since.pop(doc.id, None)
         with rt.sessions.begin() as session:
-            if state.mark_indexed(session, doc, owner=rt.owner, chunk_count=len(chunks)):
+            if documents.mark_indexed(session, doc, owner=rt.owner, chunk_count=len(chunks)):
                 cycle.indexed += 1
                 if saved := _saved_tokens(work, doc):
-                    stats.record_avoided(session, "dedup", {(doc.collection, doc.tenant): saved},
-                                         model=rt.embedder.model)
+                    counters.record_avoided(
+                        session, "dedup", {(doc.collection, doc.tenant): saved}, model=rt.embedder.model
+                    )
 
 
-def _failed(rt: Runtime, doc: state.Claimed, error: SidecarError, cycle: Cycle) -> None:
+def _failed(rt: Runtime, doc: documents.Claimed, error: SidecarError, cycle: Cycle) -> None:
     if isinstance(error, InputRejected):
         _give_up(rt, doc, f"provider rejected the text: {error}", cycle)
     else:
         _retry(rt, doc, error, cycle)
 
 
-def _give_up(rt: Runtime, doc: state.Claimed, reason: str, cycle: Cycle) -> None:
+def _give_up(rt: Runtime, doc: documents.Claimed, reason: str, cycle: Cycle) -> None:
     with rt.sessions.begin() as session:
-        state.give_up(session, doc, owner=rt.owner, error=reason)
+        documents.give_up(session, doc, owner=rt.owner, error=reason)
     cycle.dead += 1
     log.warning("document.dead id=%d reason=%s", doc.id, reason.split(":")[0])
 
 
-def _retry(rt: Runtime, doc: state.Claimed, error: SidecarError, cycle: Cycle) -> None:
+def _retry(rt: Runtime, doc: documents.Claimed, error: SidecarError, cycle: Cycle) -> None:
     """Back to pending after a backoff; only failures that may be the document's own count."""
     counts = isinstance(error, (MalformedResponse, StoreUnavailable, StoreConflict))
     delay = 60.0 if isinstance(error, AccountError) else min(60.0, 0.5 * 2 ** min(doc.attempts, 7))
     retry_after = getattr(error, "retry_after_s", None) or 0.0
     with rt.sessions.begin() as session:
-        outcome = state.fail(
-            session, doc, owner=rt.owner, error=f"{type(error).__name__}: {error}",
+        outcome = documents.fail(
+            session,
+            doc,
+            owner=rt.owner,
+            error=f"{type(error).__name__}: {error}",
             retry_after_s=max(delay, retry_after),
             max_attempts=rt.settings.max_attempts if counts else None,
         )
@@ -332,5 +374,4 @@ def _held_s(rt: Runtime, work: _Work, rows: list[batching.Row]) -> float:
     now = time.monotonic()
     if len(rt.held_since) > 100_000:  # documents finished elsewhere are never popped here
         rt.held_since.clear()
-    return max(now - rt.held_since.setdefault(doc.id, now)
-               for row in rows for doc, _ in work.users[row.key])
+    return max(now - rt.held_since.setdefault(doc.id, now) for row in rows for doc, _ in work.users[row.key])

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-from worker import ledger
-from worker.db import Document, utcnow
+from worker.ledger import calls
 from worker.runtime import Runtime
+from worker.sql.models import Document, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +35,18 @@ def reconcile(rt: Runtime) -> Reconciled:
     report = Reconciled()
     grace = dt.timedelta(seconds=rt.settings.request_timeout_s * 2 + 60)
     with rt.sessions.begin() as session:
-        report.abandoned_requests = ledger.close_abandoned(session, older_than=utcnow() - grace)
+        report.abandoned_requests = calls.close_abandoned(session, older_than=utcnow() - grace)
     with rt.sessions() as session:
         collections = session.execute(sa.select(Document.collection).distinct()).scalars().all()
     for collection in collections:
         repair_collection(rt, collection, report)
     if report.abandoned_requests or report.redriven or report.removed:
-        log.info("reconcile.done abandoned=%d redriven=%d removed=%d",
-                 report.abandoned_requests, report.redriven, report.removed)
+        log.info(
+            "reconcile.done abandoned=%d redriven=%d removed=%d",
+            report.abandoned_requests,
+            report.redriven,
+            report.removed,
+        )
     return report
 
 
@@ -50,9 +54,15 @@ def repair_collection(rt: Runtime, collection: str, report: Reconciled) -> None:
     points = rt.store.doc_summaries(collection)  # read before SQL: a later change only adds work
     with rt.sessions() as session:
         rows = session.execute(
-            sa.select(Document.id, Document.tenant, Document.doc_id, Document.status,
-                      Document.indexed_version, Document.chunk_count, Document.version)
-            .where(Document.collection == collection)
+            sa.select(
+                Document.id,
+                Document.tenant,
+                Document.doc_id,
+                Document.status,
+                Document.indexed_version,
+                Document.chunk_count,
+                Document.version,
+            ).where(Document.collection == collection)
         ).all()
     known = set()
     redrive: list[tuple[int, int]] = []
@@ -77,10 +87,18 @@ def repair_collection(rt: Runtime, collection: str, report: Reconciled) -> None:
             for doc_id, version in redrive:
                 report.redriven += session.execute(
                     sa.update(Document)
-                    .where(Document.id == doc_id, Document.status == "indexed",
-                           Document.indexed_version == version)
-                    .values(status="pending", lease_owner=None, lease_until=None, attempts=0,
-                            last_error="reconciler: the store did not hold this version completely")
+                    .where(
+                        Document.id == doc_id,
+                        Document.status == "indexed",
+                        Document.indexed_version == version,
+                    )
+                    .values(
+                        status="pending",
+                        lease_owner=None,
+                        lease_until=None,
+                        attempts=0,
+                        last_error="reconciler: the store did not hold this version completely",
+                    )
                     .execution_options(synchronize_session=False)
                 ).rowcount
         rt.wake.set()

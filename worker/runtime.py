@@ -8,18 +8,26 @@ from __future__ import annotations
 import os
 import socket
 import threading
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import sessionmaker
 
-from worker import budget, cache, catalog, chunking, db
-from worker.embedding import Embedder
-from worker.limiter import Limits, LocalRateLimiter, RateLimiter, RedisRateLimiter, limiter_key
+from worker import catalog, chunking
+from worker.embedding.base import Embedder
+from worker.ledger import budget
+from worker.limiter import (
+    Limits,
+    LocalRateLimiter,
+    RateLimiter,
+    RedisRateLimiter,
+    limiter_key,
+)
 from worker.settings import Settings
-from worker.store import QdrantStore, VectorStore
+from worker.sql import cache, engines
+from worker.vectorstore.qdrant import QdrantStore, VectorStore
 
 
 @dataclass
@@ -52,8 +60,9 @@ class Runtime:
             self.crash_hook(point)
 
     def cache_key(self, content_hash: str) -> str:
-        return cache.cache_key(self.embedder.model, self.embedder.dimensions, content_hash,
-                               sparse=self.settings.sparse_vectors)
+        return cache.cache_key(
+            self.embedder.model, self.embedder.dimensions, content_hash, sparse=self.settings.sparse_vectors
+        )
 
     def close(self) -> None:
         self.embedder.close()
@@ -86,7 +95,7 @@ def build_store(settings: Settings) -> VectorStore:
 
 
 def build_embedder(settings: Settings) -> Embedder:
-    from worker.dashscope import DashScopeEmbedder
+    from worker.embedding.dashscope import DashScopeEmbedder
 
     return DashScopeEmbedder.from_settings(settings)
 
@@ -106,17 +115,18 @@ def build_limiter(settings: Settings) -> RateLimiter:
     )
 
 
-def build_runtime(settings: Settings, *, store: VectorStore | None = None,
-                  embedder: Embedder | None = None) -> Runtime:
+def build_runtime(
+    settings: Settings, *, store: VectorStore | None = None, embedder: Embedder | None = None
+) -> Runtime:
     spec = settings.model_spec()  # a configuration the model cannot serve stops here
-    engine = db.make_engine(settings.resolved_database_url())
+    engine = engines.make_engine(settings.resolved_database_url())
     max_tokens = settings.chunk_max_tokens or chunking.default_max_tokens(spec.max_tokens_per_row)
-    sessions = db.make_sessionmaker(engine)
+    sessions = engines.make_sessionmaker(engine)
     return Runtime(
         settings=settings,
         engine=engine,
         sessions=sessions,
-        budget_check=budget.pipeline_check(spec),
+        budget_check=budget.pipeline_check(spec, settings),
         store=store or build_store(settings),
         embedder=embedder or build_embedder(settings),
         limiter=build_limiter(settings),

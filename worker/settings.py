@@ -1,17 +1,22 @@
-"""Settings from the environment (and a `.env` file); names are a contract (DESIGN §5).
+"""The one settings object: SIDECAR_* environment variables (and a `.env` file).
 
-Built by `Settings()` in a factory, never at import time. The API key is a SecretStr: it is
-never printed, logged, sent through Celery or written to the ledger (only its fingerprint).
+Names are a contract (README "Configuration"). A process builds `Settings()` once, at its entry
+point (the CLI command, Celery's worker start, the API's factory), and passes it down; nothing
+else reads the environment. Sections: where things live, the provider, events, the pipeline,
+budgets, the HTTP API and retention. Secrets are SecretStr: never printed, logged, sent through
+Celery or written to the ledger (only the key's fingerprint).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+from decimal import Decimal
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from worker import catalog
 from worker.errors import ConfigError
@@ -65,6 +70,56 @@ class Settings(BaseSettings):
     worker_concurrency: int = 4
     broker_visibility_timeout_s: float = 300.0  # Redis: redeliver a dead worker's unacked message after this
     log_level: str = "INFO"
+
+    # --- budgets (SIDECAR_BUDGET_*): caps in CNY; per collection as "docs=1.5,faq=0.2" or JSON ---
+    budget_daily_cny: Decimal | None = None
+    budget_monthly_cny: Decimal | None = None
+    budget_collection_daily_cny: Annotated[dict[str, Decimal], NoDecode] = {}
+    budget_collection_monthly_cny: Annotated[dict[str, Decimal], NoDecode] = {}
+
+    # --- HTTP API (SIDECAR_API_*): comma-separated bearer tokens, request caps ---
+    api_tokens: Annotated[list[SecretStr], NoDecode] = []
+    api_read_tokens: Annotated[list[SecretStr], NoDecode] = []
+    api_max_body_bytes: int = 32 << 20
+    api_max_events: int = 10_000
+
+    # --- retention of bookkeeping (days; 0 keeps forever) ---
+    retention_seen_events_days: float = 7.0  # event_id idempotency window
+    retention_rejected_days: float = 30.0  # rejected_events rows
+    retention_attempts_days: float = 2.0  # message_attempts rows of finished or abandoned messages
+    retention_cache_days: float = 90.0  # embedding cache entries not used for this long
+
+    @field_validator("api_tokens", "api_read_tokens", mode="before")
+    @classmethod
+    def _split_tokens(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [t.strip() for t in value.split(",") if t.strip()]
+        return value
+
+    @field_validator("budget_collection_daily_cny", "budget_collection_monthly_cny", mode="before")
+    @classmethod
+    def _parse_pairs(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        value = value.strip()
+        if not value:
+            return {}
+        if value.startswith("{"):
+            return {k: str(v) for k, v in json.loads(value).items()}
+        pairs = {}
+        for part in value.split(","):
+            name, sep, amount = part.partition("=")
+            if not sep or not name.strip():
+                raise ValueError(f"{part!r} is not collection=amount")
+            pairs[name.strip()] = amount.strip()
+        return pairs
+
+    @field_validator("budget_daily_cny", "budget_monthly_cny")
+    @classmethod
+    def _not_negative(cls, value: Decimal | None) -> Decimal | None:
+        if value is not None and value < 0:
+            raise ValueError("a cap cannot be negative")
+        return value
 
     @field_validator("dashscope_url")
     @classmethod

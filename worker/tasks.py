@@ -13,11 +13,12 @@ from typing import Any
 
 from celery import Celery, signals
 
-from worker import state, stats
 from worker.errors import InvalidEvent
 from worker.events import parse_with
+from worker.ledger import counters
 from worker.runtime import Runtime, build_runtime
 from worker.settings import Settings
+from worker.sql import documents
 
 log = logging.getLogger(__name__)
 
@@ -49,18 +50,18 @@ def ingest_events(
             event = parse_with(raw, rt.settings)
         except InvalidEvent as exc:
             with rt.sessions.begin() as session:
-                state.reject(session, raw, exc.field, exc.rule)
+                documents.reject(session, raw, exc.field, exc.rule)
             log.warning("event.rejected field=%s rule=%s", exc.field, exc.rule)
             outcomes["rejected"] += 1
             continue
         with rt.sessions.begin() as session:
             delivery_id = f"{message_id}:{index}" if message_id else None
-            outcomes[state.accept(session, event, coalesced, delivery_id=delivery_id)] += 1
+            outcomes[documents.accept(session, event, coalesced, delivery_id=delivery_id)] += 1
     with rt.sessions.begin() as session:
-        stats.record_outcomes(session, outcomes)
-        stats.record_avoided(session, "coalesced", coalesced, model=rt.embedder.model)
+        counters.record_outcomes(session, outcomes)
+        counters.record_avoided(session, "coalesced", coalesced, model=rt.embedder.model)
         if attempt_key is not None:
-            state.message_finished(session, attempt_key)
+            documents.message_finished(session, attempt_key)
     if outcomes["accepted"]:
         rt.wake.set()
     return dict(outcomes)
@@ -75,10 +76,15 @@ def create_celery(settings: Settings) -> Celery:
     redis_broker = broker.startswith(("redis://", "rediss://"))
     visibility_s = settings.broker_visibility_timeout_s
     transport: dict[str, Any] = (
-        {"visibility_timeout": visibility_s, "unacked_restore_interval": max(1, visibility_s / 20),
-         "unacked_restore_throttle": 1}
+        {
+            "visibility_timeout": visibility_s,
+            "unacked_restore_interval": max(1, visibility_s / 20),
+            "unacked_restore_throttle": 1,
+        }
         if redis_broker
-        else {"connect_args": {"timeout": 30}} if broker.startswith("sqla+sqlite") else {}
+        else {"connect_args": {"timeout": 30}}
+        if broker.startswith("sqla+sqlite")
+        else {}
     )
     app.conf.update(
         task_serializer="json",
@@ -121,15 +127,18 @@ def _run(task: Any, events: list[Any], *, bad_call: str | None = None) -> dict[s
         # Deliveries of this try that began and never finished; a retry (same id) counts afresh.
         attempt_key = f"{task_id}:{task.request.retries}"
         with rt.sessions.begin() as session:
-            attempts = state.message_started(session, attempt_key) if task_id else 1
+            attempts = documents.message_started(session, attempt_key) if task_id else 1
         if attempts > rt.settings.max_attempts:
-            bad_call = (f"the message was delivered {attempts} times and never finished "
-                        "(it stops the worker each time): dead-lettered")
+            bad_call = (
+                f"the message was delivered {attempts} times and never finished "
+                "(it stops the worker each time): dead-lettered"
+            )
         if bad_call is not None:
             with rt.sessions.begin() as session:
-                state.reject(session, {"args": task.request.args, "kwargs": task.request.kwargs},
-                             "arguments", bad_call)
-                state.message_finished(session, attempt_key)
+                documents.reject(
+                    session, {"args": task.request.args, "kwargs": task.request.kwargs}, "arguments", bad_call
+                )
+                documents.message_finished(session, attempt_key)
             return {"rejected": 1}
         return ingest_events(rt, events, message_id=task_id or None, attempt_key=attempt_key)
     except Exception as exc:  # SQL unavailable and the like: the same message is retried

@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from api import audit, demo, emulator
+    from api import emulator
+    from api.cli import demo, spend
 
     parser = argparse.ArgumentParser(
         prog="sidecar",
@@ -37,55 +38,88 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 
-    p = sub.add_parser("worker", help="run the Celery worker: ingest events and embed pending work",
-                       description="Consume sidecar.ingest / sidecar.ingest_many from the broker, record "
-                       "desired state in SQL, and embed, upsert and ledger pending documents.")
-    p.add_argument("--pool", choices=("threads", "prefork", "solo"), default="threads",
-                   help="Celery pool; local-mode Qdrant (no SIDECAR_QDRANT_URL) needs threads or solo "
-                   "(default: threads)")
-    p.add_argument("--concurrency", type=int, default=None,
-                   help="ingest task slots (default: SIDECAR_WORKER_CONCURRENCY, 4)")
-    p.add_argument("--embed-threads", type=int, default=2,
-                   help="embedding loops per process; each claims its own batches (default: 2)")
+    p = sub.add_parser(
+        "worker",
+        help="run the Celery worker: ingest events and embed pending work",
+        description="Consume sidecar.ingest / sidecar.ingest_many from the broker, record "
+        "desired state in SQL, and embed, upsert and ledger pending documents.",
+    )
+    p.add_argument(
+        "--pool",
+        choices=("threads", "prefork", "solo"),
+        default="threads",
+        help="Celery pool; local-mode Qdrant (no SIDECAR_QDRANT_URL) needs threads or solo "
+        "(default: threads)",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="ingest task slots (default: SIDECAR_WORKER_CONCURRENCY, 4)",
+    )
+    p.add_argument(
+        "--embed-threads",
+        type=int,
+        default=2,
+        help="embedding loops per process; each claims its own batches (default: 2)",
+    )
     p.add_argument("--loglevel", default=None, help="log level (default: SIDECAR_LOG_LEVEL, INFO)")
     p.set_defaults(func=cmd_worker)
 
-    p = sub.add_parser("migrate", help="upgrade the SQL schema to the current revision",
-                       description="Run Alembic migrations on SIDECAR_DATABASE_URL (SQLite file in the "
-                       "data dir by default).")
+    p = sub.add_parser(
+        "migrate",
+        help="upgrade the SQL schema to the current revision",
+        description="Run Alembic migrations on SIDECAR_DATABASE_URL (SQLite file in the "
+        "data dir by default).",
+    )
     p.add_argument("--revision", default="head", help="target revision for upgrade (default: head)")
     p.add_argument("--downgrade", metavar="REV", help="downgrade to REV instead (e.g. base)")
     p.set_defaults(func=cmd_migrate)
 
-    p = sub.add_parser("status", help="documents by status, requests by outcome, backlog age",
-                       description="Counts of documents (pending, indexed, deleted, rejected, dead) and "
-                       "provider requests, read from SQL.")
+    p = sub.add_parser(
+        "status",
+        help="documents by status, requests by outcome, backlog age",
+        description="Counts of documents (pending, indexed, deleted, rejected, dead) and "
+        "provider requests, read from SQL.",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("deadletters", help="list dead letters or send them back for another try",
-                       description="Documents that gave up (status dead): the provider refused their "
-                       "text, or their work never finished after SIDECAR_MAX_ATTEMPTS tries.")
+    p = sub.add_parser(
+        "deadletters",
+        help="list dead letters or send them back for another try",
+        description="Documents that gave up (status dead): the provider refused their "
+        "text, or their work never finished after SIDECAR_MAX_ATTEMPTS tries.",
+    )
     dl = p.add_subparsers(title="actions", metavar="ACTION")
-    q = dl.add_parser("list", help="list dead letters with their reasons",
-                      description="List dead letters: id, collection, doc_id, version, attempts, reason.")
+    q = dl.add_parser(
+        "list",
+        help="list dead letters with their reasons",
+        description="List dead letters: id, collection, doc_id, version, attempts, reason.",
+    )
     q.add_argument("--json", action="store_true", help="print JSON")
     q.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
     q.set_defaults(func=cmd_deadletters_list)
-    q = dl.add_parser("retry", help="send one dead letter (ID) or all (--all) back to pending",
-                      description="Send dead letters back to pending with their attempts reset; the "
-                      "worker picks them up again.")
+    q = dl.add_parser(
+        "retry",
+        help="send one dead letter (ID) or all (--all) back to pending",
+        description="Send dead letters back to pending with their attempts reset; the "
+        "worker picks them up again.",
+    )
     which = q.add_mutually_exclusive_group(required=True)
     which.add_argument("id", nargs="?", type=int, help="the dead letter's id (from `list`)")
     which.add_argument("--all", action="store_true", help="every dead letter")
     q.set_defaults(func=cmd_deadletters_retry)
     p.set_defaults(func=lambda args, parser=p: (parser.print_help(), 2)[1])
 
-    p = sub.add_parser("reconcile", help="repair drift between SQL and Qdrant once, then exit",
-                       description="What the worker does periodically: close ledger rows abandoned "
-                       "mid-call as unknown (with their estimate), re-drive indexed documents whose "
-                       "points are missing or wrong, delete points of deleted or unknown documents. "
-                       "With local-mode Qdrant, stop the worker first (one process per path).")
+    p = sub.add_parser(
+        "reconcile",
+        help="repair drift between SQL and Qdrant once, then exit",
+        description="What the worker does periodically: close ledger rows abandoned "
+        "mid-call as unknown (with their estimate), re-drive indexed documents whose "
+        "points are missing or wrong, delete points of deleted or unknown documents. "
+        "With local-mode Qdrant, stop the worker first (one process per path).",
+    )
     p.set_defaults(func=cmd_reconcile)
 
     p = sub.add_parser("api", help="serve the HTTP API", description="Serve the HTTP API with uvicorn.")
@@ -95,14 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     emulator.add_parser(sub)
     demo.add_parser(sub)
-    audit.add_parsers(sub)
+    spend.add_parsers(sub)
     return parser
 
 
 def _engine(settings: Settings, *, check: bool = True) -> Any:
-    from worker import db, schema
+    from worker.sql import engines, schema
 
-    engine = db.make_engine(settings.resolved_database_url())
+    engine = engines.make_engine(settings.resolved_database_url())
     if check:
         schema.check_schema(engine)
     return engine
@@ -126,8 +160,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
         )
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     _engine(settings).dispose()
-    return run_worker(settings, pool=args.pool, concurrency=args.concurrency or settings.worker_concurrency,
-                      embed_threads=args.embed_threads, loglevel=args.loglevel or settings.log_level)
+    return run_worker(
+        settings,
+        pool=args.pool,
+        concurrency=args.concurrency or settings.worker_concurrency,
+        embed_threads=args.embed_threads,
+        loglevel=args.loglevel or settings.log_level,
+    )
 
 
 def run_worker(settings: Settings, *, pool: str, concurrency: int, embed_threads: int, loglevel: str) -> int:
@@ -142,14 +181,21 @@ def run_worker(settings: Settings, *, pool: str, concurrency: int, embed_threads
     else:
         signals.worker_ready.connect(start, weak=False)
     app.worker_main(
-        ["worker", f"--pool={pool}", f"--concurrency={concurrency}", f"--loglevel={loglevel}",
-         "--hostname=sidecar@%h", "--without-gossip", "--without-mingle"]
+        [
+            "worker",
+            f"--pool={pool}",
+            f"--concurrency={concurrency}",
+            f"--loglevel={loglevel}",
+            "--hostname=sidecar@%h",
+            "--without-gossip",
+            "--without-mingle",
+        ]
     )
     return 0
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from worker import schema
+    from worker.sql import schema
 
     settings = Settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -165,9 +211,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from worker import reports
+    from worker.ledger import reports
 
-    print(render_status(reports_of(reports.status), as_json=args.json))
+    settings = Settings()
+    print(render_status(reports_of(lambda session: reports.status(session, settings)), as_json=args.json))
     return 0
 
 
@@ -197,7 +244,7 @@ def render_status(data: dict[str, Any], *, as_json: bool) -> str:
 
 
 def cmd_deadletters_list(args: argparse.Namespace) -> int:
-    from worker import deadletters
+    from worker.sql import deadletters
 
     rows = reports_of(lambda session: deadletters.list_dead(session, limit=args.limit))
     if args.json:
@@ -209,15 +256,17 @@ def cmd_deadletters_list(args: argparse.Namespace) -> int:
     print(f"{'id':>8}  {'collection':<16}{'doc_id':<28}{'version':>10}{'attempts':>9}  reason")
     for r in rows:
         reason = " ".join((r["last_error"] or "").split())[:80]
-        print(f"{r['id']:>8}  {r['collection']:<16}{r['doc_id'][:27]:<28}{r['version']:>10}"
-              f"{r['attempts']:>9}  {reason}")
+        print(
+            f"{r['id']:>8}  {r['collection']:<16}{r['doc_id'][:27]:<28}{r['version']:>10}"
+            f"{r['attempts']:>9}  {reason}"
+        )
     return 0
 
 
 def cmd_deadletters_retry(args: argparse.Namespace) -> int:
     from sqlalchemy.orm import Session
 
-    from worker import deadletters
+    from worker.sql import deadletters
 
     engine = _engine(Settings())
     try:
@@ -244,8 +293,10 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         report = reconciler.reconcile(rt)
     finally:
         rt.close()
-    print(f"abandoned ledger rows closed: {report.abandoned_requests}; documents re-driven: "
-          f"{report.redriven}; points removed: {report.removed}")
+    print(
+        f"abandoned ledger rows closed: {report.abandoned_requests}; documents re-driven: "
+        f"{report.redriven}; points removed: {report.removed}"
+    )
     return 0
 
 
@@ -271,7 +322,3 @@ def cmd_api(args: argparse.Namespace) -> int:
 
     uvicorn.run(create_app(Settings()), host=args.host, port=args.port, log_level="info")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

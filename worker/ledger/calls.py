@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from worker.catalog import MODELS
-from worker.db import ProviderRequest, RequestItem, utcnow
-from worker.embedding import EmbedResult
+from worker.embedding.base import EmbedResult
 from worker.errors import CallInfo
+from worker.sql.models import ProviderRequest, RequestItem, utcnow
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,16 @@ def open_request(
 ) -> None:
     session.add(
         ProviderRequest(
-            id=request_id, status="sent", model=model, dimensions=dimensions, api=api, rows=rows,
-            est_tokens=est_tokens, attempt=attempt, key_fingerprint=key_fingerprint, worker=worker,
+            id=request_id,
+            status="sent",
+            model=model,
+            dimensions=dimensions,
+            api=api,
+            rows=rows,
+            est_tokens=est_tokens,
+            attempt=attempt,
+            key_fingerprint=key_fingerprint,
+            worker=worker,
             created_at=utcnow(),
         )
     )
@@ -62,15 +71,23 @@ def record_success(session: Session, request_id: str, result: EmbedResult, cost_
         sa.update(ProviderRequest)
         .where(ProviderRequest.id == request_id)
         .values(
-            status="succeeded", provider_request_id=result.request_id, billed_tokens=result.billed_tokens,
-            cost_nano_cny=cost_nano_cny, http_status=result.http_status, latency_ms=result.latency_ms,
+            status="succeeded",
+            provider_request_id=result.request_id,
+            billed_tokens=result.billed_tokens,
+            cost_nano_cny=cost_nano_cny,
+            http_status=result.http_status,
+            latency_ms=result.latency_ms,
             completed_at=utcnow(),
         )
     )
 
 
 def record_failure(
-    session: Session, request_id: str, call: CallInfo | None, *, message: str,
+    session: Session,
+    request_id: str,
+    call: CallInfo | None,
+    *,
+    message: str,
     unknown_cost_nano: int | None = None,
 ) -> None:
     """A failed call: nothing billed; or, given `unknown_cost_nano`, a call whose outcome cannot
@@ -98,8 +115,9 @@ def close_abandoned(session: Session, *, older_than: dt.datetime) -> int:
     """Rows still `sent` long after their call must have ended (the worker died mid-call):
     closed as `unknown` with their estimate. Returns how many."""
     rows = session.execute(
-        sa.select(ProviderRequest.id, ProviderRequest.model, ProviderRequest.est_tokens)
-        .where(ProviderRequest.status == "sent", ProviderRequest.created_at < older_than)
+        sa.select(ProviderRequest.id, ProviderRequest.model, ProviderRequest.est_tokens).where(
+            ProviderRequest.status == "sent", ProviderRequest.created_at < older_than
+        )
     ).all()
     for request_id, model, est_tokens in rows:
         spec = MODELS.get(model)
@@ -107,7 +125,8 @@ def close_abandoned(session: Session, *, older_than: dt.datetime) -> int:
             sa.update(ProviderRequest)
             .where(ProviderRequest.id == request_id, ProviderRequest.status == "sent")
             .values(
-                status="unknown", billed_tokens=est_tokens,
+                status="unknown",
+                billed_tokens=est_tokens,
                 cost_nano_cny=spec.cost_nano_cny(est_tokens) if spec else None,
                 error_message="no outcome recorded (the worker stopped mid-call); closed with the estimate",
                 completed_at=utcnow(),

@@ -20,8 +20,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-EMBEDDED = ("SIDECAR_BROKER_URL", "SIDECAR_DATABASE_URL", "SIDECAR_QDRANT_URL", "SIDECAR_QDRANT_PATH",
-            "SIDECAR_REDIS_URL", "SIDECAR_COLLECTION_PREFIX")
+EMBEDDED = (
+    "SIDECAR_BROKER_URL",
+    "SIDECAR_DATABASE_URL",
+    "SIDECAR_QDRANT_URL",
+    "SIDECAR_QDRANT_PATH",
+    "SIDECAR_REDIS_URL",
+    "SIDECAR_COLLECTION_PREFIX",
+)
 DEFAULT_QUERY = "How long does shipping take?"
 
 
@@ -37,10 +43,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "with it, the real provider is used (and billed).",
     )
     parser.add_argument("--events", type=Path, help="JSONL file of events (default: the bundled sample)")
-    parser.add_argument("--data-dir", type=Path, help="where the demo keeps its files "
-                        "(default: <SIDECAR_DATA_DIR>/demo; wiped at start)")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        help="where the demo keeps its files (default: <SIDECAR_DATA_DIR>/demo; wiped at start)",
+    )
     parser.add_argument("--query", default=DEFAULT_QUERY, help=f"sample search (default: {DEFAULT_QUERY!r})")
-    parser.add_argument("--timeout-s", type=float, default=900.0, help="give up after this long (default 900)")
+    parser.add_argument(
+        "--timeout-s", type=float, default=900.0, help="give up after this long (default 900)"
+    )
     parser.set_defaults(func=run)
     return parser
 
@@ -74,8 +85,12 @@ def expected_state(events: list[Any], default_collection: str) -> dict[tuple[str
     """The version each valid document must end at (the highest one sent)."""
     latest: dict[tuple[str, str], int] = {}
     for event in events:
-        if isinstance(event, dict) and isinstance(event.get("doc_id"), str) and \
-                isinstance(event.get("version"), int) and event.get("op") in ("upsert", "delete"):
+        if (
+            isinstance(event, dict)
+            and isinstance(event.get("doc_id"), str)
+            and isinstance(event.get("version"), int)
+            and event.get("op") in ("upsert", "delete")
+        ):
             key = (event.get("collection") or default_collection, event["doc_id"])
             latest[key] = max(latest.get(key, -1), event["version"])
     return latest
@@ -107,18 +122,32 @@ def run(args: argparse.Namespace) -> int:
         os.environ.pop(key, None)
     settings = Settings()
     print(f"data dir : {data_dir}  (SQLite broker and database, local-mode Qdrant)")
-    print(f"model    : {settings.embedding_model} / {settings.embedding_dimensions} dims, "
-          f"{settings.embedding_api} API")
+    print(
+        f"model    : {settings.embedding_model} / {settings.embedding_dimensions} dims, "
+        f"{settings.embedding_api} API"
+    )
 
-    from worker import schema
+    from worker.sql import schema
 
     schema.upgrade(settings.resolved_database_url())
     log_path = data_dir / "worker.log"
     with open(log_path, "wb") as log_file:
         worker = subprocess.Popen(
-            [sys.executable, "-m", "api.cli", "worker", "--pool", "threads", "--embed-threads", "1",
-             "--loglevel", "WARNING"],
-            env=env, stdout=log_file, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "api.cli",
+                "worker",
+                "--pool",
+                "threads",
+                "--embed-threads",
+                "1",
+                "--loglevel",
+                "WARNING",
+            ],
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
         )
     try:
         return _run_demo(args, settings, events, worker, log_path, emulator)
@@ -128,8 +157,14 @@ def run(args: argparse.Namespace) -> int:
             emulator.stop()
 
 
-def _run_demo(args: argparse.Namespace, settings: Any, events: list[Any], worker: subprocess.Popen,
-              log_path: Path, emulator: Any) -> int:
+def _run_demo(
+    args: argparse.Namespace,
+    settings: Any,
+    events: list[Any],
+    worker: subprocess.Popen,
+    log_path: Path,
+    emulator: Any,
+) -> int:
     started = time.monotonic()
     publish(settings, events)
     print(f"published: {len(events)} events through Celery (sidecar.ingest_many)")
@@ -139,7 +174,9 @@ def _run_demo(args: argparse.Namespace, settings: Any, events: list[Any], worker
         return 1
     elapsed = time.monotonic() - started
     stop(worker)  # the summary opens the local-mode Qdrant path the worker held
-    collection = Counter(c for c, _ in expected).most_common(1)[0][0] if expected else settings.default_collection
+    collection = (
+        Counter(c for c, _ in expected).most_common(1)[0][0] if expected else settings.default_collection
+    )
     print(summary(settings, collection, elapsed, args.query, emulator))
     return 0
 
@@ -150,19 +187,29 @@ def search_embedding(engine: Any, settings: Any, embedder: Any, query: str) -> l
 
     from sqlalchemy.orm import Session
 
-    from worker import ledger, tokens
+    from worker import tokens
+    from worker.ledger import calls
 
     request_id = str(uuid.uuid4())
     with Session(engine) as session, session.begin():
-        ledger.open_request(
-            session, request_id=request_id, model=embedder.model, dimensions=embedder.dimensions,
-            api=embedder.api, rows=1, est_tokens=tokens.count_tokens(query), items=[], attempt=1,
-            key_fingerprint=settings.key_fingerprint(), worker="demo-search",
+        calls.open_request(
+            session,
+            request_id=request_id,
+            model=embedder.model,
+            dimensions=embedder.dimensions,
+            api=embedder.api,
+            rows=1,
+            est_tokens=tokens.count_tokens(query),
+            items=[],
+            attempt=1,
+            key_fingerprint=settings.key_fingerprint(),
+            worker="demo-search",
         )
     result = embedder.embed([query], text_type="query")
     with Session(engine) as session, session.begin():
-        ledger.record_success(session, request_id, result,
-                              settings.model_spec().cost_nano_cny(result.billed_tokens))
+        calls.record_success(
+            session, request_id, result, settings.model_spec().cost_nano_cny(result.billed_tokens)
+        )
     return result.vectors[0]
 
 
@@ -172,16 +219,24 @@ def publish(settings: Any, events: list[Any], per_message: int = 25) -> None:
     app = create_celery(settings)
     with app.producer_or_acquire() as producer:
         for start in range(0, len(events), per_message):
-            app.send_task("sidecar.ingest_many", args=[events[start : start + per_message]], producer=producer)
+            app.send_task(
+                "sidecar.ingest_many", args=[events[start : start + per_message]], producer=producer
+            )
 
 
-def wait_drained(settings: Any, expected: dict[tuple[str, str], int], worker: subprocess.Popen,
-                 started: float, timeout_s: float) -> bool:
+def wait_drained(
+    settings: Any,
+    expected: dict[tuple[str, str], int],
+    worker: subprocess.Popen,
+    started: float,
+    timeout_s: float,
+) -> bool:
     import sqlalchemy as sa
 
-    from worker import db, reports
+    from worker.ledger import reports
+    from worker.sql import engines, models
 
-    engine = db.make_engine(settings.resolved_database_url())
+    engine = engines.make_engine(settings.resolved_database_url())
     tty = sys.stdout.isatty()
     last_print = 0.0
     try:
@@ -189,20 +244,26 @@ def wait_drained(settings: Any, expected: dict[tuple[str, str], int], worker: su
             if worker.poll() is not None:
                 print(f"\ndemo: the worker exited with code {worker.returncode}", file=sys.stderr)
                 return False
-            with db.make_sessionmaker(engine)() as session:
-                st = reports.status(session)
+            with engines.make_sessionmaker(engine)() as session:
+                st = reports.status(session, settings)
                 rows = session.execute(
-                    sa.select(db.Document.collection, db.Document.doc_id, db.Document.version,
-                              db.Document.status)
+                    sa.select(
+                        models.Document.collection,
+                        models.Document.doc_id,
+                        models.Document.version,
+                        models.Document.status,
+                    )
                 ).all()
                 tokens = session.execute(
-                    sa.select(sa.func.coalesce(sa.func.sum(db.ProviderRequest.billed_tokens), 0))
+                    sa.select(sa.func.coalesce(sa.func.sum(models.ProviderRequest.billed_tokens), 0))
                 ).scalar_one()
             done = {(c, d) for c, d, v, s in rows if s != "pending" and v == expected.get((c, d))}
             docs = st["documents"]
-            line = (f"progress : {len(done)}/{len(expected)} documents settled · indexed {docs['indexed']} · "
-                    f"deleted {docs['deleted']} · pending {docs['pending']} · rejected {docs['rejected']} · "
-                    f"requests {st['requests']['succeeded']} · tokens {tokens}")
+            line = (
+                f"progress : {len(done)}/{len(expected)} documents settled · indexed {docs['indexed']} · "
+                f"deleted {docs['deleted']} · pending {docs['pending']} · rejected {docs['rejected']} · "
+                f"requests {st['requests']['succeeded']} · tokens {tokens}"
+            )
             now = time.monotonic()
             if tty:
                 print("\r" + line, end="", flush=True)
@@ -231,11 +292,12 @@ def stop(worker: subprocess.Popen) -> None:
 def summary(settings: Any, collection: str, elapsed_s: float, query: str, emulator: Any) -> str:
     from sqlalchemy.orm import Session
 
-    from worker import db, reports
+    from worker.ledger import reports
     from worker.runtime import build_embedder
-    from worker.store import QdrantStore
+    from worker.sql import engines
+    from worker.vectorstore.qdrant import QdrantStore
 
-    engine = db.make_engine(settings.resolved_database_url())
+    engine = engines.make_engine(settings.resolved_database_url())
     store = QdrantStore.from_settings(settings)
     embedder = build_embedder(settings)
     try:
@@ -245,7 +307,7 @@ def summary(settings: Any, collection: str, elapsed_s: float, query: str, emulat
         embedder.close()
         store.close()
     with Session(engine) as session:
-        st = reports.status(session)
+        st = reports.status(session, settings)
         spend = reports.spend(session)["total"]
     engine.dispose()
     bill = emulator.bill() if emulator is not None else None
@@ -264,8 +326,10 @@ def summary(settings: Any, collection: str, elapsed_s: float, query: str, emulat
     ]
     if bill is not None:
         match = "matches the ledger" if bill["total_tokens"] == spend["tokens"] else "DIFFERS from the ledger"
-        lines.append(f"bill     : the emulator charged {bill['total_tokens']} tokens in "
-                     f"{len(bill['requests'])} requests; {match}")
+        lines.append(
+            f"bill     : the emulator charged {bill['total_tokens']} tokens in "
+            f"{len(bill['requests'])} requests; {match}"
+        )
     lines.append(f"search   : {query!r}")
     for rank, hit in enumerate(hits, 1):
         snippet = " ".join((hit.text or "").split())[:70]

@@ -171,8 +171,7 @@ def _sparse(model: str, ids: list[int]) -> list[dict]:
     base = 0.05 + 0.95 * (_mix(unique + salt) >> np.uint64(11)).astype(np.float64) / 2.0**53
     values = np.round(base * weights, 4).tolist()
     return [
-        {"index": int(i), "value": v, "token": _token_text(int(i))}
-        for i, v in zip(unique.tolist(), values)
+        {"index": int(i), "value": v, "token": _token_text(int(i))} for i, v in zip(unique.tolist(), values)
     ]
 
 
@@ -220,7 +219,10 @@ def _unauthorized() -> ProviderError:
 
 def _model_not_found(model: str) -> ProviderError:
     return ProviderError(
-        404, "ModelNotFound", "model_not_found", "Model not exist.",
+        404,
+        "ModelNotFound",
+        "model_not_found",
+        "Model not exist.",
         compat_message=f"The model `{model}` does not exist or you do not have access to it.",
     )
 
@@ -231,25 +233,31 @@ def _too_long(spec: ModelSpec) -> ProviderError:
 
 def _rpm() -> ProviderError:
     return ProviderError(
-        429, "Throttling.RateQuota", "limit_requests",
+        429,
+        "Throttling.RateQuota",
+        "limit_requests",
         "Requests rate limit exceeded, please try again later.",
-        compat_message="You exceeded your current requests list.", compat_type="limit_requests",
+        compat_message="You exceeded your current requests list.",
+        compat_type="limit_requests",
     )
 
 
 def _tpm() -> ProviderError:
     return ProviderError(
-        429, "Throttling.AllocationQuota", "insufficient_quota",
+        429,
+        "Throttling.AllocationQuota",
+        "insufficient_quota",
         "Allocated quota exceeded, please increase your quota limit.",
-        compat_message="You exceeded your current quota, please check your plan and billing "
-        "details.",
+        compat_message="You exceeded your current quota, please check your plan and billing details.",
         compat_type="insufficient_quota",
     )
 
 
 def _burst() -> ProviderError:
     return ProviderError(
-        429, "Throttling.BurstRate", "limit_burst_rate",
+        429,
+        "Throttling.BurstRate",
+        "limit_burst_rate",
         "Request rate increased too quickly. To ensure system stability, please adjust your "
         "client logic to scale requests more smoothly over time.",
         compat_type="limit_burst_rate",
@@ -258,7 +266,9 @@ def _burst() -> ProviderError:
 
 def _internal() -> ProviderError:
     return ProviderError(
-        500, "InternalError", "internal_error",
+        500,
+        "InternalError",
+        "internal_error",
         "An internal error has occured, please try again later or contact service support.",
         compat_type="internal_error",
     )
@@ -266,7 +276,9 @@ def _internal() -> ProviderError:
 
 def _unavailable() -> ProviderError:
     return ProviderError(
-        503, "ModelServingError", "model_serving_error",
+        503,
+        "ModelServingError",
+        "model_serving_error",
         "Too many requests. Your requests are being throttled due to system capacity limits. "
         "Please try again later.",
         compat_type="model_serving_error",
@@ -275,8 +287,11 @@ def _unavailable() -> ProviderError:
 
 def _inspection() -> ProviderError:
     return ProviderError(
-        400, "DataInspectionFailed", "data_inspection_failed",
-        "Input data may contain inappropriate content.", compat_type="data_inspection_failed",
+        400,
+        "DataInspectionFailed",
+        "data_inspection_failed",
+        "Input data may contain inappropriate content.",
+        compat_type="data_inspection_failed",
     )
 
 
@@ -338,9 +353,7 @@ def _parse(api: str, body: dict, config: EmulatorConfig) -> _Call:
         if body.get("encoding_format", "float") not in ("float", None):
             raise _invalid("Value error, encoding_format only supports float.")
     if len(texts) > spec.max_rows:
-        raise _invalid(
-            f"Value error, batch size is invalid, it should not be larger than {spec.max_rows}."
-        )
+        raise _invalid(f"Value error, batch size is invalid, it should not be larger than {spec.max_rows}.")
     dims = spec.default_dimensions if dims is None else dims
     if type(dims) is not int or dims not in spec.dimensions:
         allowed = ", ".join(str(d) for d in spec.dimensions)
@@ -380,8 +393,7 @@ def _answer(api: str, call: _Call, request_id: str) -> dict:
         usage = {"total_tokens": call.tokens}
         return {"output": {"embeddings": rows}, "usage": usage, "request_id": request_id}
     data = [
-        {"object": "embedding", "index": row["text_index"], "embedding": row["embedding"]}
-        for row in rows
+        {"object": "embedding", "index": row["text_index"], "embedding": row["embedding"]} for row in rows
     ]
     usage = {"prompt_tokens": call.tokens, "total_tokens": call.tokens}
     return {"object": "list", "model": model, "data": data, "usage": usage, "id": request_id}
@@ -580,8 +592,9 @@ def serve(config: EmulatorConfig, host: str = "127.0.0.1", port: int = 8765) -> 
 class RunningEmulator:
     """An emulator serving from a background thread of this process (demo, tests, benchmarks)."""
 
-    def __init__(self, config: EmulatorConfig, host: str = "127.0.0.1", port: int = 0,
-                 start_timeout_s: float = 10.0) -> None:
+    def __init__(
+        self, config: EmulatorConfig, host: str = "127.0.0.1", port: int = 0, start_timeout_s: float = 10.0
+    ) -> None:
         import socket
 
         import httpx
@@ -595,11 +608,14 @@ class RunningEmulator:
         self.url = f"http://{host}:{self._sock.getsockname()[1]}"
         self.config = config
         self.api_key = config.api_keys[0] if config.api_keys else None
-        self._server = uvicorn.Server(uvicorn.Config(
-            create_app(config), log_level="warning", access_log=False, timeout_graceful_shutdown=1
-        ))
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
-                                        name="sidecar-emulator", daemon=True)
+        self._server = uvicorn.Server(
+            uvicorn.Config(
+                create_app(config), log_level="warning", access_log=False, timeout_graceful_shutdown=1
+            )
+        )
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self._sock]}, name="sidecar-emulator", daemon=True
+        )
         self._thread.start()
         self.client = httpx.Client(base_url=self.url, timeout=10.0)
         deadline = time.monotonic() + start_timeout_s
@@ -676,8 +692,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     add("--port", type=int, default=8765, help="port to listen on (default 8765)")
     add("--region", choices=REGIONS, help="region whose models are served (default beijing)")
-    add("--api-key", action="append", metavar="KEY",
-        help="accepted API key; repeat for several (default sk-emulator)")
+    add(
+        "--api-key",
+        action="append",
+        metavar="KEY",
+        help="accepted API key; repeat for several (default sk-emulator)",
+    )
     add("--rpm", type=int, help="requests per model per minute before 429 Throttling.RateQuota")
     add("--tpm", type=int, help="tokens per model per minute before 429 Throttling.AllocationQuota")
     add("--rps", type=int, help="requests per model per second before 429 Throttling.BurstRate")
@@ -688,8 +708,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add("--hang-rate", type=float, help="share of requests that sleep --hang-s first (0..1)")
     add("--hang-s", type=float, help="how long a hanging request sleeps (default 30)")
     add("--truncate-rate", type=float, help="share of 200 answers with a cut JSON body (0..1)")
-    add("--inspection-marker",
-        help="texts containing this fail with DataInspectionFailed (default <<BLOCKED>>)")
+    add(
+        "--inspection-marker",
+        help="texts containing this fail with DataInspectionFailed (default <<BLOCKED>>)",
+    )
     add("--token-factor", type=float, help="scale counted tokens by this (simulates drift)")
     add("--seed", type=int, help="seed of the fault-injection random draws (default 0)")
     parser.set_defaults(func=_run)

@@ -14,7 +14,8 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from worker.db import CachedEmbedding, insert_ignore, utcnow
+from worker.sql.engines import insert_ignore
+from worker.sql.models import CachedEmbedding, utcnow
 
 
 @dataclass(frozen=True)
@@ -25,10 +26,24 @@ class Embedded:
     sparse: dict[int, float] | None = None
 
 
-def cache_key(model: str, dimensions: int, content_hash: str, *, text_type: str = "document",
-              instruct: str | None = None, sparse: bool = False) -> str:
+def cache_key(
+    model: str,
+    dimensions: int,
+    content_hash: str,
+    *,
+    text_type: str = "document",
+    instruct: str | None = None,
+    sparse: bool = False,
+) -> str:
     material = "\x1f".join(
-        (model, str(dimensions), text_type, instruct or "", "dense&sparse" if sparse else "dense", content_hash)
+        (
+            model,
+            str(dimensions),
+            text_type,
+            instruct or "",
+            "dense&sparse" if sparse else "dense",
+            content_hash,
+        )
     )
     return hashlib.sha256(material.encode("utf-8")).hexdigest()
 
@@ -50,14 +65,18 @@ def get_many(session: Session, keys: Iterable[str]) -> dict[str, Embedded]:
     return found
 
 
-def put_many(session: Session, embedded: dict[str, Embedded], *, model: str, dimensions: int,
-             request_id: str) -> None:
+def put_many(
+    session: Session, embedded: dict[str, Embedded], *, model: str, dimensions: int, request_id: str
+) -> None:
     if not embedded:
         return
     now = utcnow()
     rows = [
         {
-            "key": key, "model": model, "dimensions": dimensions, "request_id": request_id,
+            "key": key,
+            "model": model,
+            "dimensions": dimensions,
+            "request_id": request_id,
             "vector": np.asarray(e.vector, dtype="<f4").tobytes(),
             "sparse": {str(i): v for i, v in e.sparse.items()} if e.sparse is not None else None,
             "created_at": now,

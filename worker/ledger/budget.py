@@ -11,7 +11,7 @@ every applicable cap, so a cap is overshot at most by the difference between est
 (and, with several workers admitting at once, by one request each; pass `lock=True` inside the
 transaction that writes the ledger intent row to serialize admissions on PostgreSQL).
 
-Caps come from the settings (BudgetSettings) and are overridden per scope by rows of
+Caps come from the settings (SIDECAR_BUDGET_*) and are overridden per scope by rows of
 `budget_caps` written through the API (`set_cap`, `clear_cap`).
 """
 
@@ -24,14 +24,19 @@ from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Literal
 
 import sqlalchemy as sa
-from pydantic import field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.orm import Session
 
 from worker.catalog import MODELS, from_nano, to_nano
-from worker.db import Document, ProviderRequest, RequestItem, utcnow
-from worker.db_audit import OVERALL, BudgetCap
 from worker.errors import RetryLater
+from worker.settings import Settings
+from worker.sql.models import (
+    OVERALL,
+    BudgetCap,
+    Document,
+    ProviderRequest,
+    RequestItem,
+    utcnow,
+)
 
 Period = Literal["day", "month"]
 PERIODS: tuple[Period, ...] = ("day", "month")
@@ -39,42 +44,6 @@ RECHECK_S = 60.0  # a paused document is looked at again this often (raising a c
 _LOCK_KEY = 0x5EB0D6E7  # pg_advisory_xact_lock key of budget admissions
 _PAUSED_ERROR = "BudgetExceeded:%"
 MAX_CNY = 10**9  # caps are stored as BIGINT nano-CNY
-
-
-class BudgetSettings(BaseSettings):
-    """SIDECAR_BUDGET_*: caps in CNY. Per-collection caps as "docs=1.5,faq=0.2" or a JSON object."""
-
-    model_config = SettingsConfigDict(env_prefix="SIDECAR_", env_file=".env", extra="ignore")
-
-    budget_daily_cny: Decimal | None = None
-    budget_monthly_cny: Decimal | None = None
-    budget_collection_daily_cny: Annotated[dict[str, Decimal], NoDecode] = {}
-    budget_collection_monthly_cny: Annotated[dict[str, Decimal], NoDecode] = {}
-
-    @field_validator("budget_collection_daily_cny", "budget_collection_monthly_cny", mode="before")
-    @classmethod
-    def _parse_pairs(cls, value: Any) -> Any:
-        if not isinstance(value, str):
-            return value
-        value = value.strip()
-        if not value:
-            return {}
-        if value.startswith("{"):
-            return {k: str(v) for k, v in json.loads(value).items()}
-        pairs = {}
-        for part in value.split(","):
-            name, sep, amount = part.partition("=")
-            if not sep or not name.strip():
-                raise ValueError(f"{part!r} is not collection=amount")
-            pairs[name.strip()] = amount.strip()
-        return pairs
-
-    @field_validator("budget_daily_cny", "budget_monthly_cny")
-    @classmethod
-    def _not_negative(cls, value: Decimal | None) -> Decimal | None:
-        if value is not None and value < 0:
-            raise ValueError("a cap cannot be negative")
-        return value
 
 
 @dataclass(frozen=True)
@@ -86,7 +55,9 @@ class Cap:
 
     def describe(self) -> str:
         what = "all collections" if self.collection is None else f"collection {self.collection!r}"
-        return f"{'daily' if self.period == 'day' else 'monthly'} cap of CNY {money(self.limit_nano)} for {what}"
+        return (
+            f"{'daily' if self.period == 'day' else 'monthly'} cap of CNY {money(self.limit_nano)} for {what}"
+        )
 
 
 class BudgetExceeded(RetryLater):
@@ -117,27 +88,32 @@ def parse_cny(value: Decimal | str | int) -> int:
 
 def window(period: Period, now: dt.datetime) -> tuple[dt.datetime, dt.datetime]:
     """[start, end) of the UTC day or month holding `now`."""
-    now = now.astimezone(dt.timezone.utc)
+    now = now.astimezone(dt.UTC)
     if period == "day":
         start = now.replace(hour=0, minute=0, second=0, microsecond=0)
         return start, start + dt.timedelta(days=1)
     start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-    end = start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
+    end = (
+        start.replace(year=start.year + 1, month=1)
+        if start.month == 12
+        else start.replace(month=start.month + 1)
+    )
     return start, end
 
 
 # --- caps -------------------------------------------------------------------------------------
 
 
-def effective_caps(session: Session, settings: BudgetSettings | None = None) -> list[Cap]:
+def effective_caps(session: Session, settings: Settings) -> list[Cap]:
     """Caps from the settings, each scope overridden by a row of `budget_caps` (NULL: no cap)."""
-    settings = settings or BudgetSettings()
     caps: dict[tuple[str | None, str], Cap] = {}
     for period, amount in (("day", settings.budget_daily_cny), ("month", settings.budget_monthly_cny)):
         if amount is not None:
             caps[(None, period)] = Cap(None, period, parse_cny(amount), "settings")
-    for period, table in (("day", settings.budget_collection_daily_cny),
-                          ("month", settings.budget_collection_monthly_cny)):
+    for period, table in (
+        ("day", settings.budget_collection_daily_cny),
+        ("month", settings.budget_collection_monthly_cny),
+    ):
         for collection, amount in table.items():
             caps[(collection, period)] = Cap(collection, period, parse_cny(amount), "settings")
     for row in session.execute(sa.select(BudgetCap)).scalars():
@@ -164,7 +140,9 @@ def set_cap(session: Session, *, collection: str | None, period: Period, limit_n
 def clear_cap(session: Session, *, collection: str | None, period: Period) -> bool:
     """Forget the API's cap for this scope: the settings' cap (if any) applies again."""
     gone = session.execute(
-        sa.delete(BudgetCap).where(BudgetCap.collection == (collection or OVERALL), BudgetCap.period == period)
+        sa.delete(BudgetCap).where(
+            BudgetCap.collection == (collection or OVERALL), BudgetCap.period == period
+        )
     ).rowcount
     resume_paused(session)
     return bool(gone)
@@ -174,8 +152,11 @@ def resume_paused(session: Session) -> int:
     """Make documents that wait on the budget claimable now (after a cap changed)."""
     return session.execute(
         sa.update(Document)
-        .where(Document.status == "pending", Document.lease_owner.is_(None),
-               Document.last_error.like(_PAUSED_ERROR))
+        .where(
+            Document.status == "pending",
+            Document.lease_owner.is_(None),
+            Document.last_error.like(_PAUSED_ERROR),
+        )
         .values(lease_until=None)
         .execution_options(synchronize_session=False)
     ).rowcount
@@ -196,8 +177,10 @@ def request_cost_nano() -> sa.ColumnElement[int]:
     """Cost of one ledger row for the budget: billed cost, or the estimate while not known."""
     return sa.case(
         (ProviderRequest.status == "succeeded", sa.func.coalesce(ProviderRequest.cost_nano_cny, 0)),
-        (ProviderRequest.status.in_(("sent", "unknown")),
-         sa.cast(ProviderRequest.est_tokens, sa.BigInteger) * _price_per_token_nano()),
+        (
+            ProviderRequest.status.in_(("sent", "unknown")),
+            sa.cast(ProviderRequest.est_tokens, sa.BigInteger) * _price_per_token_nano(),
+        ),
         else_=sa.func.coalesce(ProviderRequest.cost_nano_cny, 0),
     )
 
@@ -207,13 +190,16 @@ def _in_window(start: dt.datetime, end: dt.datetime) -> sa.ColumnElement[bool]:
 
 
 def spent_overall(session: Session, start: dt.datetime, end: dt.datetime) -> int:
-    return int(session.execute(
-        sa.select(sa.func.coalesce(sa.func.sum(request_cost_nano()), 0)).where(_in_window(start, end))
-    ).scalar_one())
+    return int(
+        session.execute(
+            sa.select(sa.func.coalesce(sa.func.sum(request_cost_nano()), 0)).where(_in_window(start, end))
+        ).scalar_one()
+    )
 
 
-def spent_by_collection(session: Session, start: dt.datetime, end: dt.datetime,
-                        collections: set[str]) -> dict[str, int]:
+def spent_by_collection(
+    session: Session, start: dt.datetime, end: dt.datetime, collections: set[str]
+) -> dict[str, int]:
     """Each collection's share of the window's spend, by the est_tokens of its items (rounded down)."""
     if not collections:
         return {}
@@ -227,12 +213,20 @@ def spent_by_collection(session: Session, start: dt.datetime, end: dt.datetime,
         .join(RequestItem, RequestItem.request_id == ProviderRequest.id)
         .join(Document, Document.id == RequestItem.document_id)
         .where(_in_window(start, end))
-        .group_by(ProviderRequest.id, ProviderRequest.status, ProviderRequest.cost_nano_cny,
-                  ProviderRequest.est_tokens, ProviderRequest.model, Document.collection)
+        .group_by(
+            ProviderRequest.id,
+            ProviderRequest.status,
+            ProviderRequest.cost_nano_cny,
+            ProviderRequest.est_tokens,
+            ProviderRequest.model,
+            Document.collection,
+        )
         .subquery()
     )
     shares = sa.select(
-        per.c.collection, per.c.cost, per.c.tokens,
+        per.c.collection,
+        per.c.cost,
+        per.c.tokens,
         sa.func.sum(per.c.tokens).over(partition_by=per.c.request_id).label("total"),
     ).subquery()
     share = sa.cast(shares.c.cost, sa.BigInteger) * shares.c.tokens / sa.func.nullif(shares.c.total, 0)
@@ -271,7 +265,7 @@ def admit(
     collections: set[str],
     est_cost_nano: int,
     now: dt.datetime | None = None,
-    settings: BudgetSettings | None = None,
+    settings: Settings,
     lock: bool = False,
 ) -> None:
     """Raise BudgetExceeded if a request of `est_cost_nano` for `collections` would pass a cap.
@@ -279,7 +273,9 @@ def admit(
     The request's whole estimate is checked against each of its collections' caps.
     """
     now = now or utcnow()
-    caps = [c for c in effective_caps(session, settings) if c.collection is None or c.collection in collections]
+    caps = [
+        c for c in effective_caps(session, settings) if c.collection is None or c.collection in collections
+    ]
     if not caps:
         return
     if lock and session.get_bind().dialect.name == "postgresql":
@@ -295,13 +291,14 @@ def admit(
         f"resumes at {resumes_at:%Y-%m-%dT%H:%MZ} or when the cap is raised"
     )
     raise BudgetExceeded(
-        message, retry_after_s=min(RECHECK_S, (resumes_at - now).total_seconds()), cap=cap,
+        message,
+        retry_after_s=min(RECHECK_S, (resumes_at - now).total_seconds()),
+        cap=cap,
         resumes_at=resumes_at,
     )
 
 
-def budget_state(session: Session, now: dt.datetime | None = None,
-                 settings: BudgetSettings | None = None) -> dict[str, Any]:
+def budget_state(session: Session, settings: Settings, now: dt.datetime | None = None) -> dict[str, Any]:
     """{"paused", "paused_collections", "reasons", "caps", "waiting_documents"} for status, readyz, metrics.
 
     A cap is reached when the spend in its window is at or above it; `paused` means an overall cap is
@@ -315,39 +312,58 @@ def budget_state(session: Session, now: dt.datetime | None = None,
         start, end = window(cap.period, now)
         reached = spent[cap] >= cap.limit_nano
         if reached:
-            reasons.append(f"{cap.describe()} reached: spent {money(spent[cap])}; "
-                           f"resumes at {end:%Y-%m-%dT%H:%MZ} or when the cap is raised")
+            reasons.append(
+                f"{cap.describe()} reached: spent {money(spent[cap])}; "
+                f"resumes at {end:%Y-%m-%dT%H:%MZ} or when the cap is raised"
+            )
             if cap.collection is None:
                 paused = True
             else:
                 paused_collections.append(cap.collection)
-        rows.append({
-            "collection": cap.collection, "period": cap.period, "source": cap.source,
-            "limit_cny": format(from_nano(cap.limit_nano), "f"),
-            "spent_cny": format(from_nano(spent[cap]), "f"),
-            "remaining_cny": format(from_nano(max(0, cap.limit_nano - spent[cap])), "f"),
-            "limit_nano_cny": cap.limit_nano, "spent_nano_cny": spent[cap],
-            "window_start": start.isoformat(), "resets_at": end.isoformat(), "reached": reached,
-        })
+        rows.append(
+            {
+                "collection": cap.collection,
+                "period": cap.period,
+                "source": cap.source,
+                "limit_cny": format(from_nano(cap.limit_nano), "f"),
+                "spent_cny": format(from_nano(spent[cap]), "f"),
+                "remaining_cny": format(from_nano(max(0, cap.limit_nano - spent[cap])), "f"),
+                "limit_nano_cny": cap.limit_nano,
+                "spent_nano_cny": spent[cap],
+                "window_start": start.isoformat(),
+                "resets_at": end.isoformat(),
+                "reached": reached,
+            }
+        )
     waiting = session.execute(
-        sa.select(sa.func.count()).select_from(Document)
+        sa.select(sa.func.count())
+        .select_from(Document)
         .where(Document.status == "pending", Document.last_error.like(_PAUSED_ERROR))
     ).scalar_one()
-    return {"paused": paused, "paused_collections": sorted(set(paused_collections)), "reasons": reasons,
-            "caps": rows, "waiting_documents": int(waiting)}
+    return {
+        "paused": paused,
+        "paused_collections": sorted(set(paused_collections)),
+        "reasons": reasons,
+        "caps": rows,
+        "waiting_documents": int(waiting),
+    }
 
 
-def pipeline_check(spec: Any, settings: BudgetSettings | None = None) -> Any:
+def pipeline_check(spec: Any, settings: Settings) -> Any:
     """The `Runtime.budget_check` hook: admit(…) one batch, inside the transaction that writes
     its ledger intent row (under a lock), so concurrent workers cannot overshoot a cap together.
 
-    Wire it in build_runtime: `budget_check=budget.pipeline_check(spec)`.
+    Wire it in build_runtime: `budget_check=budget.pipeline_check(spec, settings)`.
     """
-    settings = settings or BudgetSettings()
 
     def check(session: Session, work: Any, rows: Any, est_tokens: int) -> None:
         collections = {doc.collection for row in rows for doc, _chunk in work.users[row.key]}
-        admit(session, collections=collections, est_cost_nano=spec.cost_nano_cny(est_tokens),
-              settings=settings, lock=True)
+        admit(
+            session,
+            collections=collections,
+            est_cost_nano=spec.cost_nano_cny(est_tokens),
+            settings=settings,
+            lock=True,
+        )
 
     return check

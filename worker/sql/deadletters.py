@@ -7,22 +7,37 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from worker.db import Document, utcnow
+from worker.sql.models import Document, utcnow
 
 
 def list_dead(session: Session, *, after_id: int = 0, limit: int = 100) -> list[dict[str, Any]]:
     """Dead documents by id, `limit` at a time after `after_id`."""
     rows = session.execute(
-        sa.select(Document.id, Document.tenant, Document.collection, Document.doc_id, Document.version,
-                  Document.last_error, Document.attempts, Document.updated_at)
+        sa.select(
+            Document.id,
+            Document.tenant,
+            Document.collection,
+            Document.doc_id,
+            Document.version,
+            Document.last_error,
+            Document.attempts,
+            Document.updated_at,
+        )
         .where(Document.status == "dead", Document.id > after_id)
         .order_by(Document.id)
         .limit(limit)
     ).all()
     return [
-        {"id": r.id, "tenant": r.tenant, "collection": r.collection, "doc_id": r.doc_id,
-         "version": r.version, "last_error": r.last_error, "attempts": r.attempts,
-         "updated_at": r.updated_at.isoformat()}
+        {
+            "id": r.id,
+            "tenant": r.tenant,
+            "collection": r.collection,
+            "doc_id": r.doc_id,
+            "version": r.version,
+            "last_error": r.last_error,
+            "attempts": r.attempts,
+            "updated_at": r.updated_at.isoformat(),
+        }
         for r in rows
     ]
 
@@ -36,6 +51,7 @@ def retry_dead(session: Session, document_id: int | None = None) -> int:
     if document_id is not None:
         query = query.where(Document.id == document_id)
     return session.execute(
-        query.values(status="pending", attempts=0, lease_owner=None, lease_until=None, updated_at=utcnow())
-        .execution_options(synchronize_session=False)
+        query.values(
+            status="pending", attempts=0, lease_owner=None, lease_until=None, updated_at=utcnow()
+        ).execution_options(synchronize_session=False)
     ).rowcount

@@ -17,8 +17,7 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from worker.db import utcnow
-from worker.db_audit import Counter
+from worker.sql.models import HourlyCounter, utcnow
 
 AvoidedKind = Literal["dedup", "coalesced"]
 EVENT_PREFIX = "events_"
@@ -26,16 +25,23 @@ AVOIDED_PREFIX = "tokens_avoided_"
 
 
 def hour_bucket(at: dt.datetime) -> str:
-    return at.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H")
+    return at.astimezone(dt.UTC).strftime("%Y-%m-%dT%H")
 
 
 def record_outcomes(session: Session, outcomes: Mapping[str, int], *, now: dt.datetime | None = None) -> None:
     """Add ingest outcomes ({"accepted": 3, "stale": 1, ...}); zero counts are skipped."""
     bucket = hour_bucket(now or utcnow())
     rows = [
-        {"bucket": bucket, "name": f"{EVENT_PREFIX}{outcome}"[:32], "model": "", "collection": "",
-         "tenant": "", "value": int(n)}
-        for outcome, n in sorted(outcomes.items()) if n
+        {
+            "bucket": bucket,
+            "name": f"{EVENT_PREFIX}{outcome}"[:32],
+            "model": "",
+            "collection": "",
+            "tenant": "",
+            "value": int(n),
+        }
+        for outcome, n in sorted(outcomes.items())
+        if n
     ]
     _increment(session, rows)
 
@@ -53,9 +59,16 @@ def record_avoided(
         raise ValueError(f"kind must be dedup or coalesced, got {kind!r}")
     bucket = hour_bucket(now or utcnow())
     rows = [
-        {"bucket": bucket, "name": f"{AVOIDED_PREFIX}{kind}", "model": model, "collection": collection,
-         "tenant": tenant, "value": int(n)}
-        for (collection, tenant), n in sorted(tokens_by.items()) if n
+        {
+            "bucket": bucket,
+            "name": f"{AVOIDED_PREFIX}{kind}",
+            "model": model,
+            "collection": collection,
+            "tenant": tenant,
+            "value": int(n),
+        }
+        for (collection, tenant), n in sorted(tokens_by.items())
+        if n
     ]
     _increment(session, rows)
 
@@ -65,9 +78,9 @@ def _increment(session: Session, rows: list[dict]) -> None:
         return
     dialect = session.get_bind().dialect.name
     insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
-    stmt = insert(Counter).values(rows)
+    stmt = insert(HourlyCounter).values(rows)
     stmt = stmt.on_conflict_do_update(
         index_elements=["bucket", "name", "model", "collection", "tenant"],
-        set_={"value": Counter.value + stmt.excluded.value},
+        set_={"value": HourlyCounter.value + stmt.excluded.value},
     )
     session.execute(stmt)

@@ -13,18 +13,29 @@ from decimal import Decimal
 from typing import Any
 
 from worker.errors import ConfigError, InvalidEvent
-from worker.reports import GROUPINGS
+from worker.ledger.reports import GROUPINGS
 from worker.settings import Settings
-_NUMBERS = (("requests", 10), ("failed", 8), ("rows", 9), ("tokens", 12), ("tokens_avoided_dedup", 12),
-            ("tokens_avoided_coalesced", 12), ("cost_cny", 16))
+
+_NUMBERS = (
+    ("requests", 10),
+    ("failed", 8),
+    ("rows", 9),
+    ("tokens", 12),
+    ("tokens_avoided_dedup", 12),
+    ("tokens_avoided_coalesced", 12),
+    ("cost_cny", 16),
+)
 _HEADS = {"tokens_avoided_dedup": "dedup", "tokens_avoided_coalesced": "coalesced", "cost_cny": "cost CNY"}
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("spend", help="provider requests, billed tokens and cost by day and model (or --by)",
-                       description="The spend ledger summed by UTC day and model, or by one grouping. "
-                       "Tokens are the provider-billed tokens; cost is CNY at the model's real-time price; "
-                       "`dedup` and `coalesced` are tokens avoided (never sent).")
+    p = sub.add_parser(
+        "spend",
+        help="provider requests, billed tokens and cost by day and model (or --by)",
+        description="The spend ledger summed by UTC day and model, or by one grouping. "
+        "Tokens are the provider-billed tokens; cost is CNY at the model's real-time price; "
+        "`dedup` and `coalesced` are tokens avoided (never sent).",
+    )
     p.add_argument("--by", choices=GROUPINGS, help="group by this instead of day and model")
     p.add_argument("--since", type=_instant, help="from this UTC instant (ISO 8601, e.g. 2026-11-01)")
     p.add_argument("--until", type=_instant, help="up to, not including, this UTC instant")
@@ -33,22 +44,28 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     out.add_argument("--csv", action="store_true", help="print CSV")
     p.set_defaults(func=cmd_spend)
 
-    p = sub.add_parser("bill", help="reconcile the ledger with the provider's bill",
-                       description="Match every charged request of a bill (a JSON file, or a URL such as "
-                       "the emulator's http://127.0.0.1:8765/_emulator/bill: {\"requests\": [{request_id, "
-                       "model, tokens, at}]}) to the ledger: by provider request id, else (rows of unknown "
-                       "outcome) by model, estimate and time. --apply writes the matches, and closes unknown "
-                       "rows no bill entry claims at 0 tokens. Exit 1 when the two do not balance.")
+    p = sub.add_parser(
+        "bill",
+        help="reconcile the ledger with the provider's bill",
+        description="Match every charged request of a bill (a JSON file, or a URL such as "
+        'the emulator\'s http://127.0.0.1:8765/_emulator/bill: {"requests": [{request_id, '
+        "model, tokens, at}]}) to the ledger: by provider request id, else (rows of unknown "
+        "outcome) by model, estimate and time. --apply writes the matches, and closes unknown "
+        "rows no bill entry claims at 0 tokens. Exit 1 when the two do not balance.",
+    )
     p.add_argument("source", help="bill JSON file, or an http(s) URL")
     p.add_argument("--apply", action="store_true", help="write the matches into the ledger")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_bill)
 
-    p = sub.add_parser("estimate", help="price a backfill (JSONL events) before anything is sent",
-                       description="Read events (one JSON object a line), coalesce them per document, chunk "
-                       "and deduplicate as the worker would, and print the tokens, requests, cost at the "
-                       "real-time and the batch price, and the least time at the configured rate limits. "
-                       "Nothing is sent and no database is needed.")
+    p = sub.add_parser(
+        "estimate",
+        help="price a backfill (JSONL events) before anything is sent",
+        description="Read events (one JSON object a line), coalesce them per document, chunk "
+        "and deduplicate as the worker would, and print the tokens, requests, cost at the "
+        "real-time and the batch price, and the least time at the configured rate limits. "
+        "Nothing is sent and no database is needed.",
+    )
     p.add_argument("file", help="JSONL file of events; - for stdin")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_estimate)
@@ -59,7 +76,7 @@ def _instant(text: str) -> dt.datetime:
         at = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 date or time") from None
-    return at.replace(tzinfo=dt.timezone.utc) if at.tzinfo is None else at.astimezone(dt.timezone.utc)
+    return at.replace(tzinfo=dt.UTC) if at.tzinfo is None else at.astimezone(dt.UTC)
 
 
 # --- spend ------------------------------------------------------------------------------------
@@ -67,10 +84,13 @@ def _instant(text: str) -> dt.datetime:
 
 def cmd_spend(args: argparse.Namespace) -> int:
     from api.cli import reports_of
-    from worker import reports
+    from worker.ledger import reports
 
     data = reports_of(lambda s: reports.spend(s, by=args.by, since=args.since, until=args.until))
-    print(render_spend(data, as_json=args.json, as_csv=getattr(args, "csv", False)), end="" if args.csv else "\n")
+    print(
+        render_spend(data, as_json=args.json, as_csv=getattr(args, "csv", False)),
+        end="" if args.csv else "\n",
+    )
     return 0
 
 
@@ -88,14 +108,20 @@ def render_spend(data: dict[str, Any], *, as_json: bool, as_csv: bool = False) -
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow([*keys, *(name for name, _ in _NUMBERS)])
         for r in [*data["rows"], total]:
-            writer.writerow([r.get(k) if r.get(k) is not None else "" for k in keys] + [r[n] for n, _ in _NUMBERS])
+            writer.writerow(
+                [r.get(k) if r.get(k) is not None else "" for k in keys] + [r[n] for n, _ in _NUMBERS]
+            )
         return buf.getvalue()
     widths = {k: max([len(k), 6, *(len(str(r.get(k) or "")) for r in data["rows"])]) + 2 for k in keys}
-    head = "".join(f"{k:<{widths[k]}}" for k in keys) + "".join(f"{_HEADS.get(n, n):>{w}}" for n, w in _NUMBERS)
+    head = "".join(f"{k:<{widths[k]}}" for k in keys) + "".join(
+        f"{_HEADS.get(n, n):>{w}}" for n, w in _NUMBERS
+    )
     lines = [head, "-" * len(head)]
     for r in [*data["rows"], total]:
-        lines.append("".join(f"{str(r.get(k) if r.get(k) is not None else '-'):<{widths[k]}}" for k in keys)
-                     + "".join(f"{r[n]:>{w}}" for n, w in _NUMBERS))
+        lines.append(
+            "".join(f"{r.get(k) if r.get(k) is not None else '-'!s:<{widths[k]}}" for k in keys)
+            + "".join(f"{r[n]:>{w}}" for n, w in _NUMBERS)
+        )
     return "\n".join(lines)
 
 
@@ -124,8 +150,10 @@ def estimate(lines: Iterable[str], settings: Settings, *, progress: bool = False
 
     spec = settings.model_spec()
     limits = settings.rate_limits()
-    max_tokens = min(settings.chunk_max_tokens or chunking.default_max_tokens(spec.max_tokens_per_row),
-                     spec.max_tokens_per_row)
+    max_tokens = min(
+        settings.chunk_max_tokens or chunking.default_max_tokens(spec.max_tokens_per_row),
+        spec.max_tokens_per_row,
+    )
     latest: dict[tuple[str, str, str], tuple[int, Any]] = {}
     superseded: list[str] = []
     events = 0
@@ -167,18 +195,24 @@ def estimate(lines: Iterable[str], settings: Settings, *, progress: bool = False
         if event.op == "delete":
             deletes += 1
             continue
-        for chunk in chunking.split_text(event.text or "", max_tokens=max_tokens,
-                                         overlap_tokens=settings.chunk_overlap_tokens):
+        for chunk in chunking.split_text(
+            event.text or "", max_tokens=max_tokens, overlap_tokens=settings.chunk_overlap_tokens
+        ):
             chunk_count += 1
             if chunk.content_hash in rows:
                 dedup_tokens += chunk.tokens
             else:
                 rows[chunk.content_hash] = batching.Row(chunk.content_hash, chunk.text, chunk.tokens)
-    batches = batching.plan_batches(list(rows.values()), max_rows=spec.max_rows,
-                                    max_tokens_per_row=spec.max_tokens_per_row)
+    batches = batching.plan_batches(
+        list(rows.values()), max_rows=spec.max_rows, max_tokens_per_row=spec.max_tokens_per_row
+    )
     total_tokens = sum(r.tokens for r in rows.values())
     requests = len(batches)
-    min_s = max(requests / limits.requests_per_second, total_tokens / limits.tokens_per_second) if requests else 0.0
+    min_s = (
+        max(requests / limits.requests_per_second, total_tokens / limits.tokens_per_second)
+        if requests
+        else 0.0
+    )
     return {
         "events": events,
         "invalid": invalid_count,
@@ -189,8 +223,10 @@ def estimate(lines: Iterable[str], settings: Settings, *, progress: bool = False
         "rows": len(rows),
         "requests": requests,
         "tokens": total_tokens,
-        "tokens_avoided": {"dedup": dedup_tokens,
-                           "coalesced": sum(tokens.count_tokens(t) for t in superseded)},
+        "tokens_avoided": {
+            "dedup": dedup_tokens,
+            "coalesced": sum(tokens.count_tokens(t) for t in superseded),
+        },
         "model": spec.name,
         "cost_cny": _plain(spec.cost_cny(total_tokens)),
         "batch_cost_cny": _plain(spec.cost_cny(total_tokens, batch=True)),
@@ -214,13 +250,19 @@ def _duration(seconds: float) -> str:
 
 def render_estimate(data: dict[str, Any]) -> str:
     rows = [
-        ("events", data["events"]), ("invalid events", data["invalid"]), ("documents", data["documents"]),
-        ("deletes (free)", data["deletes"]), ("chunks", data["chunks"]), ("rows to embed", data["rows"]),
-        ("requests", data["requests"]), ("tokens", data["tokens"]),
+        ("events", data["events"]),
+        ("invalid events", data["invalid"]),
+        ("documents", data["documents"]),
+        ("deletes (free)", data["deletes"]),
+        ("chunks", data["chunks"]),
+        ("rows to embed", data["rows"]),
+        ("requests", data["requests"]),
+        ("tokens", data["tokens"]),
         ("avoided by dedup", data["tokens_avoided"]["dedup"]),
         ("avoided by coalescing", data["tokens_avoided"]["coalesced"]),
         ("model", data["model"]),
-        ("cost CNY, real-time", data["cost_cny"]), ("cost CNY, batch", data["batch_cost_cny"]),
+        ("cost CNY, real-time", data["cost_cny"]),
+        ("cost CNY, batch", data["batch_cost_cny"]),
         ("limits", f"{data['requests_per_minute']} req/min, {data['tokens_per_minute']} tokens/min"),
         ("least time", _duration(data["min_duration_s"])),
     ]
@@ -231,12 +273,11 @@ def render_estimate(data: dict[str, Any]) -> str:
 
 
 def cmd_bill(args: argparse.Namespace) -> int:
+    import httpx
     from sqlalchemy.orm import Session
 
     from api.cli import _engine
-    from worker import billing
-
-    import httpx
+    from worker.ledger import billing
 
     try:
         if args.source.startswith(("http://", "https://")):
@@ -246,7 +287,7 @@ def cmd_bill(args: argparse.Namespace) -> int:
                 data = json.load(f)
         bill = data["requests"] if isinstance(data, dict) else data
         if not isinstance(bill, list):
-            raise ValueError("expected a list of requests, or an object with one under \"requests\"")
+            raise ValueError('expected a list of requests, or an object with one under "requests"')
     except (OSError, ValueError, KeyError, httpx.HTTPError) as exc:
         print(f"sidecar bill: cannot read the bill from {args.source}: {exc}", file=sys.stderr)
         return 2
@@ -260,8 +301,16 @@ def cmd_bill(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(out, indent=2))
     else:
-        for key in ("balanced", "applied", "bill_requests", "bill_tokens", "ledger_tokens", "matched_by_id",
-                    "matched_by_estimate", "unknown_not_billed"):
+        for key in (
+            "balanced",
+            "applied",
+            "bill_requests",
+            "bill_tokens",
+            "ledger_tokens",
+            "matched_by_id",
+            "matched_by_estimate",
+            "unknown_not_billed",
+        ):
             print(f"{key:<22}{out[key]}")
         for key in ("token_mismatches", "missing_from_ledger", "not_on_bill"):
             print(f"{key:<22}{len(out[key])}" + (f"  e.g. {out[key][:3]}" if out[key] else ""))

@@ -17,8 +17,9 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from worker import chunking, tokens
-from worker.db import Document, MessageAttempt, RejectedEvent, SeenEvent, insert_ignore, utcnow
 from worker.events import Event
+from worker.sql.engines import insert_ignore
+from worker.sql.models import Document, MessageAttempt, RejectedEvent, SeenEvent, utcnow
 
 Outcome = Literal["accepted", "stale", "duplicate"]
 REJECTED_EVENT_MAX_CHARS = 64 << 10
@@ -44,7 +45,9 @@ def accept(
     tenant): what coalescing saved.
     """
     now = utcnow()
-    idempotency_key = event.event_id or (f"delivery:{delivery_id}" if event.version is None and delivery_id else None)
+    idempotency_key = event.event_id or (
+        f"delivery:{delivery_id}" if event.version is None and delivery_id else None
+    )
     if idempotency_key is not None:
         inserted = insert_ignore(session, SeenEvent, {"event_id": idempotency_key[:256], "received_at": now})
         if not inserted:
@@ -64,9 +67,7 @@ def accept(
     if insert_ignore(session, Document, {**key, **values, "version": event.version or 0, "created_at": now}):
         return "accepted"
 
-    doc = session.execute(
-        sa.select(Document).filter_by(**key).with_for_update()
-    ).scalar_one()
+    doc = session.execute(sa.select(Document).filter_by(**key).with_for_update()).scalar_one()
     if event.version is None:
         version = doc.version + 1
     elif event.version < doc.version:
@@ -75,8 +76,13 @@ def accept(
         return "duplicate"
     else:
         version = event.version
-    if coalesced is not None and doc.status == "pending" and doc.lease_owner is None and doc.text \
-            and doc.text_hash != values["text_hash"]:
+    if (
+        coalesced is not None
+        and doc.status == "pending"
+        and doc.lease_owner is None
+        and doc.text
+        and doc.text_hash != values["text_hash"]
+    ):
         coalesced[(doc.collection, doc.tenant)] += tokens.count_tokens(doc.text)
     # A lease held on an older version stays: its holder sees the new version when it finishes
     # and hands the document back, so two workers never write one document at once.
@@ -145,8 +151,16 @@ def claim(session: Session, *, owner: str, limit: int, lease_s: float) -> list[C
             attempts=Document.attempts + 1,
         )
         .returning(
-            Document.id, Document.tenant, Document.collection, Document.doc_id, Document.version,
-            Document.op, Document.text, Document.text_hash, Document.meta, Document.attempts,
+            Document.id,
+            Document.tenant,
+            Document.collection,
+            Document.doc_id,
+            Document.version,
+            Document.op,
+            Document.text,
+            Document.text_hash,
+            Document.meta,
+            Document.attempts,
             Document.updated_at,
         )
         .execution_options(synchronize_session=False)
@@ -155,9 +169,7 @@ def claim(session: Session, *, owner: str, limit: int, lease_s: float) -> list[C
 
 
 def _mine(doc: Claimed, owner: str) -> sa.ColumnElement[bool]:
-    return sa.and_(
-        Document.id == doc.id, Document.version == doc.version, Document.lease_owner == owner
-    )
+    return sa.and_(Document.id == doc.id, Document.version == doc.version, Document.lease_owner == owner)
 
 
 def _handed_back(session: Session, doc: Claimed, owner: str) -> None:
@@ -176,8 +188,13 @@ def mark_indexed(session: Session, doc: Claimed, *, owner: str, chunk_count: int
         sa.update(Document)
         .where(_mine(doc, owner))
         .values(
-            status="indexed", indexed_version=doc.version, indexed_hash=doc.text_hash,
-            chunk_count=chunk_count, attempts=0, lease_owner=None, lease_until=None,
+            status="indexed",
+            indexed_version=doc.version,
+            indexed_hash=doc.text_hash,
+            chunk_count=chunk_count,
+            attempts=0,
+            lease_owner=None,
+            lease_until=None,
             last_error=None,
         )
         .execution_options(synchronize_session=False)
@@ -192,8 +209,15 @@ def mark_deleted(session: Session, doc: Claimed, *, owner: str) -> bool:
         sa.update(Document)
         .where(_mine(doc, owner))
         .values(
-            status="deleted", indexed_version=doc.version, indexed_hash=None, chunk_count=0,
-            text=None, attempts=0, lease_owner=None, lease_until=None, last_error=None,
+            status="deleted",
+            indexed_version=doc.version,
+            indexed_hash=None,
+            chunk_count=0,
+            text=None,
+            attempts=0,
+            lease_owner=None,
+            lease_until=None,
+            last_error=None,
         )
         .execution_options(synchronize_session=False)
     ).rowcount
@@ -240,7 +264,9 @@ def fail(
     if max_attempts is None:
         values["attempts"] = _one_less
     done = session.execute(
-        sa.update(Document).where(_mine(doc, owner)).values(**values)
+        sa.update(Document)
+        .where(_mine(doc, owner))
+        .values(**values)
         .execution_options(synchronize_session=False)
     ).rowcount
     if not done:  # a newer version arrived: it gets its own tries, not this version's verdict
@@ -274,9 +300,7 @@ def renew(session: Session, docs: list[Claimed], *, owner: str, lease_s: float) 
 
 def document_counts(session: Session) -> dict[str, int]:
     counts = {"pending": 0, "indexed": 0, "deleted": 0, "rejected": 0, "dead": 0}
-    for status, n in session.execute(
-        sa.select(Document.status, sa.func.count()).group_by(Document.status)
-    ):
+    for status, n in session.execute(sa.select(Document.status, sa.func.count()).group_by(Document.status)):
         counts[status] = n
     counts["rejected"] = session.execute(sa.select(sa.func.count()).select_from(RejectedEvent)).scalar_one()
     return counts
@@ -289,7 +313,7 @@ def oldest_pending_age_s(session: Session) -> float | None:
     if oldest is None:
         return None
     if oldest.tzinfo is None:
-        oldest = oldest.replace(tzinfo=dt.timezone.utc)
+        oldest = oldest.replace(tzinfo=dt.UTC)
     return max(0.0, (utcnow() - oldest).total_seconds())
 
 
@@ -298,7 +322,8 @@ def message_started(session: Session, task_id: str) -> int:
     if insert_ignore(session, MessageAttempt, {"task_id": task_id, "attempts": 1, "first_seen": utcnow()}):
         return 1
     session.execute(
-        sa.update(MessageAttempt).where(MessageAttempt.task_id == task_id)
+        sa.update(MessageAttempt)
+        .where(MessageAttempt.task_id == task_id)
         .values(attempts=MessageAttempt.attempts + 1)
     )
     return session.execute(

@@ -87,8 +87,11 @@ class DocSummary:
 
     def is_complete(self, version: int, chunk_count: int) -> bool:
         """Exactly the chunks 0..chunk_count-1 of `version`, nothing else."""
-        return (self.versions == {version} and self.chunk_counts == {chunk_count}
-                and self.chunk_indexes == set(range(chunk_count)))
+        return (
+            self.versions == {version}
+            and self.chunk_counts == {chunk_count}
+            and self.chunk_indexes == set(range(chunk_count))
+        )
 
 
 @dataclass(frozen=True)
@@ -114,9 +117,7 @@ class StoredPoint:
 class VectorStore(Protocol):
     """Raises StoreUnavailable (a RetryLater) when the store does not answer."""
 
-    def ensure_collection(
-        self, collection: str, dimensions: int, *, sparse: bool = False
-    ) -> None: ...
+    def ensure_collection(self, collection: str, dimensions: int, *, sparse: bool = False) -> None: ...
 
     def write_document(
         self,
@@ -232,9 +233,7 @@ class QdrantStore:
         try:
             self.client.create_collection(
                 name,
-                vectors_config={
-                    DENSE: models.VectorParams(size=dimensions, distance=models.Distance.COSINE)
-                },
+                vectors_config={DENSE: models.VectorParams(size=dimensions, distance=models.Distance.COSINE)},
                 sparse_vectors_config={SPARSE: models.SparseVectorParams()} if sparse else None,
             )
         except UnexpectedResponse as exc:
@@ -271,8 +270,7 @@ class QdrantStore:
         for chunk in chunks:
             if len(chunk.vector) != dimensions:
                 raise ValueError(
-                    f"chunk {chunk.chunk_index}: vector has {len(chunk.vector)} dimensions, "
-                    f"not {dimensions}"
+                    f"chunk {chunk.chunk_index}: vector has {len(chunk.vector)} dimensions, not {dimensions}"
                 )
         self.ensure_collection(collection, dimensions, sparse=any(c.sparse for c in chunks))
         name = self._name(collection)
@@ -397,14 +395,17 @@ class QdrantStore:
         start = from_index
         while True:
             batch = {point_id(tenant, collection, doc_id, i) for i in range(start, start + _PROBE)}
-            records = self.client.retrieve(name, ask + sorted(batch), with_payload=["version"],
-                                           with_vectors=False)
+            records = self.client.retrieve(
+                name, ask + sorted(batch), with_payload=["version"], with_vectors=False
+            )
             found |= {str(r.id) for r in records if (r.payload or {}).get("version", below) < below}
             if not any(str(r.id) in batch for r in records):
                 return found
             ask, start = [], start + _PROBE
 
-    def _delete_older(self, name: str, tenant: str, doc_id: str, ids: set[str], version: models.Condition) -> None:
+    def _delete_older(
+        self, name: str, tenant: str, doc_id: str, ids: set[str], version: models.Condition
+    ) -> None:
         """Delete these points of the document if they still match `version`.
 
         On a server the version condition makes the delete safe against a concurrent newer

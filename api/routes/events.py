@@ -13,9 +13,10 @@ from starlette.concurrency import run_in_threadpool
 
 from api.auth import can_read, can_write
 from api.deps import session
-from worker import deadletters, reports
 from worker.errors import InvalidEvent
 from worker.events import parse_with
+from worker.ledger import reports
+from worker.sql import deadletters
 
 router = APIRouter()
 NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
@@ -49,7 +50,9 @@ class EventsAccepted(BaseModel):
 
 
 class EventProblem(BaseModel):
-    index: int | None = Field(description="position in the posted list (0 for a single event); null: the body")
+    index: int | None = Field(
+        description="position in the posted list (0 for a single event); null: the body"
+    )
     field: str
     rule: str
 
@@ -66,9 +69,13 @@ _event_schema = EventIn.model_json_schema()
 _EVENTS_BODY = {
     "requestBody": {
         "required": True,
-        "content": {"application/json": {"schema": {
-            "oneOf": [_event_schema, {"type": "array", "items": _event_schema, "minItems": 1}],
-        }}},
+        "content": {
+            "application/json": {
+                "schema": {
+                    "oneOf": [_event_schema, {"type": "array", "items": _event_schema, "minItems": 1}],
+                }
+            }
+        },
     }
 }
 
@@ -106,21 +113,32 @@ async def post_events(request: Request) -> Any:
     and nothing is sent. 413 when the body is over SIDECAR_API_MAX_BODY_BYTES or the list is over
     SIDECAR_API_MAX_EVENTS.
     """
-    api, settings = request.app.state.api_settings, request.app.state.settings
+    api = settings = request.app.state.settings
     body = await _read_body(request, api.api_max_body_bytes)
     if body is None:
-        return _problems(413, [{"index": None, "field": "body",
-                                "rule": f"over the cap of {api.api_max_body_bytes} bytes"}])
+        return _problems(
+            413, [{"index": None, "field": "body", "rule": f"over the cap of {api.api_max_body_bytes} bytes"}]
+        )
     try:
         raw = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         return _problems(422, [{"index": None, "field": "body", "rule": f"not valid JSON ({exc})"}])
     events = raw if isinstance(raw, list) else [raw]
     if not events:
-        return _problems(422, [{"index": None, "field": "body", "rule": "an event or a non-empty list of events"}])
+        return _problems(
+            422, [{"index": None, "field": "body", "rule": "an event or a non-empty list of events"}]
+        )
     if len(events) > api.api_max_events:
-        return _problems(413, [{"index": None, "field": "body",
-                                "rule": f"{len(events)} events is over the cap of {api.api_max_events}"}])
+        return _problems(
+            413,
+            [
+                {
+                    "index": None,
+                    "field": "body",
+                    "rule": f"{len(events)} events is over the cap of {api.api_max_events}",
+                }
+            ],
+        )
     accepted, problems = [], []
     for index, item in enumerate(events):
         try:
@@ -134,13 +152,17 @@ async def post_events(request: Request) -> Any:
     try:
         result = await run_in_threadpool(_send, request.app.state.celery, events)
     except Exception as exc:  # the broker did not take the message: nothing was accepted
-        raise HTTPException(503, f"the broker did not accept the events ({type(exc).__name__}); retry") from exc
+        raise HTTPException(
+            503, f"the broker did not accept the events ({type(exc).__name__}); retry"
+        ) from exc
     return {"accepted": len(accepted), "task_id": result.id, "events": accepted}
 
 
 def _send(celery: Any, events: list[Any]) -> Any:
     return celery.send_task(
-        "sidecar.ingest_many", args=[events], retry=True,
+        "sidecar.ingest_many",
+        args=[events],
+        retry=True,
         retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5},
     )
 
@@ -160,8 +182,13 @@ def get_document(
 ) -> dict[str, Any]:
     """Status is pending, indexed, deleted, dead, or rejected (only a rejected event was seen)."""
     settings = request.app.state.settings
-    found = reports.document(s, collection=collection, doc_id=doc_id, tenant=tenant or settings.default_tenant,
-                             default_collection=settings.default_collection)
+    found = reports.document(
+        s,
+        collection=collection,
+        doc_id=doc_id,
+        tenant=tenant or settings.default_tenant,
+        default_collection=settings.default_collection,
+    )
     if found is None:
         raise HTTPException(404, f"no document {doc_id!r} in collection {collection!r}")
     return found
@@ -169,7 +196,9 @@ def get_document(
 
 @router.get("/v1/deadletters", dependencies=[Depends(can_read)], summary="Documents that gave up")
 def get_deadletters(
-    after_id: Annotated[int, Query(ge=0, le=2**62, description="cursor: the last id of the previous page")] = 0,
+    after_id: Annotated[
+        int, Query(ge=0, le=2**62, description="cursor: the last id of the previous page")
+    ] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     s: Session = Depends(session),
 ) -> dict[str, Any]:
@@ -177,8 +206,12 @@ def get_deadletters(
     return {"items": items, "next_after_id": items[-1]["id"] if len(items) == limit else None}
 
 
-@router.post("/v1/deadletters/{id}/retry", dependencies=[Depends(can_write)],
-             responses={404: {"model": Message}}, summary="Send one dead letter back to pending")
+@router.post(
+    "/v1/deadletters/{id}/retry",
+    dependencies=[Depends(can_write)],
+    responses={404: {"model": Message}},
+    summary="Send one dead letter back to pending",
+)
 def retry_deadletter(
     request: Request, id: Annotated[int, Path(ge=1, le=2**62)], s: Session = Depends(session)
 ) -> dict[str, int]:
@@ -189,8 +222,11 @@ def retry_deadletter(
     return {"retried": retried}
 
 
-@router.post("/v1/deadletters/retry", dependencies=[Depends(can_write)],
-             summary="Send every dead letter back to pending")
+@router.post(
+    "/v1/deadletters/retry",
+    dependencies=[Depends(can_write)],
+    summary="Send every dead letter back to pending",
+)
 def retry_all_deadletters(s: Session = Depends(session)) -> dict[str, int]:
     retried = deadletters.retry_dead(s, None)
     s.commit()

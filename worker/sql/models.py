@@ -1,7 +1,7 @@
-"""SQL schema (desired state, ledger, cache, rejects) and the engine factory.
+"""SQL tables: desired state, ledger, embedding cache, rejects, pauses, budget caps and counters.
 
-SQLite runs in WAL mode and begins every transaction with BEGIN IMMEDIATE, so a transaction
-that reads and then writes never fails with SQLITE_BUSY half way (reliability.md §5).
+Every schema change is an Alembic revision in migrations/versions/; tests/test_migrations.py
+checks that autogenerate finds no difference from these models.
 """
 
 from __future__ import annotations
@@ -10,11 +10,7 @@ import datetime as dt
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy import event
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -29,7 +25,7 @@ BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 
 def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 class UTCDateTime(sa.TypeDecorator[dt.datetime]):
@@ -43,11 +39,11 @@ class UTCDateTime(sa.TypeDecorator[dt.datetime]):
             return None
         if value.tzinfo is None:
             raise ValueError("naive datetime given; use worker.db.utcnow()")
-        return value.astimezone(dt.timezone.utc)
+        return value.astimezone(dt.UTC)
 
     def process_result_value(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
         if value is not None and value.tzinfo is None:
-            return value.replace(tzinfo=dt.timezone.utc)
+            return value.replace(tzinfo=dt.UTC)
         return value
 
 
@@ -167,47 +163,6 @@ class CachedEmbedding(Base):
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
-    """An engine with the project's connection settings for SQLite or PostgreSQL."""
-    # hide_parameters: a failed statement's error never carries document text (or anything else
-    # bound to it) into a log line or a retry message.
-    kwargs.setdefault("hide_parameters", True)
-    if url.startswith("sqlite"):
-        engine = sa.create_engine(url, connect_args={"timeout": 30}, **kwargs)
-        _sqlite_setup(engine)
-        return engine
-    return sa.create_engine(url, pool_pre_ping=True, **kwargs)
-
-
-def _sqlite_setup(engine: Engine) -> None:
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        dbapi_conn.isolation_level = None  # let SQLAlchemy's begin event issue BEGIN
-        cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=NORMAL")
-        cur.execute("PRAGMA busy_timeout=30000")
-        cur.execute("PRAGMA foreign_keys=ON")
-        cur.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
-
-
-def insert_ignore(session: Any, model: type[Base], rows: dict[str, Any] | list[dict[str, Any]]) -> int:
-    """INSERT … ON CONFLICT DO NOTHING on either dialect; returns how many rows went in."""
-    dialect = session.get_bind().dialect.name
-    insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
-    # rowcount is not reliable here (psycopg reports -1), so count the RETURNING rows.
-    key = sa.inspect(model).primary_key[0]
-    return len(session.execute(insert(model).values(rows).on_conflict_do_nothing().returning(key)).all())
-
-
-def make_sessionmaker(engine: Engine) -> sessionmaker:
-    return sessionmaker(engine, expire_on_commit=False)
-
-
 class ProviderPause(Base):
     """Embedding paused for every process, with the reason (an account-level provider error)."""
 
@@ -230,6 +185,35 @@ class MessageAttempt(Base):
     first_seen: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
-# The spend-audit tables live in their own module but share this metadata; import it here so
-# every user of Base.metadata (Alembic, tests) sees all tables.
-from worker import db_audit  # noqa: E402, F401
+OVERALL = "*"  # the `collection` of an overall cap ('*' never matches a collection name)
+
+
+class BudgetCap(Base):
+    """A spend cap changed through the API; it overrides the settings' cap of the same scope.
+
+    `limit_nano_cny` NULL means "no cap" (an explicit override of a cap from the settings).
+    """
+
+    __tablename__ = "budget_caps"
+
+    collection: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    period: Mapped[str] = mapped_column(sa.String(8), primary_key=True)  # day | month
+    limit_nano_cny: Mapped[int | None] = mapped_column(sa.BigInteger)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class HourlyCounter(Base):
+    """Hourly counters: events by outcome, tokens avoided by dedup and coalescing.
+
+    `bucket` is the UTC hour as text ("2026-11-21T07"), so grouping by hour or day is a prefix
+    on both dialects. Empty strings stand for "not applicable" in the label columns.
+    """
+
+    __tablename__ = "counters"
+
+    bucket: Mapped[str] = mapped_column(sa.String(13), primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
+    model: Mapped[str] = mapped_column(sa.String(64), primary_key=True, default="")
+    collection: Mapped[str] = mapped_column(sa.String(64), primary_key=True, default="")
+    tenant: Mapped[str] = mapped_column(sa.String(64), primary_key=True, default="")
+    value: Mapped[int] = mapped_column(sa.BigInteger, default=0)

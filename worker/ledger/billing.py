@@ -20,8 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from worker.catalog import MODELS
-from worker.db import ProviderRequest
-
+from worker.sql.models import ProviderRequest
 
 ESTIMATE_TOLERANCE = 0.10  # a provider may count a little differently from the Qwen BPE estimate
 CLOCK_SKEW = dt.timedelta(seconds=5)  # the bill's clock against ours
@@ -43,37 +42,51 @@ class BillReport:
     @property
     def balanced(self) -> bool:
         """Every bill entry in the ledger once by its id, at its tokens, and nothing else billed."""
-        return not (self.token_mismatches or self.missing_from_ledger or self.not_on_bill
-                    or self.matched_by_estimate or self.unknown_not_billed)
+        return not (
+            self.token_mismatches
+            or self.missing_from_ledger
+            or self.not_on_bill
+            or self.matched_by_estimate
+            or self.unknown_not_billed
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "balanced": self.balanced, "applied": self.applied,
-            "bill_requests": self.bill_requests, "bill_tokens": self.bill_tokens,
-            "ledger_tokens": self.ledger_tokens, "matched_by_id": self.matched_by_id,
+            "balanced": self.balanced,
+            "applied": self.applied,
+            "bill_requests": self.bill_requests,
+            "bill_tokens": self.bill_tokens,
+            "ledger_tokens": self.ledger_tokens,
+            "matched_by_id": self.matched_by_id,
             "matched_by_estimate": len(self.matched_by_estimate),
             "unknown_not_billed": len(self.unknown_not_billed),
-            "token_mismatches": self.token_mismatches, "missing_from_ledger": self.missing_from_ledger,
+            "token_mismatches": self.token_mismatches,
+            "missing_from_ledger": self.missing_from_ledger,
             "not_on_bill": self.not_on_bill,
         }
 
 
-def reconcile(session: Session, bill: list[dict[str, Any]], *, window_s: float = 600.0,
-              apply: bool = False) -> BillReport:
+def reconcile(
+    session: Session, bill: list[dict[str, Any]], *, window_s: float = 600.0, apply: bool = False
+) -> BillReport:
     report = BillReport(bill_requests=len(bill), bill_tokens=sum(int(b["tokens"]) for b in bill))
     if not bill:
         return report
     ats = [float(b["at"]) for b in bill]
-    since = dt.datetime.fromtimestamp(min(ats) - window_s, dt.timezone.utc)
-    until = dt.datetime.fromtimestamp(max(ats) + window_s, dt.timezone.utc)
-    rows = session.execute(
-        sa.select(ProviderRequest).where(ProviderRequest.created_at.between(since, until))
-    ).scalars().all()
+    since = dt.datetime.fromtimestamp(min(ats) - window_s, dt.UTC)
+    until = dt.datetime.fromtimestamp(max(ats) + window_s, dt.UTC)
+    rows = (
+        session.execute(sa.select(ProviderRequest).where(ProviderRequest.created_at.between(since, until)))
+        .scalars()
+        .all()
+    )
     report.ledger_tokens = sum(r.billed_tokens or 0 for r in rows)
     by_provider_id = {r.provider_request_id: r for r in rows if r.provider_request_id}
     # Unknown rows still open: no provider id, and not already closed at 0 by an earlier run.
-    unknown = sorted((r for r in rows if r.status == "unknown" and not r.provider_request_id
-                      and r.billed_tokens != 0), key=lambda r: r.created_at)
+    unknown = sorted(
+        (r for r in rows if r.status == "unknown" and not r.provider_request_id and r.billed_tokens != 0),
+        key=lambda r: r.created_at,
+    )
     claimed: set[str] = set()
     for entry in sorted(bill, key=lambda b: float(b["at"])):
         tokens, row = int(entry["tokens"]), by_provider_id.get(entry["request_id"])
@@ -85,15 +98,24 @@ def reconcile(session: Session, bill: list[dict[str, Any]], *, window_s: float =
                     _take_bill(row, tokens, "[billed tokens from the bill]")
                 else:
                     report.token_mismatches.append(
-                        {"request_id": entry["request_id"], "bill": tokens, "ledger": row.billed_tokens})
+                        {"request_id": entry["request_id"], "bill": tokens, "ledger": row.billed_tokens}
+                    )
             continue
-        at = dt.datetime.fromtimestamp(float(entry["at"]), dt.timezone.utc)
-        candidates = [r for r in unknown if r.id not in claimed and r.model == entry["model"]
-                      and abs(r.est_tokens - tokens) <= ESTIMATE_TOLERANCE * max(tokens, 1)
-                      and r.created_at - CLOCK_SKEW <= at <= r.created_at + dt.timedelta(seconds=window_s)]
+        at = dt.datetime.fromtimestamp(float(entry["at"]), dt.UTC)
+        candidates = [
+            r
+            for r in unknown
+            if r.id not in claimed
+            and r.model == entry["model"]
+            and abs(r.est_tokens - tokens) <= ESTIMATE_TOLERANCE * max(tokens, 1)
+            and r.created_at - CLOCK_SKEW <= at <= r.created_at + dt.timedelta(seconds=window_s)
+        ]
         # The closest estimate, then the call that began nearest before the charge.
-        match = min(candidates, key=lambda r: (abs(r.est_tokens - tokens), abs((at - r.created_at).total_seconds())),
-                    default=None)
+        match = min(
+            candidates,
+            key=lambda r: (abs(r.est_tokens - tokens), abs((at - r.created_at).total_seconds())),
+            default=None,
+        )
         if match is None:
             report.missing_from_ledger.append(entry)
             continue
@@ -103,8 +125,11 @@ def reconcile(session: Session, bill: list[dict[str, Any]], *, window_s: float =
             match.provider_request_id = entry["request_id"]
             _take_bill(match, tokens, "[matched to the bill by estimate]")
     billed_ids = {b["request_id"] for b in bill}
-    report.not_on_bill = [r.id for r in rows if r.status == "succeeded" and r.provider_request_id
-                          and r.provider_request_id not in billed_ids]
+    report.not_on_bill = [
+        r.id
+        for r in rows
+        if r.status == "succeeded" and r.provider_request_id and r.provider_request_id not in billed_ids
+    ]
     report.unknown_not_billed = [r.id for r in unknown if r.id not in claimed]
     if apply:
         for row in unknown:

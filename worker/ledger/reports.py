@@ -9,30 +9,44 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from worker import budget, pauses, state
 from worker.catalog import cny_str
-from worker.db import Document, ProviderRequest, RejectedEvent, RequestItem
-from worker.db_audit import Counter
-from worker.stats import AVOIDED_PREFIX, hour_bucket
+from worker.ledger import budget
+from worker.ledger.counters import AVOIDED_PREFIX, hour_bucket
+from worker.sql import documents, pauses
+from worker.settings import Settings
+from worker.sql.models import (
+    Document,
+    HourlyCounter,
+    ProviderRequest,
+    RejectedEvent,
+    RequestItem,
+)
 
 GROUPINGS = ("hour", "day", "model", "collection", "tenant")
 REQUEST_STATUSES = ("sent", "succeeded", "failed", "unknown")
-_SUMS = ("requests", "failed", "rows", "tokens", "cost_nano_cny", "tokens_avoided_dedup",
-         "tokens_avoided_coalesced")
+_SUMS = (
+    "requests",
+    "failed",
+    "rows",
+    "tokens",
+    "cost_nano_cny",
+    "tokens_avoided_dedup",
+    "tokens_avoided_coalesced",
+)
 
 
-def status(session: Session, *, budget_settings: budget.BudgetSettings | None = None) -> dict[str, Any]:
+def status(session: Session, settings: Settings) -> dict[str, Any]:
     requests = dict(
         session.execute(
             sa.select(ProviderRequest.status, sa.func.count()).group_by(ProviderRequest.status)
         ).all()
     )
-    age = state.oldest_pending_age_s(session)
+    age = documents.oldest_pending_age_s(session)
     return {
-        "documents": state.document_counts(session),
+        "documents": documents.document_counts(session),
         "requests": {k: requests.get(k, 0) for k in REQUEST_STATUSES},
         "oldest_pending_age_s": None if age is None else round(age, 3),
-        "budget": budget.budget_state(session, settings=budget_settings),
+        "budget": budget.budget_state(session, settings),
         "provider_pauses": pauses.current(session),  # account errors pause embedding for everyone
     }
 
@@ -143,7 +157,7 @@ def _spend_by_request(session: Session, by: str | None, since: Any, until: Any, 
         if by == "hour":
             key = (f"{key[0]}:00Z",)
         g = groups[key]
-        for name, value in zip(("requests", "failed", "rows", "tokens", "cost_nano_cny"), row[len(keys):]):
+        for name, value in zip(("requests", "failed", "rows", "tokens", "cost_nano_cny"), row[len(keys) :]):
             g[name] += int(value or 0)
 
 
@@ -153,8 +167,16 @@ def _spend_by_document(session: Session, by: str, since: Any, until: Any, groups
     pr = ProviderRequest
     label = getattr(Document, by)
     query = (
-        sa.select(pr.id, pr.status, pr.rows, pr.billed_tokens, pr.cost_nano_cny, label,
-                  sa.func.sum(RequestItem.est_tokens), sa.func.count(RequestItem.id))
+        sa.select(
+            pr.id,
+            pr.status,
+            pr.rows,
+            pr.billed_tokens,
+            pr.cost_nano_cny,
+            label,
+            sa.func.sum(RequestItem.est_tokens),
+            sa.func.count(RequestItem.id),
+        )
         .outerjoin(RequestItem, RequestItem.request_id == pr.id)
         .outerjoin(Document, Document.id == RequestItem.document_id)
         .where(*_in_range(pr.created_at, since, until))
@@ -162,8 +184,17 @@ def _spend_by_document(session: Session, by: str, since: Any, until: Any, groups
     )
     requests: dict[str, dict[str, Any]] = {}
     for rid, status_, rows, billed, cost, key, tokens, items in session.execute(query):
-        r = requests.setdefault(rid, {"status": status_, "rows": rows, "billed": billed or 0,
-                                      "cost": cost or 0, "parts": {}, "items": {}})
+        r = requests.setdefault(
+            rid,
+            {
+                "status": status_,
+                "rows": rows,
+                "billed": billed or 0,
+                "cost": cost or 0,
+                "parts": {},
+                "items": {},
+            },
+        )
         r["parts"][key] = int(tokens or 0)
         r["items"][key] = int(items or 0)
     for r in requests.values():
@@ -182,7 +213,7 @@ def _spend_by_document(session: Session, by: str, since: Any, until: Any, groups
 
 
 def _avoided(session: Session, by: str | None, since: Any, until: Any, groups: dict) -> None:
-    c = Counter
+    c = HourlyCounter
     if by is None:
         keys = [sa.func.substr(c.bucket, 1, 10), c.model]
     elif by == "hour":
@@ -237,35 +268,54 @@ def requests_page(
         where.append(pr.provider_request_id == provider_request_id)
     if collection is not None:
         where.append(
-            sa.exists().where(RequestItem.request_id == pr.id, Document.id == RequestItem.document_id,
-                              Document.collection == collection)
+            sa.exists().where(
+                RequestItem.request_id == pr.id,
+                Document.id == RequestItem.document_id,
+                Document.collection == collection,
+            )
         )
     if after is not None:
         at, rid = after
         where.append(sa.or_(pr.created_at < at, sa.and_(pr.created_at == at, pr.id < rid)))
-    rows = session.execute(
-        sa.select(pr).where(*where).order_by(pr.created_at.desc(), pr.id.desc()).limit(limit + 1)
-    ).scalars().all()
+    rows = (
+        session.execute(
+            sa.select(pr).where(*where).order_by(pr.created_at.desc(), pr.id.desc()).limit(limit + 1)
+        )
+        .scalars()
+        .all()
+    )
     more = len(rows) > limit
     rows = rows[:limit]
     collections: dict[str, set[str]] = defaultdict(set)
     if rows:
         for rid, name in session.execute(
-            sa.select(RequestItem.request_id, Document.collection).distinct()
+            sa.select(RequestItem.request_id, Document.collection)
+            .distinct()
             .join(Document, Document.id == RequestItem.document_id)
             .where(RequestItem.request_id.in_([r.id for r in rows]))
         ):
             collections[rid].add(name)
     items = [
         {
-            "id": r.id, "provider_request_id": r.provider_request_id, "status": r.status,
-            "model": r.model, "dimensions": r.dimensions, "api": r.api, "rows": r.rows,
-            "est_tokens": r.est_tokens, "billed_tokens": r.billed_tokens,
+            "id": r.id,
+            "provider_request_id": r.provider_request_id,
+            "status": r.status,
+            "model": r.model,
+            "dimensions": r.dimensions,
+            "api": r.api,
+            "rows": r.rows,
+            "est_tokens": r.est_tokens,
+            "billed_tokens": r.billed_tokens,
             "cost_nano_cny": r.cost_nano_cny,
             "cost_cny": None if r.cost_nano_cny is None else cny_str(r.cost_nano_cny),
-            "http_status": r.http_status, "error_code": r.error_code, "error_message": r.error_message,
-            "latency_ms": r.latency_ms, "attempt": r.attempt, "key_fingerprint": r.key_fingerprint,
-            "worker": r.worker, "created_at": r.created_at.isoformat(),
+            "http_status": r.http_status,
+            "error_code": r.error_code,
+            "error_message": r.error_message,
+            "latency_ms": r.latency_ms,
+            "attempt": r.attempt,
+            "key_fingerprint": r.key_fingerprint,
+            "worker": r.worker,
+            "created_at": r.created_at.isoformat(),
             "completed_at": None if r.completed_at is None else r.completed_at.isoformat(),
             "collections": sorted(collections[r.id]),
         }
@@ -277,8 +327,15 @@ def requests_page(
 # --- one document -----------------------------------------------------------------------------
 
 
-def document(session: Session, *, collection: str, doc_id: str, tenant: str,
-             default_collection: str, last_requests: int = 5) -> dict[str, Any] | None:
+def document(
+    session: Session,
+    *,
+    collection: str,
+    doc_id: str,
+    tenant: str,
+    default_collection: str,
+    last_requests: int = 5,
+) -> dict[str, Any] | None:
     """A document's state, its latest ledger rows, or its latest rejection (status `rejected`)."""
     doc = session.execute(
         sa.select(Document).filter_by(tenant=tenant, collection=collection, doc_id=doc_id)
@@ -288,33 +345,68 @@ def document(session: Session, *, collection: str, doc_id: str, tenant: str,
         if collection == default_collection:
             same_collection = sa.or_(same_collection, RejectedEvent.collection.is_(None))
         rejected = session.execute(
-            sa.select(RejectedEvent).where(RejectedEvent.doc_id == doc_id, same_collection)
-            .order_by(RejectedEvent.id.desc()).limit(1)
+            sa.select(RejectedEvent)
+            .where(RejectedEvent.doc_id == doc_id, same_collection)
+            .order_by(RejectedEvent.id.desc())
+            .limit(1)
         ).scalar_one_or_none()
         if rejected is None:
             return None
-        return {"tenant": tenant, "collection": collection, "doc_id": doc_id, "status": "rejected",
-                "version": None, "indexed_version": None, "chunks": None, "content_hash": None,
-                "attempts": 0, "last_error": f"{rejected.field}: {rejected.reason}",
-                "last_requests": [], "updated_at": rejected.received_at.isoformat()}
+        return {
+            "tenant": tenant,
+            "collection": collection,
+            "doc_id": doc_id,
+            "status": "rejected",
+            "version": None,
+            "indexed_version": None,
+            "chunks": None,
+            "content_hash": None,
+            "attempts": 0,
+            "last_error": f"{rejected.field}: {rejected.reason}",
+            "last_requests": [],
+            "updated_at": rejected.received_at.isoformat(),
+        }
     requests = session.execute(
-        sa.select(ProviderRequest.id, ProviderRequest.provider_request_id, ProviderRequest.status,
-                  ProviderRequest.created_at, RequestItem.version)
+        sa.select(
+            ProviderRequest.id,
+            ProviderRequest.provider_request_id,
+            ProviderRequest.status,
+            ProviderRequest.created_at,
+            RequestItem.version,
+        )
         .join(RequestItem, RequestItem.request_id == ProviderRequest.id)
         .where(RequestItem.document_id == doc.id)
-        .group_by(ProviderRequest.id, ProviderRequest.provider_request_id, ProviderRequest.status,
-                  ProviderRequest.created_at, RequestItem.version)
+        .group_by(
+            ProviderRequest.id,
+            ProviderRequest.provider_request_id,
+            ProviderRequest.status,
+            ProviderRequest.created_at,
+            RequestItem.version,
+        )
         .order_by(ProviderRequest.created_at.desc(), ProviderRequest.id.desc())
         .limit(last_requests)
     ).all()
     return {
-        "tenant": doc.tenant, "collection": doc.collection, "doc_id": doc.doc_id, "status": doc.status,
-        "version": doc.version, "indexed_version": doc.indexed_version, "chunks": doc.chunk_count,
-        "content_hash": doc.text_hash, "indexed_hash": doc.indexed_hash, "attempts": doc.attempts,
-        "last_error": doc.last_error, "updated_at": doc.updated_at.isoformat(),
+        "tenant": doc.tenant,
+        "collection": doc.collection,
+        "doc_id": doc.doc_id,
+        "status": doc.status,
+        "version": doc.version,
+        "indexed_version": doc.indexed_version,
+        "chunks": doc.chunk_count,
+        "content_hash": doc.text_hash,
+        "indexed_hash": doc.indexed_hash,
+        "attempts": doc.attempts,
+        "last_error": doc.last_error,
+        "updated_at": doc.updated_at.isoformat(),
         "last_requests": [
-            {"id": r.id, "provider_request_id": r.provider_request_id, "status": r.status,
-             "version": r.version, "created_at": r.created_at.isoformat()}
+            {
+                "id": r.id,
+                "provider_request_id": r.provider_request_id,
+                "status": r.status,
+                "version": r.version,
+                "created_at": r.created_at.isoformat(),
+            }
             for r in requests
         ],
     }

@@ -11,7 +11,8 @@ import datetime as dt
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from worker.db import ProviderPause, insert_ignore, utcnow
+from worker.sql.engines import insert_ignore
+from worker.sql.models import ProviderPause, utcnow
 
 PROVIDER = "provider"
 
@@ -19,7 +20,9 @@ PROVIDER = "provider"
 def pause(session: Session, reason: str, *, for_s: float, name: str = PROVIDER) -> None:
     now = utcnow()
     until = now + dt.timedelta(seconds=for_s)
-    if not insert_ignore(session, ProviderPause, {"name": name, "reason": reason, "since": now, "until": until}):
+    if not insert_ignore(
+        session, ProviderPause, {"name": name, "reason": reason, "since": now, "until": until}
+    ):
         session.execute(
             sa.update(ProviderPause).where(ProviderPause.name == name).values(reason=reason, until=until)
         )
@@ -35,8 +38,13 @@ def current(session: Session) -> list[dict[str, str]]:
     """Every pause row (expired ones are shown as probing), for status and readiness."""
     now = utcnow()
     return [
-        {"name": p.name, "reason": p.reason, "since": p.since.isoformat(),
-         "until": p.until.isoformat(), "state": "paused" if p.until > now else "probing"}
+        {
+            "name": p.name,
+            "reason": p.reason,
+            "since": p.since.isoformat(),
+            "until": p.until.isoformat(),
+            "state": "paused" if p.until > now else "probing",
+        }
         for p in session.execute(sa.select(ProviderPause)).scalars()
     ]
 

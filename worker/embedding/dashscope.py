@@ -19,7 +19,7 @@ import httpx
 import numpy as np
 
 from worker import catalog
-from worker.embedding import EmbedResult, TextType
+from worker.embedding.base import EmbedResult, TextType
 from worker.errors import (
     AccountError,
     CallInfo,
@@ -205,9 +205,7 @@ class DashScopeEmbedder:
             parameters["instruct"] = instruct
         return {"model": self.model, "input": {"texts": texts}, "parameters": parameters}
 
-    def _parse(
-        self, body: Any, rows: int
-    ) -> tuple[list[list[float]], list[dict[int, float]] | None, int]:
+    def _parse(self, body: Any, rows: int) -> tuple[list[list[float]], list[dict[int, float]] | None, int]:
         if not isinstance(body, dict):
             raise ValueError("the body is not a JSON object")
         usage = body.get("usage")
