@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test install clean
+.PHONY: demo test lint install clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,12 @@ demo: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# What CI runs before the tests: lint, format and strict types (config in pyproject.toml).
+lint: $(BIN)/.installed
+	$(BIN)/ruff check worker api tests bench migrations
+	$(BIN)/ruff format --check worker api tests bench migrations
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) .sidecar .pytest_cache

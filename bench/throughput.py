@@ -65,7 +65,16 @@ UNLIMITED_TPM = 10_000_000_000
 # longer notes. About 38 tokens per event on average, so at 600 rpm × 10 rows and 300k tpm the
 # request limit binds (6,000 rows/min) with the token limit three quarters used.
 SIZE_MIX = ((0.65, 6, 28), (0.28, 28, 78), (0.07, 78, 190))
-WORDS = ["order", "shipping", "return", "refund", "invoice", "customer", "account", "password", "delivery", "warehouse", "parcel", "tracking", "address", "payment", "card", "discount", "coupon", "subscription", "renewal", "cancel", "upgrade", "support", "ticket", "agent", "reply", "question", "answer", "product", "size", "colour", "stock", "price", "tax", "receipt", "weekend", "morning", "evening", "coffee", "kettle", "lamp", "backpack", "speaker", "battery", "charger", "cable", "screen", "keyboard", "garden", "kitchen", "recipe", "lentil", "soup", "bread", "oven", "minutes", "salt", "pepper", "lemon", "garlic", "onion", "tomato", "travel", "train", "station", "ticket", "museum", "river", "bridge", "harbour", "market", "street", "hotel", "breakfast", "map", "search", "vector", "index", "cluster", "latency", "memory", "storage", "backup", "restore", "deploy", "release", "version", "report", "meeting", "budget", "quarter", "growth", "team", "project", "deadline", "review", "draft", "summary", "note"]
+WORDS = (
+    "order shipping return refund invoice customer account password delivery warehouse parcel "
+    "tracking address payment card discount coupon subscription renewal cancel upgrade support ticket "
+    "agent reply question answer product size colour stock price tax receipt weekend morning evening "
+    "coffee kettle lamp backpack speaker battery charger cable screen keyboard garden kitchen recipe "
+    "lentil soup bread oven minutes salt pepper lemon garlic onion tomato travel train station ticket "
+    "museum river bridge harbour market street hotel breakfast map search vector index cluster "
+    "latency memory storage backup restore deploy release version report meeting budget quarter "
+    "growth team project deadline review draft summary note "
+).split()
 
 
 @dataclass(frozen=True)
@@ -284,7 +293,7 @@ def run_pipeline(
         if run_for_s is None
         else {},
         publish_times=publish_times,
-        worker_cpu_s=sum(e.cpu_s - r.cpu_s for e, r in zip(end, ready)),
+        worker_cpu_s=sum(e.cpu_s - r.cpu_s for e, r in zip(end, ready, strict=True)),
         startup_cpu_s=sum(r.cpu_s for r in ready),
         peak_rss_mb=max(e.peak_rss_mb for e in end),
         limiter_keys=redis_keys(svc.limiter_url),
@@ -731,7 +740,7 @@ def noop_rate_per_s(svc: Services, count: int, *, workers: int, concurrency: int
             interval_s=0.02,
         )
         elapsed = time.time() - started
-        cpu_s = sum(proc_usage(p.pid).cpu_s - r.cpu_s for (p, _), r in zip(procs, ready))
+        cpu_s = sum(proc_usage(p.pid).cpu_s - r.cpu_s for (p, _), r in zip(procs, ready, strict=True))
     finally:
         for proc, _ in procs:
             stop_process(proc, grace_s=10.0)
