@@ -7,11 +7,12 @@ answer time does not tell how much of a guess was right. No token configured: ev
 from __future__ import annotations
 
 import hmac
-from typing import Annotated, Literal
+from typing import Literal
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from api import deps
 from worker.settings import Settings
 
 Role = Literal["read", "write"]
@@ -32,8 +33,15 @@ def role_of(settings: Settings, token: str) -> Role | None:
     return "write" if write else "read" if read else None
 
 
-def _role(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> Role:
-    role = None if credentials is None else role_of(request.app.state.settings, credentials.credentials)
+def role_or_none(
+    request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)
+) -> Role | None:
+    """The caller's role, or None without a valid token (for the open routes that say more to callers
+    with one)."""
+    return None if credentials is None else role_of(deps.settings(request), credentials.credentials)
+
+
+def _role(role: Role | None = Depends(role_or_none)) -> Role:
     if role is None:
         raise HTTPException(401, "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"})
     return role

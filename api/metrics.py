@@ -7,10 +7,10 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from worker.catalog import from_nano
+from worker.catalog import cny_str
 from worker.ledger import budget
-from worker.settings import Settings
 from worker.ledger.counters import AVOIDED_PREFIX, EVENT_PREFIX
+from worker.settings import Settings
 from worker.sql import documents
 from worker.sql.models import HourlyCounter, ProviderRequest
 
@@ -46,27 +46,38 @@ def _number(value: Any) -> str:
 
 
 def render(session: Session, settings: Settings) -> str:
+    """Every metric family, from the SQL state now."""
     out = Exposition()
-    pr = ProviderRequest
-
     counters = dict(
         session.execute(
             sa.select(HourlyCounter.name, sa.func.sum(HourlyCounter.value)).group_by(HourlyCounter.name)
         ).all()
     )
     docs = documents.document_counts(session)
+    _events(out, counters, rejected=docs["rejected"])
+    _documents(session, out, docs)
+    _requests(session, out)
+    _avoided(out, counters)
+    _latency(session, out)
+    _budget(out, budget.budget_state(session, settings))
+    return out.text()
+
+
+def _events(out: Exposition, counters: dict[str, Any], *, rejected: int) -> None:
     outcomes = {
         name[len(EVENT_PREFIX) :]: int(v) for name, v in counters.items() if name.startswith(EVENT_PREFIX)
     }
     out.family("events_accepted_total", "counter", "Events whose desired state was recorded.")
     out.sample("events_accepted_total", outcomes.get("accepted", 0))
     out.family("events_rejected_total", "counter", "Events that broke the contract (kept with the reason).")
-    out.sample("events_rejected_total", docs["rejected"])
+    out.sample("events_rejected_total", rejected)
     out.family("events_total", "counter", "Events by outcome: accepted, stale, duplicate, rejected.")
     for outcome in sorted({"accepted", "stale", "duplicate", *outcomes}):
         out.sample("events_total", outcomes.get(outcome, 0), outcome=outcome)
-    out.sample("events_total", docs["rejected"], outcome="rejected")
+    out.sample("events_total", rejected, outcome="rejected")
 
+
+def _documents(session: Session, out: Exposition, docs: dict[str, int]) -> None:
     out.family("documents", "gauge", "Documents by status.")
     for status, n in docs.items():
         if status != "rejected":
@@ -77,7 +88,18 @@ def render(session: Session, settings: Settings) -> str:
     out.family("oldest_pending_age_seconds", "gauge", "Age of the oldest pending document (0 when none).")
     out.sample("oldest_pending_age_seconds", round(age or 0.0, 3))
 
-    per_model = session.execute(
+
+_PER_MODEL = (  # (family, help); the sums of `_requests`'s query in this order
+    ("rows_embedded_total", "Rows (texts) embedded by succeeded requests."),
+    ("tokens_total", "Provider-billed tokens."),
+    ("cost_cny_total", "Cost in CNY at the model's real-time price."),
+    ("provider_throttled_total", "Provider answers with HTTP 429."),
+)
+
+
+def _requests(session: Session, out: Exposition) -> None:
+    pr = ProviderRequest
+    per_status = session.execute(
         sa.select(
             pr.model,
             pr.status,
@@ -91,51 +113,41 @@ def render(session: Session, settings: Settings) -> str:
         .order_by(pr.model, pr.status)
     ).all()
     out.family("requests_total", "counter", "Provider requests by model and ledger status.")
-    for model, status, n, *_ in per_model:
-        out.sample("requests_total", n, model=model, status=status)
     totals: dict[str, list[int]] = {}
-    for model, _status, _n, rows, tokens, nano, throttled in per_model:
-        t = totals.setdefault(model, [0, 0, 0, 0])
-        for i, v in enumerate((rows, tokens, nano, throttled)):
-            t[i] += int(v or 0)
-    for name, index, help_ in (
-        ("rows_embedded_total", 0, "Rows (texts) embedded by succeeded requests."),
-        ("tokens_total", 1, "Provider-billed tokens."),
-        ("cost_cny_total", 2, "Cost in CNY at the model's real-time price."),
-        ("provider_throttled_total", 3, "Provider answers with HTTP 429."),
-    ):
+    for model, status, n, *sums in per_status:
+        out.sample("requests_total", n, model=model, status=status)
+        model_totals = totals.setdefault(model, [0] * len(_PER_MODEL))
+        for i, value in enumerate(sums):
+            model_totals[i] += int(value or 0)
+    for i, (name, help_) in enumerate(_PER_MODEL):
         out.family(name, "counter", help_)
-        for model, t in sorted(totals.items()):
-            value = format(from_nano(t[2]), "f") if index == 2 else t[index]
-            out.sample(name, value, model=model)
+        for model, sums in sorted(totals.items()):
+            out.sample(name, cny_str(sums[i]) if name == "cost_cny_total" else sums[i], model=model)
 
+
+def _avoided(out: Exposition, counters: dict[str, Any]) -> None:
     out.family(
         "tokens_avoided_total", "counter", "Tokens not sent: dedup (cache, shared rows) and coalescing."
     )
     for kind in ("dedup", "coalesced"):
         out.sample("tokens_avoided_total", int(counters.get(f"{AVOIDED_PREFIX}{kind}", 0)), kind=kind)
 
-    _latency(session, out)
 
-    b = budget.budget_state(session, settings)
+def _budget(out: Exposition, state: dict[str, Any]) -> None:
     out.family("budget_paused", "gauge", "1 when an overall spend cap is reached and embedding waits.")
-    out.sample("budget_paused", b["paused"])
+    out.sample("budget_paused", state["paused"])
     out.family("budget_collection_paused", "gauge", "1 for a collection whose spend cap is reached.")
-    for collection in b["paused_collections"]:
+    for collection in state["paused_collections"]:
         out.sample("budget_collection_paused", 1, collection=collection)
     out.family("budget_waiting_documents", "gauge", "Pending documents last refused by a spend cap.")
-    out.sample("budget_waiting_documents", b["waiting_documents"])
-    out.family("budget_limit_cny", "gauge", "Spend cap in CNY for its window.")
-    for cap in b["caps"]:
-        out.sample(
-            "budget_limit_cny", cap["limit_cny"], collection=cap["collection"] or "*", period=cap["period"]
-        )
-    out.family("budget_spent_cny", "gauge", "Spend counted against the cap in its current window.")
-    for cap in b["caps"]:
-        out.sample(
-            "budget_spent_cny", cap["spent_cny"], collection=cap["collection"] or "*", period=cap["period"]
-        )
-    return out.text()
+    out.sample("budget_waiting_documents", state["waiting_documents"])
+    for name, key, help_ in (
+        ("budget_limit_cny", "limit_cny", "Spend cap in CNY for its window."),
+        ("budget_spent_cny", "spent_cny", "Spend counted against the cap in its current window."),
+    ):
+        out.family(name, "gauge", help_)
+        for cap in state["caps"]:
+            out.sample(name, cap[key], collection=cap["collection"] or "*", period=cap["period"])
 
 
 def _latency(session: Session, out: Exposition) -> None:
@@ -149,7 +161,7 @@ def _latency(session: Session, out: Exposition) -> None:
     ).all()
     out.family("provider_latency_seconds", "histogram", "Provider request latency.")
     for model, count, total_ms, *cumulative in rows:
-        for bound, n in zip(LATENCY_BUCKETS_S, cumulative):
+        for bound, n in zip(LATENCY_BUCKETS_S, cumulative, strict=True):
             out.sample("provider_latency_seconds_bucket", int(n or 0), model=model, le=f"{bound:g}")
         out.sample("provider_latency_seconds_bucket", count, model=model, le="+Inf")
         out.sample("provider_latency_seconds_sum", round((total_ms or 0.0) / 1000, 6), model=model)

@@ -10,6 +10,10 @@ What it does (research/reliability.md §6 and §8 scenarios 1 and 6):
   `sidecar.ingest`): new versions (some 2-3 chunks long, so documents grow and shrink), deletes,
   exact duplicates and reordered versions (an older version sent after a newer one). A publish that
   fails is retried with backoff, never dropped: publishing is the application's job;
+- mixes in a poison share (`--poison-share`, default 2 % of the messages): foreign entries pushed
+  raw on the queue list, lone surrogates, NUL and trailing newlines in fields, a document at
+  version 2**63-1 then a version-less event for it, a 100-character task id, 200 levels of
+  metadata. They must become rejections or documents of their own and hold nothing else up;
 - SIGKILLs the worker every 2-6 s (seeded) and restarts it at once, while events are being
   published or the backlog is not empty; restarts Redis once mid-run (SIGTERM, then the same port
   and directory, so the AOF keeps queued messages);
@@ -21,8 +25,10 @@ What it does (research/reliability.md §6 and §8 scenarios 1 and 6):
   vector; `stale` documents with a visible point of an older version; C2 `resurrected` deleted
   documents with a visible point; C3/C4 the ledger against the emulator's bill.
 
-The table comes first; the last line is one JSON object (`ok` needs zero lost, stale, resurrected
-and unaccounted tokens). With --keep the temp dir (worker log, Redis AOF, Qdrant files) stays.
+The table comes first; the last line is one JSON object (`ok` needs zero lost, stale, resurrected,
+good documents dead and unaccounted tokens; `poison_published` and `poison_rejected` count the
+malformed messages and the rejections they left). With --keep the temp dir (worker log, Redis
+AOF, Qdrant files) stays.
 """
 
 from __future__ import annotations
@@ -68,7 +74,13 @@ BATCH_EVENTS = 20
 QUEUE = "celery"
 EXTRA_CALLS_DEFINITION = "bill requests - ceil(distinct chunk texts embedded / 10 rows per request)"
 
-WORDS = ["order", "shipping", "refund", "invoice", "account", "password", "delivery", "warehouse", "parcel", "courier", "address", "payment", "card", "bank", "transfer", "coupon", "discount", "return", "policy", "warranty", "repair", "battery", "screen", "keyboard", "laptop", "phone", "tablet", "charger", "cable", "adapter", "storage", "memory", "update", "firmware", "support", "ticket", "agent", "hours", "weekend", "holiday", "express", "standard", "tracking", "number", "customs", "duty", "tax", "region", "language", "currency", "euro", "yuan", "dollar", "price", "list", "catalog", "stock", "size", "colour", "model", "series"]
+WORDS = (
+    "order shipping refund invoice account password delivery warehouse parcel courier address "
+    "payment card bank transfer coupon discount return policy warranty repair battery screen "
+    "keyboard laptop phone tablet charger cable adapter storage memory update firmware support "
+    "ticket agent hours weekend holiday express standard tracking number customs duty tax region "
+    "language currency euro yuan dollar price list catalog stock size colour model series"
+).split()
 
 
 # --- the events and the model (pure) --------------------------------------------------------
@@ -152,6 +164,86 @@ def messages(events: list[dict[str, Any]], seed: int) -> list[tuple[str, Any]]:
     return out
 
 
+# Malformed messages, in this order over the poison share (every kind appears once the share
+# holds eight messages): two raw entries that are not Celery messages, events with a lone
+# surrogate, NUL or a trailing newline in a field, a doc at the highest version then a version-less
+# event for it, a proper event under a 100-character task id, and 200 levels of metadata.
+POISON_KINDS = (
+    "foreign_json",
+    "undecodable_bytes",
+    "surrogate_doc_id",
+    "nul_text",
+    "newline_collection",
+    "max_version_then_none",
+    "long_task_id",
+    "deep_metadata",
+)
+# Kinds the event contract refuses outright: each leaves at least one `rejected_events` row.
+MUST_REJECT = frozenset({"foreign_json", "undecodable_bytes", "surrogate_doc_id", "newline_collection"})
+POISON_PREFIX = "poison-"  # doc ids of poison events: never in the model
+
+
+@dataclass(frozen=True)
+class Message:
+    """One publish: a task and its argument, or `raw` bytes pushed onto the queue list as is."""
+
+    task: str
+    arg: Any = None
+    task_id: str | None = None
+    raw: bytes | None = None
+    poison: str | None = None  # the POISON_KINDS entry, None for a good message
+
+
+def poison_message(kind: str, n: int) -> Message:
+    """The `n`-th poison message, of `kind`."""
+    doc_id = f"{POISON_PREFIX}{n:05d}"
+    event: dict[str, Any] = {"op": "upsert", "doc_id": doc_id, "collection": COLLECTION, "text": f"{doc_id}."}
+    if kind == "foreign_json":
+        return Message("raw", raw=b'{"hello": "world"}', poison=kind)
+    if kind == "undecodable_bytes":
+        return Message("raw", raw=b"\xff\xfe\x00garbage", poison=kind)
+    if kind == "surrogate_doc_id":
+        event["doc_id"] = doc_id + "\ud800"  # Celery's JSON keeps ensure_ascii: sent as an escape
+    elif kind == "nul_text":
+        event["text"] = "nul \x00 inside"
+    elif kind == "newline_collection":
+        event["collection"] = COLLECTION + "\n"
+    elif kind == "max_version_then_none":
+        top = {**event, "version": 2**63 - 1}
+        return Message("sidecar.ingest_many", [top, event], poison=kind)
+    elif kind == "long_task_id":
+        return Message("sidecar.ingest", event, task_id="t" * 100 + f"-{n}", poison=kind)
+    elif kind == "deep_metadata":
+        meta: dict[str, Any] = {"leaf": n}
+        for _ in range(200):
+            meta = {"k": meta}
+        event["metadata"] = meta
+    else:
+        raise ValueError(f"unknown poison kind {kind!r}")
+    return Message("sidecar.ingest", event, poison=kind)
+
+
+def with_poison(sends: list[tuple[str, Any]], share: float, seed: int) -> list[Message]:
+    """`sends` with poison messages at seeded places, so that they are `share` of all messages."""
+    out = [Message(task, arg) for task, arg in sends]
+    if share <= 0:
+        return out
+    n_poison = max(1, round(len(sends) * share / (1 - share)))
+    rng = random.Random(seed + 2)
+    for n in range(n_poison):
+        out.insert(rng.randint(0, len(out)), poison_message(POISON_KINDS[n % len(POISON_KINDS)], n))
+    return out
+
+
+def publisher_poison(sends: list[Message]) -> int:
+    return sum(m.poison is not None for m in sends)
+
+
+def min_rejections(sends: list[Message]) -> int:
+    """Rejections the poison messages must leave at the least (one per refused kind)."""
+    return sum(m.poison in MUST_REJECT for m in sends)
+
+
 @dataclass
 class Verdict:
     lost: list[str] = field(default_factory=list)
@@ -227,29 +319,11 @@ class RedisServer:
         self.start()
 
     def start(self) -> None:
-        log = open(self.dir / "redis.log", "ab")
-        self.proc = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--dir",
-                str(self.dir),
-                "--maxmemory-policy",
-                "noeviction",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        log.close()
+        argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        argv += ["--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.dir)]
+        argv += ["--maxmemory-policy", "noeviction"]
+        with open(self.dir / "redis.log", "ab") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         wait_for(
             self.ping,
             timeout_s=20,
@@ -396,38 +470,45 @@ class Worker:
 class Publisher(threading.Thread):
     """Publishes every message, paced over `duration_s`; a failed publish is retried, never dropped."""
 
-    def __init__(self, broker_url: str, sends: list[tuple[str, Any]], duration_s: float) -> None:
+    def __init__(self, broker_url: str, sends: list[Message], duration_s: float) -> None:
         super().__init__(name="chaos-publisher", daemon=True)
         from worker.settings import Settings
         from worker.tasks import create_celery
 
         self.app = create_celery(Settings(broker_url=broker_url))
+        self.broker_url = broker_url
         self.sends = sends
         self.duration_s = duration_s
         self.sent = 0
+        self.poison_sent = 0
         self.retries = 0
-        self.published: list[tuple[str, float]] = []  # (task id, time.monotonic()) per message
+        self.published: list[tuple[str, float]] = []  # (task id, time.monotonic()) per good message
         self.error: BaseException | None = None
 
     def run(self) -> None:
         try:
             start = time.monotonic()
-            for i, (task, arg) in enumerate(self.sends):
+            for i, message in enumerate(self.sends):
                 due = start + self.duration_s * i / len(self.sends)
                 if (wait := due - time.monotonic()) > 0:
                     time.sleep(wait)  # pacing: events arrive over the whole kill phase
-                self._send(task, arg)
+                self._send(message)
                 self.sent += 1
+                self.poison_sent += message.poison is not None
         except BaseException as exc:
             self.error = exc
 
-    def _send(self, task: str, arg: Any) -> None:
+    def _send(self, message: Message) -> None:
         backoff_s = 0.2
         while True:
             try:
+                if message.raw is not None:
+                    self._push_raw(message.raw)
+                    return
                 result = self.app.send_task(
-                    task,
-                    args=[arg],
+                    message.task,
+                    args=[message.arg],
+                    task_id=message.task_id,
                     retry=True,
                     retry_policy={
                         "max_retries": 2,
@@ -436,12 +517,23 @@ class Publisher(threading.Thread):
                         "interval_max": 0.5,
                     },
                 )
-                self.published.append((result.id, time.monotonic()))
+                if message.poison is None:
+                    self.published.append((result.id, time.monotonic()))
                 return
             except Exception:  # the broker is down or restarting: try again, the event must get out
                 self.retries += 1
                 time.sleep(backoff_s)
                 backoff_s = min(2.0, backoff_s * 2)
+
+    def _push_raw(self, entry: bytes) -> None:
+        """An entry put on the queue list the way kombu publishes (LPUSH), by a foreign producer."""
+        import redis
+
+        client = redis.Redis.from_url(self.broker_url, socket_connect_timeout=2, socket_timeout=5)
+        try:
+            client.lpush(QUEUE, entry)
+        finally:
+            client.close()
 
 
 # --- SQL reads ------------------------------------------------------------------------------
@@ -481,13 +573,15 @@ def read_ledger(engine: Any) -> dict[str, Any]:
     with engine.connect() as conn:
         rows = conn.execute(
             sa.text(
-                "select id, provider_request_id, status, est_tokens, billed_tokens, rows from provider_requests"
+                "select id, provider_request_id, status, est_tokens, billed_tokens, rows "
+                "from provider_requests"
             )
         ).all()
         cached = conn.execute(sa.text("select count(*) from embedding_cache")).scalar_one()
         docs = conn.execute(
             sa.text(
-                "select doc_id, version, op, status, attempts, last_error from documents where collection = :c"
+                "select doc_id, version, op, status, attempts, last_error "
+                "from documents where collection = :c"
             ),
             {"c": COLLECTION},
         ).all()
@@ -554,6 +648,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-ms", type=float, default=5.0, help="emulator latency (default 5)")
     p.add_argument("--no-redis-restart", action="store_true", help="do not restart Redis mid-run")
     p.add_argument(
+        "--poison-share",
+        type=float,
+        default=0.02,
+        help="share of published messages that are malformed, cycling through the poison kinds "
+        "(default 0.02; 0 for none)",
+    )
+    p.add_argument(
         "--quiesce-timeout-s",
         type=float,
         default=150.0,
@@ -598,7 +699,7 @@ def run(args: argparse.Namespace, tmp: Path, database_url: str, publish_s: float
     lo, hi = args.kill_every_s
     events = make_events(args.events, args.docs, args.seed)
     model = final_state(events)
-    sends = messages(events, args.seed)
+    sends = with_poison(messages(events, args.seed), args.poison_share, args.seed)
 
     redis_server = RedisServer(tmp / "redis")
     emulator = EmulatorProcess(
@@ -640,8 +741,8 @@ def run(args: argparse.Namespace, tmp: Path, database_url: str, publish_s: float
         publisher = Publisher(redis_server.url, sends, publish_s)
         publisher.start()
         print(
-            f"chaos: {len(events)} events in {len(sends)} messages over {publish_s:.0f}s; "
-            f"{len(model)} documents in the model",
+            f"chaos: {len(events)} events in {len(sends)} messages ({publisher_poison(sends)} poison) "
+            f"over {publish_s:.0f}s; {len(model)} documents in the model",
             flush=True,
         )
 
@@ -713,6 +814,7 @@ def run(args: argparse.Namespace, tmp: Path, database_url: str, publish_s: float
         redis_server.stop()
         engine.dispose()
     result = judge(model, events, points, ledger, bill, unacked)
+    result.update(poison_published=publisher.poison_sent, poison_min_rejections=min_rejections(sends))
     result.update(
         deliveries(tmp / "worker.log", publisher.published, unacked, kill_times, redis_restart_at, started)
     )
@@ -724,7 +826,7 @@ def run(args: argparse.Namespace, tmp: Path, database_url: str, publish_s: float
         redis_restarts=redis_server.restarts,
         worker_crashes=worker.crashes,
         publish_retries=publisher.retries,
-        messages=len(sends),
+        messages=len(sends) - publisher_poison(sends),
         quiesced=quiesce["quiesced"],
         quiesce_waiting_for=quiesce["waiting_for"],
         kill_phase_s=round(kill_phase_s, 1),
@@ -796,6 +898,7 @@ def judge(
     verdict = check_points(model, points, expected_chunks, vector_ok)
     docs = ledger["docs"]
     dead = sorted(d for d, row in docs.items() if row.status == "dead")
+    good_dead = [d for d in dead if d in model]
     # Documents SQL never heard of at their model version: events stranded in the broker.
     behind = sorted(d for d, e in model.items() if d not in docs or docs[d].version < e["version"])
 
@@ -839,11 +942,13 @@ def judge(
         "resurrected": len(verdict.resurrected),
         "wrong_vectors": verdict.wrong_vectors,
         "dead_letters": len(dead),
+        "good_dead": len(good_dead),
         "sql_behind_model": len(behind),
         "broker_unacked_messages": len(unacked),
         "broker_unacked_docs": len(unacked_docs),
         "failing_docs_stranded_in_broker": len(stranded),
         "rejected_events": ledger["rejected"],
+        "poison_rejected": ledger["rejected"],  # good events are all valid: every row is poison
         "points": len(points),
         "ledger_tokens": ledger_tokens,
         "bill_tokens": bill_tokens,
@@ -875,7 +980,9 @@ def judge(
             "stranded": stranded[:10],
         },
     }
-    result["ok"] = not (verdict.lost or verdict.stale or verdict.resurrected or result["unaccounted_tokens"])
+    result["ok"] = not (
+        verdict.lost or verdict.stale or verdict.resurrected or good_dead or result["unaccounted_tokens"]
+    )
     return result
 
 
@@ -926,7 +1033,11 @@ def render(r: dict[str, Any]) -> str:
         ("stale", r["stale"]),
         ("resurrected", r["resurrected"]),
         ("wrong vectors", r["wrong_vectors"]),
-        ("dead letters", r["dead_letters"]),
+        ("dead letters (good docs)", f"{r['dead_letters']} ({r['good_dead']})"),
+        (
+            "poison published / rejected",
+            f"{r['poison_published']} / {r['poison_rejected']} (at least {r['poison_min_rejections']})",
+        ),
         ("SQL behind model", r["sql_behind_model"]),
         ("broker unacked msgs / docs", f"{r['broker_unacked_messages']} / {r['broker_unacked_docs']}"),
         ("msgs never received", r["messages_never_received"]),

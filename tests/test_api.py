@@ -17,7 +17,7 @@ import uvicorn
 
 from api.app import create_app
 from worker.events import parse_event
-from worker.ledger import budget, counters
+from worker.ledger import counters
 from worker.settings import Settings
 from worker.sql import documents, engines, schema
 from worker.sql.models import Document, ProviderRequest, RequestItem
@@ -88,20 +88,19 @@ def broker(redis_url) -> Iterator:
     client.close()
 
 
-def start_api(database_url: str, broker, tmp_path, **budget_values) -> tuple[RunningApi, Api]:
+def start_api(database_url: str, broker, tmp_path, **overrides) -> tuple[RunningApi, Api]:
     schema.upgrade(database_url)
-    settings = Settings(
-        _env_file=None,
-        data_dir=tmp_path,
-        database_url=database_url,
-        broker_url=broker.url,
-        max_text_bytes=4096,
-        api_tokens=f"{WRITE},w-token-2",
-        api_read_tokens=READ,
-        api_max_body_bytes=64 << 10,
-        api_max_events=50,
-        **budget_values,
-    )
+    values = {
+        "data_dir": tmp_path,
+        "database_url": database_url,
+        "broker_url": broker.url,
+        "max_text_bytes": 4096,
+        "api_tokens": f"{WRITE},w-token-2",
+        "api_read_tokens": READ,
+        "api_max_body_bytes": 64 << 10,
+        "api_max_events": 50,
+    }
+    settings = Settings(_env_file=None, **{**values, **overrides})
     running = RunningApi(create_app(settings))
     return running, Api(running.url, database_url, broker)
 
@@ -292,6 +291,109 @@ def test_invalid_events_are_named_by_index_field_and_rule(api):
         many = [{"op": "delete", "doc_id": f"d{i}"} for i in range(51)]
         assert c.post("/v1/events", json=many).status_code == 413
     assert api.queued() == []  # all or nothing
+
+
+# --- hostile input ----------------------------------------------------------------------------
+
+
+def raw_http(url: str, head: str, parts: list[bytes]) -> tuple[int, dict[str, str], bytes]:
+    """Send a request head and body parts as they are (no client rules), then read the answer
+    until the server closes: (status, headers, body)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(head.replace("\n", "\r\n").encode() + b"\r\n")
+        for part in parts:
+            sock.sendall(part)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    top, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *lines = top.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+def test_oversized_bodies_are_refused_before_auth_and_before_reading(api):
+    # 80 MiB declared, 1 byte sent, no token: 413 at once, nothing read or buffered
+    status, headers, body = raw_http(
+        api.url,
+        f"POST /v1/events HTTP/1.1\nHost: api\nContent-Type: application/json\nContent-Length: {80 << 20}\n",
+        [b"["],
+    )
+    assert status == 413 and headers["connection"] == "close"
+    assert json.loads(body)["detail"] == [
+        {"index": None, "field": "body", "rule": "over the cap of 65536 bytes"}
+    ]
+    # chunked, no length, no token, on a route whose body FastAPI reads before auth: stopped at the cap
+    chunk = b"x" * (16 << 10)
+    status, _, body = raw_http(
+        api.url,
+        "PUT /v1/budget/caps HTTP/1.1\nHost: api\nTransfer-Encoding: chunked\n",
+        [b"%x\r\n%b\r\n" % (len(chunk), chunk)] * 5,  # 80 KiB, and no closing chunk
+    )
+    assert status == 413 and "over the cap of 65536 bytes" in json.loads(body)["detail"][0]["rule"]
+    # the same with a write token on the events route
+    status, _, _ = raw_http(
+        api.url,
+        f"POST /v1/events HTTP/1.1\nHost: api\nAuthorization: Bearer {WRITE}\nTransfer-Encoding: chunked\n",
+        [b"%x\r\n%b\r\n" % (len(chunk), chunk)] * 5,
+    )
+    assert status == 413
+    assert api.queued() == []
+
+
+def test_events_the_worker_would_refuse_are_refused_here(api):
+    cases = [
+        (rb'{"op":"upsert","doc_id":"\ud800","text":"x"}', "doc_id"),
+        (rb'{"op":"upsert","doc_id":"a","text":"lone \udc00 surrogate"}', "text"),
+        (rb'{"op":"upsert","doc_id":"a\u0000b","text":"x"}', "doc_id"),
+        (rb'{"op":"upsert","doc_id":"a","text":"x\u0000"}', "text"),
+        (rb'{"op":"upsert","doc_id":"a","text":"x","collection":"a\n"}', "collection"),
+        (rb'{"op":"upsert","doc_id":"a","text":"x","tenant":"t\n"}', "tenant"),
+        (rb'{"op":"delete","doc_id":"a","version":9223372036854775808}', "version"),
+        (rb'{"op":"upsert","doc_id":"a","text":"x","metadata":{"\ud800":1}}', "metadata"),
+    ]
+    with api.client() as c:
+        for raw, field in cases:
+            r = c.post("/v1/events", content=raw, headers={"content-type": "application/json"})
+            assert r.status_code == 422, raw
+            assert [(d["index"], d["field"]) for d in r.json()["detail"]] == [(0, field)], raw
+        # an unknown field that is not valid Unicode is named, escaped, not a server error
+        r = c.post("/v1/events", content=rb'{"op":"delete","doc_id":"a","\ud800":1}')
+        assert r.status_code == 422 and "unknown field" in r.json()["detail"][0]["rule"]
+    assert api.queued() == []
+
+
+def test_bodies_that_are_not_json_get_a_reason(api):
+    with api.client() as c:
+        for body in (b"\xff\xfe\x00garbage", b"[" * 100_000, b"", b"op=upsert&doc_id=a", b'{"op": NaN}'):
+            r = c.post("/v1/events", content=body, headers={"content-type": "application/json"})
+            assert 400 <= r.status_code < 500, body[:20]
+            assert r.json()["detail"][0]["rule"], body[:20]
+    assert api.queued() == []
+
+
+def test_a_broker_that_does_not_take_the_events_answers_503(database_url, broker, tmp_path):
+    running, api = start_api(database_url, broker, tmp_path, broker_url="redis://127.0.0.1:1/13")
+    try:
+        with api.client() as c:
+            r = c.post("/v1/events", json=EVENT)
+        assert r.status_code == 503 and int(r.headers["retry-after"]) > 0
+        assert "did not accept" in r.json()["detail"]
+    finally:
+        running.stop()
+        api.engine.dispose()
+
+
+def test_lookups_that_sql_cannot_hold_are_refused(api):
+    with api.client(READ) as c:
+        assert c.get("/v1/documents/documents/a%00b").status_code == 422
+        assert c.get("/v1/documents/no%0A/a").status_code == 422
+        assert c.get("/v1/requests", params={"model": "v4\x00"}).status_code == 422
+        assert c.get("/v1/requests", params={"provider_request_id": "p\x00"}).status_code == 422
+        assert c.get("/v1/requests", params={"since": "0001-01-01T00:00:00+05:00"}).status_code == 422
+        cursor = base64.urlsafe_b64encode(json.dumps(["2026-11-20T00:00:00", "r\x00"]).encode())
+        assert c.get("/v1/requests", params={"cursor": cursor.decode()}).status_code == 422
 
 
 # --- documents, dead letters ------------------------------------------------------------------
@@ -514,15 +616,16 @@ def test_metrics_from_sql(api):
 
 def test_readyz_names_what_is_not_ready(database_url, broker, tmp_path):
     running, api = start_api(database_url, broker, tmp_path, budget_daily_cny="0.00001")
+    reader = api.client(READ)
     try:
-        r = httpx.get(f"{api.url}/readyz")
+        r = reader.get("/readyz")
         assert r.status_code == 200 and r.json()["ready"] is True
         assert {"sql", "broker", "qdrant", "budget"} <= set(r.json()["checks"])
         with api.sessions.begin() as s:
             add_request(
                 s, "big", dt.datetime.now(UTC), items=[(add_document(s, "d"), 30)], billed=30, cost=15_000
             )
-        r = httpx.get(f"{api.url}/readyz")
+        r = reader.get("/readyz")
         assert r.status_code == 503
         assert r.json()["reasons"] == [
             "budget: daily cap of CNY 0.00001 for all collections reached: spent 0.000015; resumes at "
@@ -530,6 +633,48 @@ def test_readyz_names_what_is_not_ready(database_url, broker, tmp_path):
         ]
         with api.client(READ) as c:
             assert "sidecar_budget_paused 1" in c.get("/metrics").text
+    finally:
+        reader.close()
+        running.stop()
+        api.engine.dispose()
+
+
+def test_readyz_without_a_token_says_only_whether_ready(database_url, broker, tmp_path):
+    running, api = start_api(database_url, broker, tmp_path, budget_daily_cny="0.00001")
+    try:
+        assert httpx.get(f"{api.url}/readyz").json() == {"ready": True}
+        with api.sessions.begin() as s:
+            add_request(
+                s, "big", dt.datetime.now(UTC), items=[(add_document(s, "d"), 30)], billed=30, cost=15_000
+            )
+        r = httpx.get(f"{api.url}/readyz", headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 503 and r.json() == {"ready": False}
+        with api.client(READ) as c:
+            assert c.get("/readyz").json()["checks"]["budget"] == {"ok": False, "detail": "budget paused"}
+    finally:
+        running.stop()
+        api.engine.dispose()
+
+
+def test_readyz_details_hide_urls_hosts_and_credentials(database_url, broker, tmp_path):
+    running, api = start_api(
+        database_url,
+        broker,
+        tmp_path,
+        qdrant_url="http://admin:hunter2@127.0.0.1:1/internal/qdrant",
+        qdrant_api_key="qdrant-secret",
+        broker_url="redis://:redis-secret@127.0.0.1:1/13",
+    )
+    try:
+        with api.client(READ) as c:
+            r = c.get("/readyz")
+        assert r.status_code == 503
+        body = r.json()
+        assert body["checks"]["qdrant"] == {"ok": False, "detail": "vector store unreachable"}
+        assert body["checks"]["broker"] == {"ok": False, "detail": "broker unreachable"}
+        assert body["reasons"] == ["broker unreachable", "vector store unreachable"]
+        for secret in ("hunter2", "admin", "127.0.0.1", "internal", "qdrant-secret", "redis-secret"):
+            assert secret not in r.text
     finally:
         running.stop()
         api.engine.dispose()

@@ -1,7 +1,9 @@
-"""The reliable Redis pop: a killed consumer's in-flight message goes back on the queue."""
+"""The reliable Redis pop: a killed consumer's in-flight message goes back on the queue, entries
+that are not messages are set aside and reported, and priority sub-queues are consumed."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -75,3 +77,84 @@ def test_messages_of_a_killed_worker_are_delivered_again(redis_url, tmp_path):
     )
     assert queued >= 3, queued
     r.flushdb()
+
+
+RECORDER = r"""
+import json, os
+from celery import Celery
+app = Celery(broker=os.environ["BROKER"])
+app.conf.broker_transport = "worker.broker:Transport"
+app.conf.task_acks_late = True
+app.conf.worker_prefetch_multiplier = 1
+out = os.environ["OUT_FILE"]
+
+def record(entry):
+    with open(out, "a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+@app.task(name="sidecar.undeliverable")
+def undeliverable(entry):
+    record({"undeliverable": entry})
+
+@app.task(name="t.record")
+def note(value):
+    record({"task": value})
+
+app.worker_main(["worker", "--pool=solo", "--without-gossip", "--without-mingle", "--loglevel=WARNING"])
+"""
+
+
+def read_records(path, count: int, timeout_s: float = 60.0) -> list[dict]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        lines = path.read_text().splitlines() if path.exists() else []
+        if len(lines) >= count:
+            return [json.loads(line) for line in lines]
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {count} records: {path.read_text() if path.exists() else ''}")
+
+
+def test_foreign_entries_are_set_aside_and_priority_messages_consumed(redis_url, tmp_path):
+    """Entries that are not messages go to `celery.undeliverable` and reach the worker as
+    `sidecar.undeliverable` tasks; the messages behind them, one with a priority, are consumed."""
+    db = redis_url.rsplit("/", 1)[0] + "/8"
+    import redis
+
+    r = redis.Redis.from_url(db)
+    r.flushdb()
+    foreign = [json.dumps({"hello": "world"}).encode(), b"\xff\xfe{not utf-8", b"plain text, not JSON"]
+    r.lpush("celery", *foreign)  # popped from the right: these come first
+    producer = Celery(broker=db)
+    producer.send_task("t.record", args=["plain"])
+    producer.send_task("t.record", args=["low"], priority=9)
+    assert r.llen("celery\x06\x169") == 1  # kombu's sub-queue for priority 9
+    out = tmp_path / "records"
+    worker = subprocess.Popen(
+        [sys.executable, "-c", RECORDER], env={**os.environ, "BROKER": db, "OUT_FILE": str(out)}
+    )
+    try:
+        records = read_records(out, len(foreign) + 2)
+    finally:
+        worker.terminate()
+        worker.wait(30)
+    assert sorted(rec["task"] for rec in records if "task" in rec) == ["low", "plain"]
+    reported = [rec["undeliverable"] for rec in records if "undeliverable" in rec]
+    expected_raw = [json.dumps(entry.decode("utf-8", "replace"), ensure_ascii=True) for entry in foreign]
+    assert [entry["raw"] for entry in reported] == expected_raw
+    assert all(entry["queue"] == "celery" and entry["reason"] for entry in reported)
+    assert "UTF-8" in reported[1]["reason"] and "JSON" in reported[2]["reason"]
+    assert r.lrange("celery.undeliverable", 0, -1) == foreign[::-1]
+    assert r.llen("celery") == r.llen("celery\x06\x169") == 0
+    assert [k for k in r.scan_iter(match=f"{broker.INFLIGHT_PREFIX}*") if r.llen(k)] == []
+    r.flushdb()
+
+
+def test_a_raw_entry_is_reported_escaped_and_capped():
+    item = b"\xff" + "\u00e9".encode() * 5000
+    message = broker.undeliverable_message("q", item, "not UTF-8")
+    assert message["headers"]["task"] == broker.UNDELIVERABLE_TASK
+    assert broker.envelope_problem(message) is None  # a message kombu can deliver
+    [[argument], kwargs, _embed] = json.loads(__import__("base64").b64decode(message["body"]))
+    assert kwargs == {} and argument["queue"] == "q" and argument["reason"] == "not UTF-8"
+    assert len(argument["raw"]) == broker.RAW_CHARS and argument["raw"].isascii()
+    assert argument["raw"].startswith('"\\ufffd\\u00e9')

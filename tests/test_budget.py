@@ -10,8 +10,8 @@ import sqlalchemy as sa
 
 from tests.test_api import READ, add_document, add_request, at, broker, start_api  # noqa: F401 (fixture)
 from worker import pipeline
-from worker.settings import Settings
 from worker.ledger import budget, reports
+from worker.settings import Settings
 from worker.sql import engines, schema
 from worker.sql.models import Document, ProviderRequest
 from worker.tasks import ingest_events
@@ -86,7 +86,7 @@ def test_admit_counts_billed_and_in_flight_spend_per_window(sessions):
         budget.admit(
             s, collections={"docs"}, est_cost_nano=5_001, now=NOW + dt.timedelta(days=1), settings=caps
         )
-        with pytest.raises(budget.BudgetExceeded, match="monthly cap .* resumes at 2026-12-01T00:00Z"):
+        with pytest.raises(budget.BudgetExceeded, match=r"monthly cap .* resumes at 2026-12-01T00:00Z"):
             budget.admit(
                 s, collections={"docs"}, est_cost_nano=430_001, now=NOW + dt.timedelta(days=1), settings=caps
             )
@@ -115,7 +115,7 @@ def test_caps_set_in_sql_override_the_settings(sessions):
         assert budget.budget_state(s, now=NOW, settings=caps)["paused"] is True
 
 
-def test_budget_through_the_api_pauses_and_resumes(database_url, broker, tmp_path):
+def test_budget_through_the_api_pauses_and_resumes(database_url, broker, tmp_path):  # noqa: F811
     running, api = start_api(database_url, broker, tmp_path)
     try:
         now = dt.datetime.now(dt.UTC)

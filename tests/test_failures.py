@@ -9,6 +9,7 @@ import sqlalchemy as sa
 
 from worker import pipeline
 from worker.ledger import reports
+from worker.runtime import build_limiter
 from worker.sql import pauses
 from worker.sql.models import Document, ProviderRequest, utcnow
 from worker.tasks import ingest_events
@@ -51,9 +52,9 @@ def test_throttling_is_retried_ledgered_at_no_cost_and_slows_the_limiter(make_ru
         row = session.execute(sa.select(ProviderRequest)).scalar_one()
         assert (row.status, row.http_status, row.billed_tokens, row.cost_nano_cny) == ("failed", 429, 0, 0)
         assert row.error_code in ("limit_requests", "limit_burst_rate", "insufficient_quota")
-    assert rt.limiter._state.cooldown_until > time.monotonic()  # every user of the limiter waits
+    assert rt.limiter.state().cooldown_until > time.monotonic()  # every user of the limiter waits
     emulator.configure(throttle_rate=0.0)
-    rt.limiter._state.cooldown_until = 0.0
+    rt.limiter = build_limiter(rt.settings)  # a fresh limiter: no cooldown to wait out
     run_until(rt, all_indexed)
     with rt.sessions() as session:
         assert ledger_tokens(session) == emulator.bill()["total_tokens"]
@@ -170,14 +171,10 @@ def test_the_ledger_reconciles_with_the_bill_including_unknown_outcomes(make_run
     rt = make_runtime(request_timeout_s=0.3)
     ingest_events(rt, events(3))
 
-    def crash_before_call(point: str) -> None:
-        if point == "before_call":
-            raise SimulatedCrash(point)
-
-    rt.crash_hook = crash_before_call
+    rt.faults.arm("before_call", SimulatedCrash("before_call"))
     with pytest.raises(SimulatedCrash):
         pipeline.run_cycle(rt)
-    rt.crash_hook = None
+    rt.faults.disarm()
     with rt.sessions.begin() as session:
         calls.close_abandoned(session, older_than=utcnow())  # as the reconciler would, later
         session.execute(sa.update(Document).values(lease_until=None))

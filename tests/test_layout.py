@@ -140,7 +140,7 @@ def test_no_private_name_crosses_a_module() -> None:
 def test_docstrings_cite_files_of_the_repository() -> None:
     cited = re.compile(r"\b((?:worker|api|tests|bench|migrations|deploy)/[\w/.-]+\.(?:py|md|toml|json|yml))")
     missing = []
-    for name, (path, tree) in sources().items():
+    for name, (_path, tree) in sources().items():
         text = ast.get_docstring(tree) or ""
         if re.search(r"DESIGN|shared/|research/|spec/dashscope", text):
             missing.append(f"{name}: cites a document outside the repository")

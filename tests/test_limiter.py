@@ -6,6 +6,7 @@ The pure functions and the Lua script are checked against each other operation b
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import random
 import uuid
@@ -19,15 +20,9 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from worker.errors import ProviderThrottled, RetryLater
-from worker.limiter import (
-    BACKOFF_BASE_S,
-    BACKOFF_MAX_S,
-    Limits,
-    LocalRateLimiter,
-    Permit,
-    RateLimiter,
-    RedisRateLimiter,
-)
+from worker.limiter.base import BACKOFF_BASE_S, BACKOFF_MAX_S, Limits, Permit, RateLimiter
+from worker.limiter.local import LocalRateLimiter
+from worker.limiter.redis import RedisRateLimiter
 
 LIMITS = Limits(requests_per_minute=600, tokens_per_minute=300_000)  # 10 requests/s, 5000 tokens/s
 EPS = 1e-9  # float sums of intervals land a hair either side of a whole second
@@ -52,15 +47,19 @@ MakePeers = Callable[..., list[RateLimiter]]
 
 @pytest.fixture(params=["local", "redis"])
 def make_peers(request) -> MakePeers:
-    """`make_peers(limits, clock, n=1)`: n handles on one limiter (Redis: n instances, one key)."""
+    """`make_peers(limits, clock, n=1, sleep=clock.sleep)`: n handles on one limiter (Redis: n
+    instances, one key)."""
     key = f"test:limiter:{uuid.uuid4().hex}"
 
-    def make(limits: Limits, clock: FakeClock, n: int = 1, seed: int = 0) -> list[RateLimiter]:
+    def make(
+        limits: Limits, clock: FakeClock, n: int = 1, seed: int = 0, sleep: Callable | None = None
+    ) -> list[RateLimiter]:
+        sleep = sleep or clock.sleep
         if request.param == "local":
-            return [LocalRateLimiter(limits, clock=clock, sleep=clock.sleep, seed=seed)] * n
+            return [LocalRateLimiter(limits, clock=clock, sleep=sleep, seed=seed)] * n
         client = request.getfixturevalue("redis_client")
         return [
-            RedisRateLimiter(client, limits, key=key, clock=clock, sleep=clock.sleep, seed=seed + i)
+            RedisRateLimiter(client, limits, key=key, clock=clock, sleep=sleep, seed=seed + i)
             for i in range(n)
         ]
 
@@ -367,7 +366,10 @@ def test_local_and_redis_make_the_same_decisions(redis_client, ops, limits):
                 return ("wait", exc.retry_after_s)
             permits.append(permit)
             return ("granted", permit)
-        pick = lambda i: permits[i % len(permits)] if permits and i is not None else None
+
+        def pick(i):
+            return permits[i % len(permits)] if permits and i is not None else None
+
         if kind == "settle":
             permit = pick(op[1])
             return None if permit is None else lim.settle(permit, op[2])
@@ -392,12 +394,11 @@ def test_booking_ahead_keeps_every_slot_when_callers_wake_late(make_peers):
     def late_sleep(seconds: float) -> None:
         clock.sleep(seconds + 0.03)
 
-    (lim,) = make_peers(limits, clock)
-    lim._sleep = late_sleep
+    (lim,) = make_peers(limits, clock, sleep=late_sleep)
     granted = [lim.acquire(10, timeout_s=5).granted_at for _ in range(601)]
     # Slots stay 100 ms apart, so 600 of them take exactly 60 s of limiter time...
     assert granted[-1] - granted[0] == pytest.approx(60.0, abs=1e-3)
-    assert all(b - a == pytest.approx(0.1, abs=1e-3) for a, b in zip(granted, granted[1:]))
+    assert all(b - a == pytest.approx(0.1, abs=1e-3) for a, b in itertools.pairwise(granted))
 
 
 def test_booking_is_the_same_in_both_implementations(redis_client):
@@ -418,7 +419,7 @@ def test_booking_is_the_same_in_both_implementations(redis_client):
     for _ in range(200):
         tokens, gap = rng.randint(1, 800), rng.choice([0.0, 0.0, 0.05, 0.3])
         results = []
-        for clock, lim in zip(clocks, peers):
+        for clock, lim in zip(clocks, peers, strict=True):
             clock.now += gap
             try:
                 results.append(round(lim.acquire(tokens, timeout_s=0.5).granted_at, 6))

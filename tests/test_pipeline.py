@@ -40,7 +40,7 @@ def test_events_become_points_with_ledger_rows_equal_to_the_bill(make_runtime, e
     points = rt.store.document_points("documents", "default", "d7")
     assert [p.payload["version"] for p in points] == [0]
     expected = expected_vector(rt.embedder.model, rt.embedder.dimensions, "document number 7 about tea")
-    assert max(abs(a - b) for a, b in zip(points[0].vector, expected)) < 1e-6
+    assert max(abs(a - b) for a, b in zip(points[0].vector, expected, strict=True)) < 1e-6
     with rt.sessions() as session:
         rows = session.execute(sa.select(ProviderRequest)).scalars().all()
         items = session.execute(sa.select(sa.func.count()).select_from(RequestItem)).scalar_one()
@@ -116,6 +116,28 @@ def test_moderation_rejection_is_narrowed_to_one_document(make_runtime, emulator
     assert "DataInspectionFailed" in last_error or "inspection" in last_error.lower()
 
 
+def test_a_document_the_store_refuses_is_dead_lettered_alone(make_runtime):
+    """A write error the store did not expect (here metadata nested deeper than local mode can
+    take: a RecursionError) gives up on that document only; the others of the claim are indexed."""
+    rt = make_runtime()
+    ingest_events(rt, [upsert(f"d{i}", f"text {i}") for i in range(5)])
+    deep: dict = {}
+    for _ in range(600):
+        deep = {"a": deep}
+    with rt.sessions.begin() as session:  # as if stored before a depth rule existed
+        session.execute(sa.update(Document).where(Document.doc_id == "d2").values(meta=deep))
+    drain(rt)
+    with rt.sessions() as session:
+        statuses = dict(session.execute(sa.select(Document.doc_id, Document.status)).all())
+        last_error = session.execute(
+            sa.select(Document.last_error).where(Document.doc_id == "d2")
+        ).scalar_one()
+    assert statuses.pop("d2") == "dead"
+    assert set(statuses.values()) == {"indexed"}
+    assert "StoreRejected" in last_error or "refused the write" in last_error
+    assert rt.store.count("documents") == 4
+
+
 def test_provider_errors_retry_and_never_reach_the_store(make_runtime, emulator):
     rt = make_runtime()
     emulator.configure(error_rate=1.0)
@@ -168,7 +190,7 @@ def test_hybrid_output_stores_the_sparse_vector(make_runtime, emulator):
     )[0]
     sparse = point.vector["sparse"]
     expected = expected_sparse(rt.embedder.model, "green tea and black tea")
-    assert dict(zip(sparse.indices, sparse.values)) == pytest.approx(
+    assert dict(zip(sparse.indices, sparse.values, strict=True)) == pytest.approx(
         {e["index"]: e["value"] for e in expected}
     )
 

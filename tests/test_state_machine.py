@@ -22,12 +22,13 @@ from hypothesis.stateful import (
 
 from worker import chunking, pipeline, reconciler
 from worker.ledger import calls
-from worker.limiter import Permit
+from worker.limiter.base import Permit
+from worker.runtime import Faults
 from worker.sql import models
 from worker.sql.models import utcnow
 from worker.tasks import ingest_events
 
-CRASH_POINTS = ("before_call", "after_call", "after_ledger", "after_store_write")
+CRASH_POINTS = Faults.POINTS
 DOCS = ("a", "b", "c", "d")
 TEXTS = ("short note", "another short note", " ".join(f"word{i}." for i in range(120)), "short note")
 
@@ -43,7 +44,7 @@ class FreeLimiter:
     def settle(self, permit: Permit, billed_tokens: int) -> None:
         pass
 
-    def throttled(self, retry_after_s: float | None = None) -> float:
+    def throttled(self, retry_after_s: float | None = None, *, permit: Permit | None = None) -> float:
         return 0.0
 
 
@@ -85,17 +86,13 @@ def make_machine(rt, emulator):
 
         @rule(point=st.sampled_from(CRASH_POINTS))
         def crash(self, point):
-            def hook(at: str) -> None:
-                if at == point:
-                    raise SimulatedCrash(point)
-
-            rt.crash_hook = hook
+            rt.faults.arm(point, SimulatedCrash(point))
             try:
                 pipeline.run_cycle(rt)
             except SimulatedCrash:
                 pass
             finally:
-                rt.crash_hook = None
+                rt.faults.disarm()
 
         @rule(error_rate=st.sampled_from([0.0, 0.0, 0.5]))
         def provider_faults(self, error_rate):

@@ -14,9 +14,10 @@ import pytest
 from qdrant_client import QdrantClient, models
 
 from tests.fixtures.services import QDRANT_URL, missing_service
-from worker.errors import ConfigError, StoreUnavailable
+from worker.errors import ConfigError, StoreRejected, StoreUnavailable
 from worker.settings import Settings
-from worker.vectorstore.qdrant import ChunkVector, QdrantStore, point_id
+from worker.vectorstore.base import ChunkVector, point_id
+from worker.vectorstore.qdrant import QdrantStore
 
 pytestmark = pytest.mark.filterwarnings("ignore:Payload indexes have no effect:UserWarning")
 
@@ -88,13 +89,13 @@ def versions(store: QdrantStore, doc_id: str, tenant: str = "t1") -> list[tuple[
 
 def blind_precheck(store: QdrantStore, monkeypatch) -> None:
     """The next write's pre-check sees nothing, as if a newer write or delete landed just after."""
-    real, calls = store._superseded_by, []
+    real, calls = store.superseded_by, []
 
     def superseded_by(*args):
         calls.append(args)
         return None if len(calls) == 1 else real(*args)
 
-    monkeypatch.setattr(store, "_superseded_by", superseded_by)
+    monkeypatch.setattr(store, "superseded_by", superseded_by)
 
 
 def test_point_ids_are_deterministic_and_unambiguous():
@@ -246,7 +247,20 @@ def test_sparse_vectors_are_stored(store):
     ids = [point_id("t1", COLL, "doc-1", 0)]
     [record] = store.client.retrieve(store.prefix + COLL, ids, with_vectors=True)
     sparse = record.vector["sparse"]
-    assert sorted(zip(sparse.indices, sparse.values)) == [(3, 0.5), (17, 1.25)]
+    assert sorted(zip(sparse.indices, sparse.values, strict=True)) == [(3, 0.5), (17, 1.25)]
+
+
+def test_a_write_the_store_cannot_take_is_store_rejected_for_that_document(store):
+    """Metadata nested deeper than the store can handle (a RecursionError in local mode, a 400 from
+    a server) fails that one write as StoreRejected (a GiveUp); the next write goes through."""
+    deep: dict = {}
+    for _ in range(600):
+        deep = {"a": deep}
+    with pytest.raises(StoreRejected, match="write_document"):
+        write(store, "doc-1", 1, 2, meta=deep)
+    assert store.document_points(COLL, "t1", "doc-1") == []  # nothing half-written is served
+    assert write(store, "doc-2", 1, 2)
+    assert versions(store, "doc-2") == [(0, 1), (1, 1)]
 
 
 def test_unreachable_server_is_store_unavailable():

@@ -40,16 +40,15 @@ def wait_for(
     raise AssertionError(f"timed out waiting for {what}\n{log.read_text()[-4000:] if log else ''}")
 
 
-@pytest.fixture()
-def worker_env(tmp_path, database_url, redis_url, emulator):
-    broker = redis_url.rsplit("/", 1)[0] + "/14"
+def make_worker_env(tmp_path, database_url, redis_url, emulator) -> dict[str, str]:
+    """The worker's environment on the test's Redis database (flushed) as broker, migrated."""
     import redis
 
-    redis.Redis.from_url(broker).flushdb()
+    redis.Redis.from_url(redis_url).flushdb()
     env = {
         **os.environ,
         "SIDECAR_DATA_DIR": str(tmp_path),
-        "SIDECAR_BROKER_URL": broker,
+        "SIDECAR_BROKER_URL": redis_url,
         "SIDECAR_DATABASE_URL": database_url,
         "SIDECAR_QDRANT_PATH": str(tmp_path / "qdrant"),
         "DASHSCOPE_API_KEY": emulator.api_key,
@@ -61,6 +60,11 @@ def worker_env(tmp_path, database_url, redis_url, emulator):
         [sys.executable, "-m", "api.cli", "migrate"], env=env, cwd=ROOT, check=True, capture_output=True
     )
     return env
+
+
+@pytest.fixture()
+def worker_env(tmp_path, database_url, redis_url, emulator):
+    return make_worker_env(tmp_path, database_url, redis_url, emulator)
 
 
 def start_worker(env, log: Path) -> subprocess.Popen:
@@ -210,3 +214,38 @@ def test_a_provider_cooldown_never_holds_broker_messages(worker_env, tmp_path, e
     finally:
         stop_worker(proc)
         engine.dispose()
+
+
+def test_no_document_text_in_the_log_even_when_a_task_retries(tmp_path, sqlite_url, redis_url, emulator):
+    """The marker travels in task arguments that Celery would print: a retry (SQL failing: the
+    table is renamed away for a while) and an unregistered task (whose body Celery dumps)."""
+    marker = "MARKER-lapsang-souchong"
+    env = make_worker_env(tmp_path, sqlite_url, redis_url, emulator)
+    engine = sa.create_engine(env["SIDECAR_DATABASE_URL"])
+    with engine.begin() as conn:
+        conn.execute(sa.text("alter table seen_events rename to seen_events_away"))
+    log = tmp_path / "worker.log"
+    proc = start_worker(env, log)
+    producer = Celery(broker=env["SIDECAR_BROKER_URL"])
+    try:
+        event = {"op": "upsert", "doc_id": "m1", "event_id": "e1", "text": f"{marker} in the text"}
+        producer.send_task("sidecar.ingest", args=[event], kwargsrepr=marker)
+        producer.send_task("sidecar.no_such_task", args=[{"text": marker}])
+        wait_for(lambda: "ingest.retry" in log.read_text(), timeout_s=60, what="a retry", proc=proc, log=log)
+        with engine.begin() as conn:
+            conn.execute(sa.text("alter table seen_events_away rename to seen_events"))
+
+        def settled() -> bool:
+            with engine.connect() as conn:
+                status = conn.execute(sa.text("select status from documents where doc_id = 'm1'")).scalar()
+                rejected = conn.execute(sa.text("select field, reason from rejected_events")).all()
+            return status == "indexed" and [r.field for r in rejected] == ["message"]
+
+        wait_for(settled, timeout_s=60, what="the event indexed after its retry", proc=proc, log=log)
+    finally:
+        stop_worker(proc)
+        engine.dispose()
+    text = log.read_text()
+    assert "ingest.retry task=sidecar.ingest error=OperationalError" in text
+    assert "Received unregistered task of type 'sidecar.no_such_task'" in text
+    assert marker not in text

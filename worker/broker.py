@@ -1,4 +1,5 @@
-"""A Redis transport for Celery that loses no message when a worker is killed.
+"""A Redis transport for Celery that loses no message when a worker is killed, and is stopped by
+no queue entry.
 
 kombu's Redis transport takes a message off its queue with BRPOP and records it as unacked only
 after it has read the reply. A worker killed in between loses the message: a large process
@@ -10,20 +11,35 @@ timeout restores it). Any live consumer moves the in-flight lists of consumers w
 has expired back onto their queues. A message may so be delivered twice, never lost; the
 ingest tasks are idempotent.
 
-Limits: one queue per consumer, and no message priorities (`priority_steps` is [0]); the worker
-consumes the one queue the sidecar uses.
+Priorities: kombu keeps a queue's messages of priority 3, 6 and 9 (its `priority_steps`) in
+sub-lists (`queue\\x06\\x163` ...; on Redis a lower number goes first). Each pop takes from the first
+non-empty list, in that order, and blocks on the plain queue when all are empty (a message that
+lands in a sub-list meanwhile waits at most one poll, `brpop_timeout`).
+
+An entry that is not a kombu message (not UTF-8, not JSON, JSON of another shape, or a message
+whose body is not JSON, which Celery would drop without a trace) is moved
+to `<queue>.undeliverable` (capped at UNDELIVERABLE_CAP entries) and handed to the worker as a
+task `sidecar.undeliverable` with one argument `{"queue", "raw", "reason"}`, `raw` being the
+entry as JSON-escaped text of at most RAW_CHARS characters, so that it is recorded and the
+consumer goes on with the next entry.
+
+Limit: one queue per consumer (the worker consumes the one queue the sidecar uses); with more,
+pops fall back to kombu's BRPOP.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import logging
+import os
+import socket
 import time
 import uuid
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
-from kombu.utils.encoding import bytes_to_str
-from kombu.utils.json import loads
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +48,10 @@ ALIVE_PREFIX = "sidecar:consumer:"  # + consumer id; expires when the consumer s
 HEARTBEAT_S = 5.0
 DEAD_AFTER_S = 30
 SWEEP_S = 10.0
+UNDELIVERABLE_TASK = "sidecar.undeliverable"
+UNDELIVERABLE_SUFFIX = ".undeliverable"
+UNDELIVERABLE_CAP = 10_000
+RAW_CHARS = 4096
 
 # Move a dead consumer's in-flight messages back to the end of the queue that is popped next.
 _RESTORE = """
@@ -43,14 +63,12 @@ return n
 
 
 class Channel(kombu_redis.Channel):
-    priority_steps = [0]
-
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]  # kombu is untyped
         self.consumer_id = uuid.uuid4().hex
         self._beat_at = 0.0
         self._swept_at = 0.0
-        self._inflight: tuple[str, str] | None = None  # (queue, in-flight key) of the pending pop
+        self._inflight: tuple[str, str, str] | None = None  # (queue, source, in-flight key) of the pop
         self._warned = False
 
     def _brpop_start(self, timeout: float | None = None) -> None:
@@ -60,22 +78,32 @@ class Channel(kombu_redis.Channel):
                 log.warning("broker.unsafe_pop queues=%d (reliable pops need exactly one)", len(queues))
                 self._warned = True
             self._inflight = None
-            super()._brpop_start(timeout)
+            super()._brpop_start(timeout)  # type: ignore[no-untyped-call]
             return
         self._housekeeping()
         queue = queues[0]
-        source = self._q_for_pri(queue, 0)
+        source = self._first_nonempty(queue)
         inflight = f"{INFLIGHT_PREFIX}{self.consumer_id}:{source}"
-        self._inflight = (queue, inflight)
+        self._inflight = (queue, source, inflight)
         self._in_poll = self.client.connection
-        self._brpop_sent_at = time.monotonic()
+        self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]  # kombu declares None
         wait = self.brpop_timeout if timeout is None else timeout
         self.client.connection.send_command("BLMOVE", source, inflight, "RIGHT", "LEFT", wait or 0)
 
+    def _first_nonempty(self, queue: str) -> str:
+        """The first of the queue's priority lists that holds a message, else the plain queue."""
+        keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps]  # type: ignore[no-untyped-call]
+        with self.conn_or_acquire() as client:
+            lengths = client.pipeline(transaction=False)
+            for key in keys:
+                lengths.llen(key)
+            found = [key for key, n in zip(keys, lengths.execute(), strict=True) if n]
+        return str(found[0] if found else keys[0])
+
     def _brpop_read(self, **options: Any) -> bool:
         if self._inflight is None:
-            return super()._brpop_read(**options)
-        queue, inflight = self._inflight
+            return bool(super()._brpop_read(**options))  # type: ignore[no-untyped-call]
+        queue, source, inflight = self._inflight
         try:
             try:
                 item = self.client.parse_response(self.client.connection, "BLMOVE", **options)
@@ -83,26 +111,35 @@ class Channel(kombu_redis.Channel):
                 self.client.connection.disconnect()
                 raise
             if not item:
-                raise kombu_redis.Empty()
+                raise kombu_redis.Empty()  # type: ignore[attr-defined]  # kombu is untyped
             self._queue_cycle.rotate(queue)
+            message, reason = decode_entry(item)
+            if message is None:
+                self._undeliverable(queue, inflight, item, reason)
+                return True
             try:
-                message = loads(bytes_to_str(item))
-            except ValueError:
-                log.error("broker.undecodable_message queue=%s dropped", queue)
-            else:
-                try:
-                    self.connection._deliver(message, queue)  # kombu records it as unacked here
-                except Exception:
-                    with self.conn_or_acquire() as client:  # not recorded: back on the queue
-                        client.pipeline().lrem(inflight, 1, item).rpush(
-                            self._q_for_pri(queue, 0), item
-                        ).execute()
-                    raise
+                self.connection._deliver(message, queue)  # kombu records it as unacked here
+            except Exception:
+                with self.conn_or_acquire() as client:  # not recorded: back on the queue
+                    client.pipeline().lrem(inflight, 1, item).rpush(source, item).execute()
+                raise
             with self.conn_or_acquire() as client:
                 client.lrem(inflight, 1, item)
             return True
         finally:
-            self._in_poll = None
+            self._in_poll = None  # type: ignore[assignment]  # kombu declares bool
+
+    def _undeliverable(self, queue: str, inflight: str, item: bytes, reason: str) -> None:
+        """Hand the worker a `sidecar.undeliverable` task for the entry, then move the entry from
+        the in-flight list to the queue's capped dead-letter list (a crash in between delivers
+        the task again, never loses the entry)."""
+        log.warning("broker.undeliverable queue=%s bytes=%d reason=%s", queue, len(item), reason)
+        self.connection._deliver(undeliverable_message(queue, item, reason), queue)
+        dead = queue + UNDELIVERABLE_SUFFIX
+        with self.conn_or_acquire() as client:
+            client.pipeline().lpush(dead, item).ltrim(dead, 0, UNDELIVERABLE_CAP - 1).lrem(
+                inflight, 1, item
+            ).execute()
 
     def _housekeeping(self) -> None:
         """Beat this consumer's heartbeat; now and then give dead consumers' messages back."""
@@ -117,12 +154,105 @@ class Channel(kombu_redis.Channel):
                 restore_dead_consumers(client)
 
 
+def decode_entry(item: bytes) -> tuple[dict[str, Any] | None, str]:
+    """(the kombu message, "") of a queue entry, or (None, why it is not one)."""
+    try:
+        text = item.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, "not UTF-8"
+    try:
+        message = json.loads(text)
+    except ValueError as exc:
+        return None, f"not JSON ({type(exc).__name__})"
+    except RecursionError:
+        return None, "not JSON (nested too deeply)"
+    problem = envelope_problem(message)
+    return (None, f"not a kombu message: {problem}") if problem else (message, "")
+
+
+def envelope_problem(message: Any) -> str | None:
+    """What keeps kombu from delivering this decoded entry, or None."""
+    if not isinstance(message, dict):
+        return "not an object"
+    properties = message.get("properties")
+    if not isinstance(properties, dict):
+        return "no properties"
+    info = properties.get("delivery_info")
+    if not isinstance(info, dict) or not all(
+        isinstance(info.get(k), str) for k in ("exchange", "routing_key")
+    ):
+        return "no delivery_info with exchange and routing_key"
+    if not isinstance(properties.get("delivery_tag"), str):
+        return "no delivery_tag"
+    if not isinstance(message.get("headers", {}), dict):
+        return "headers is not an object"
+    body, encoding = message.get("body"), properties.get("body_encoding")
+    if body is not None and not isinstance(body, str):
+        return "body is not a string"
+    if encoding not in (None, "utf-8", "base64"):
+        return f"unknown body_encoding {str(encoding)[:32]!r}"
+    return body_problem(message.get("content-type"), body or "", encoding)
+
+
+def body_problem(content_type: Any, body: str, encoding: Any) -> str | None:
+    """What keeps Celery from decoding the message's body as JSON, or None. Celery drops such a
+    message with no trace (its decode-error hook acks it), so it is caught here instead."""
+    if content_type != "application/json":
+        return f"content type {str(content_type)[:64]!r} is not application/json"
+    try:
+        data = base64.b64decode(body, validate=True) if encoding == "base64" else body.encode()
+        json.loads(data)
+    except (binascii.Error, UnicodeError):
+        return "body is not base64 of UTF-8"
+    except ValueError as exc:
+        return f"body is not JSON ({type(exc).__name__})"
+    except RecursionError:
+        return "body is not JSON (nested too deeply)"
+    return None
+
+
+def undeliverable_message(queue: str, item: bytes, reason: str) -> dict[str, Any]:
+    """A kombu message of Celery task `sidecar.undeliverable` about one queue entry."""
+    raw = json.dumps(item.decode("utf-8", errors="replace"), ensure_ascii=True)[:RAW_CHARS]
+    task_id = str(uuid.uuid4())
+    argument = {"queue": queue, "raw": raw, "reason": reason}
+    body = json.dumps([[argument], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])
+    return {
+        "body": base64.b64encode(body.encode()).decode(),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": {
+            "lang": "py",
+            "task": UNDELIVERABLE_TASK,
+            "id": task_id,
+            "root_id": task_id,
+            "parent_id": None,
+            "group": None,
+            "retries": 0,
+            "eta": None,
+            "expires": None,
+            "timelimit": [None, None],
+            "argsrepr": f"(<an undeliverable entry of {len(item)} bytes from {queue!r}>,)",
+            "kwargsrepr": "{}",
+            "origin": f"{os.getpid()}@{socket.gethostname()}",
+        },
+        "properties": {
+            "correlation_id": task_id,
+            "delivery_mode": 2,
+            "delivery_info": {"exchange": "", "routing_key": queue},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": str(uuid.uuid4()),
+        },
+    }
+
+
 def restore_dead_consumers(client: Any) -> int:
     """Put the in-flight messages of consumers that stopped beating back on their queues."""
     restore = client.register_script(_RESTORE)
     moved = 0
     for raw in client.scan_iter(match=f"{INFLIGHT_PREFIX}*", count=100):
-        key = bytes_to_str(raw)
+        key = raw.decode() if isinstance(raw, bytes) else str(raw)
         consumer, _, source = key[len(INFLIGHT_PREFIX) :].partition(":")
         moved += int(restore(keys=[key, f"{ALIVE_PREFIX}{consumer}", source]))
     if moved:

@@ -1,7 +1,8 @@
 """The provider's model table: sizes, row and token limits, prices and rate limits.
 
-Facts from ../shared/spec/dashscope.md §1, §3 and §4. Prices are CNY per 1K tokens (China
-site); the ledger prices every request with these, whatever the region.
+Facts from the provider's model, pricing and rate-limit pages. Prices are CNY per 1K tokens
+(China site); the ledger prices every request with these, whatever the region. Money is written
+for machines by `cny_str` (nano-CNY to a plain decimal string) and nowhere else.
 """
 
 from __future__ import annotations

@@ -40,6 +40,12 @@ def default_max_tokens(model_max_tokens_per_row: int) -> int:
     return model_max_tokens_per_row - min(64, max(1, model_max_tokens_per_row // 50))
 
 
+def token_limit(configured: int | None, max_tokens_per_row: int) -> int:
+    """The chunk size in tokens: the configured one (SIDECAR_CHUNK_MAX_TOKENS), else just under the
+    model's row limit; never over the row limit."""
+    return min(configured or default_max_tokens(max_tokens_per_row), max_tokens_per_row)
+
+
 def content_hash(text: str) -> str:
     return hashlib.sha256(tokens.normalize(text).encode("utf-8")).hexdigest()
 

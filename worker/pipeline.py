@@ -1,4 +1,4 @@
-"""What happens to pending work, top to bottom: one call per stage (DESIGN §1).
+"""What happens to pending work, top to bottom: one call per stage.
 
     claim documents (lease) → deletes: remove points
     upserts: chunk → look up paid-for vectors → plan batches of ≤ max rows
@@ -18,23 +18,13 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-import httpx
-
 from worker import batching, chunking
-from worker.errors import (
-    AccountError,
-    InputRejected,
-    MalformedResponse,
-    RetryLater,
-    SidecarError,
-    StoreConflict,
-    StoreUnavailable,
-)
+from worker.errors import GiveUp, RetryLater, SidecarError, StoreConflict
 from worker.ledger import calls, counters
 from worker.runtime import Runtime
 from worker.sql import cache, documents, pauses
 from worker.sql.models import ProviderPause, utcnow
-from worker.vectorstore.qdrant import ChunkVector
+from worker.vectorstore.base import ChunkVector
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +45,33 @@ class Cycle:
     paused: str | None = None  # why embedding is paused for every process
 
 
+class HeldBack:
+    """When each document was first handed back to wait for a full batch; one per embedding
+    loop (its threads share it), so the wait is measured across cycles."""
+
+    LIMIT = 100_000  # documents finished elsewhere are never forgotten here: start afresh past this
+
+    def __init__(self) -> None:
+        self._since: dict[int, float] = {}
+
+    def waited_s(self, doc_ids: list[int]) -> float:
+        """How long the longest-waiting of these documents has been held back (0 the first time)."""
+        now = time.monotonic()
+        if len(self._since) > self.LIMIT:
+            self._since.clear()
+        return max(now - self._since.setdefault(doc_id, now) for doc_id in doc_ids)
+
+    def done(self, doc_id: int) -> None:
+        self._since.pop(doc_id, None)
+
+
 @dataclass
 class _Work:
     """Upserts of this cycle, their chunks and who needs which vector."""
 
     docs: list[documents.Claimed]
+    held: HeldBack
+    probing: bool = False  # a provider pause expired: the first success clears it
     chunks: dict[int, list[chunking.Chunk]] = field(default_factory=dict)
     keys: dict[int, list[str]] = field(default_factory=dict)
     users: dict[str, list[tuple[documents.Claimed, chunking.Chunk]]] = field(
@@ -70,13 +82,14 @@ class _Work:
     errors: dict[int, SidecarError] = field(default_factory=dict)
 
 
-def run_cycle(rt: Runtime) -> Cycle:
+def run_cycle(rt: Runtime, held: HeldBack | None = None) -> Cycle:
+    """One pass over a claim of pending documents. `held` remembers held-back rows across
+    cycles (the embedding loop passes its own); without it a partial batch never times out."""
     limit = rt.settings.claim_docs
     with rt.sessions.begin() as session:
         pause = session.get(ProviderPause, pauses.PROVIDER)
         if pause is not None and pause.until > utcnow():
             return Cycle(idle=True, paused=pause.reason)
-        rt.probing = pause is not None  # expired: the first success after it clears the row
         docs = documents.claim(session, owner=rt.owner, limit=limit, lease_s=rt.settings.lease_s)
     if not docs:
         return Cycle(idle=True)
@@ -89,10 +102,9 @@ def run_cycle(rt: Runtime) -> Cycle:
             apply_delete(rt, doc, cycle)
         else:
             live.append(doc)
-    work = _Work(docs=live)
-    if not work.docs:
+    if not live:
         return cycle
-
+    work = _Work(docs=live, held=held or HeldBack(), probing=pause is not None)
     plan_chunks(rt, work)
     rows = missing_rows(rt, work)
     batches = batching.plan_batches(
@@ -102,18 +114,23 @@ def run_cycle(rt: Runtime) -> Cycle:
         balance_tokens=True,
     )
     full, rest = batching.split_full(batches, rt.spec.max_rows)
-    if rest and (len(docs) < limit or _held_s(rt, work, rest) >= rt.settings.batch_max_delay_s):
+    if rest and (len(docs) < limit or _held_s(work, rest) >= rt.settings.batch_max_delay_s):
         full.append(rest)  # no backlog to wait for, or these rows have waited long enough
+    embed_batches(rt, work, full, cycle)
+    finish(rt, work, cycle)
+    return cycle
+
+
+def embed_batches(rt: Runtime, work: _Work, batches: list[list[batching.Row]], cycle: Cycle) -> None:
+    """Embed batch after batch, renewing the leases in a long cycle; stop when asked to back off."""
     renewed = time.monotonic()
-    for batch in full:
+    for batch in batches:
         if time.monotonic() - renewed > rt.settings.lease_s / 3:  # a long cycle keeps its leases
             with rt.sessions.begin() as session:
                 documents.renew(session, work.docs, owner=rt.owner, lease_s=rt.settings.lease_s)
             renewed = time.monotonic()
         if not embed_rows(rt, work, batch, cycle):
-            break  # the provider asked us to back off: leave the rest for later
-    finish(rt, work, cycle)
-    return cycle
+            return  # the provider asked us to back off: leave the rest for later
 
 
 def apply_delete(rt: Runtime, doc: documents.Claimed, cycle: Cycle) -> None:
@@ -123,7 +140,7 @@ def apply_delete(rt: Runtime, doc: documents.Claimed, cycle: Cycle) -> None:
     except RetryLater as exc:
         _retry(rt, doc, exc, cycle)
         return
-    except SidecarError as exc:
+    except SidecarError as exc:  # refused for good (GiveUp), or a collection that cannot work
         _give_up(rt, doc, f"the vector store refused the delete: {exc}", cycle)
         return
     with rt.sessions.begin() as session:
@@ -143,7 +160,7 @@ def plan_chunks(rt: Runtime, work: _Work) -> None:
         work.chunks[doc.id] = chunks
         keys = [rt.cache_key(chunk.content_hash) for chunk in chunks]
         work.keys[doc.id] = keys
-        for key, chunk in zip(keys, chunks):
+        for key, chunk in zip(keys, chunks, strict=True):
             work.users[key].append((doc, chunk))
 
 
@@ -165,7 +182,7 @@ def _saved_tokens(work: _Work, doc: documents.Claimed) -> int:
     document of this cycle that carried them."""
     return sum(
         chunk.tokens
-        for chunk, key in zip(work.chunks[doc.id], work.keys[doc.id])
+        for chunk, key in zip(work.chunks[doc.id], work.keys[doc.id], strict=True)
         if key in work.cached or work.users[key][0][0] is not doc
     )
 
@@ -175,14 +192,14 @@ def embed_rows(rt: Runtime, work: _Work, rows: list[batching.Row], cycle: Cycle)
     try:
         work.vectors.update(call_provider(rt, work, rows, cycle))
         return True
-    except InputRejected as exc:
-        if len(rows) > 1:  # narrow the rejection down to the offending text
+    except (RetryLater, GiveUp) as exc:
+        if exc.narrow and len(rows) > 1:  # one row spoils the batch: narrow it down to that row
             half = len(rows) // 2
             return embed_rows(rt, work, rows[:half], cycle) and embed_rows(rt, work, rows[half:], cycle)
-        for doc, _chunk in work.users[rows[0].key]:
-            work.errors[doc.id] = exc
-        return True
-    except (RetryLater, AccountError) as exc:
+        if exc.narrow:
+            for doc, _chunk in work.users[rows[0].key]:
+                work.errors[doc.id] = exc
+            return True
         for row in rows:
             for doc, _chunk in work.users[row.key]:
                 work.errors.setdefault(doc.id, exc)
@@ -194,57 +211,28 @@ def call_provider(
 ) -> dict[str, cache.Embedded]:
     est_tokens = sum(row.tokens for row in rows)
     permit = rt.limiter.acquire(est_tokens, timeout_s=rt.settings.lease_s / 4)
-    request_id = str(uuid.uuid4())
-    items = [
-        calls.ItemRef(doc.id, doc.version, chunk.index, chunk.content_hash, chunk.tokens)
-        for row in rows
-        for doc, chunk in work.users[row.key]
-    ]
-    with rt.sessions.begin() as session:
-        if rt.budget_check is not None:
-            try:  # checked with the intent row written in the same transaction: no joint overshoot
-                rt.budget_check(session, work, rows, est_tokens)
-            except RetryLater:
-                rt.limiter.settle(permit, 0)
-                raise
-        calls.open_request(
-            session,
-            request_id=request_id,
-            model=rt.embedder.model,
-            dimensions=rt.embedder.dimensions,
-            api=rt.embedder.api,
-            rows=len(rows),
-            est_tokens=est_tokens,
-            items=items,
-            attempt=max(doc.attempts for doc, _ in work.users[rows[0].key]),
-            key_fingerprint=rt.settings.key_fingerprint(),
-            worker=rt.owner,
-        )
+    try:
+        request_id = open_request(rt, work, rows, est_tokens)
+    except RetryLater:  # held back by a budget cap: the slot was not used
+        rt.limiter.settle(permit, 0)
+        raise
     cycle.requests += 1
-    rt.crash("before_call")
+    rt.faults.reach("before_call")
     try:
         result = rt.embedder.embed([row.text for row in rows])
     except SidecarError as exc:
         rt.limiter.settle(permit, 0)
         if exc.call is not None and exc.call.http_status == 429:
             rt.limiter.throttled(getattr(exc, "retry_after_s", None), permit=permit)
-        with rt.sessions.begin() as session:
-            calls.record_failure(
-                session,
-                request_id,
-                exc.call,
-                message=str(exc),
-                unknown_cost_nano=rt.spec.cost_nano_cny(est_tokens) if outcome_unknown(exc) else None,
-            )
-            if isinstance(exc, AccountError):
-                pauses.pause(session, f"provider account error: {exc}", for_s=rt.settings.account_pause_s)
+        record_failure(rt, request_id, est_tokens, exc)
         log.warning("embed.failed id=%s rows=%d error=%s", request_id, len(rows), type(exc).__name__)
         raise
-    rt.crash("after_call")
+    rt.faults.reach("after_call")
     rt.limiter.settle(permit, result.billed_tokens)
-    sparse = result.sparse or [None] * len(rows)
+    sparse: list[dict[int, float] | None] = [*result.sparse] if result.sparse else [None] * len(rows)
     vectors = {
-        row.key: cache.Embedded(vector, weights) for row, vector, weights in zip(rows, result.vectors, sparse)
+        row.key: cache.Embedded(vector, weights)
+        for row, vector, weights in zip(rows, result.vectors, sparse, strict=True)
     }
     with rt.sessions.begin() as session:
         calls.record_success(session, request_id, result, rt.spec.cost_nano_cny(result.billed_tokens))
@@ -255,10 +243,10 @@ def call_provider(
             dimensions=rt.embedder.dimensions,
             request_id=request_id,
         )
-        if rt.probing:
+        if work.probing:
             pauses.clear(session)
-            rt.probing = False
-    rt.crash("after_ledger")
+            work.probing = False
+    rt.faults.reach("after_ledger")
     cycle.rows += len(rows)
     log.info(
         "embed.done request_id=%s rows=%d tokens=%d ms=%.0f",
@@ -270,75 +258,101 @@ def call_provider(
     return vectors
 
 
-def outcome_unknown(exc: SidecarError) -> bool:
-    """True when the provider may have billed a call we got nothing usable from: a read timeout,
-    a dropped connection, a malformed 2xx answer. A connection never made was not billed."""
-    if isinstance(exc, MalformedResponse):
-        return True  # the provider answered (and likely billed) but the answer was unusable
-    status = exc.call.http_status if exc.call is not None else None
-    if status is not None and not 200 <= status < 300:
-        return False  # an error answer: not billed
-    cause = exc.__cause__
-    return not isinstance(cause, (httpx.ConnectError, httpx.ConnectTimeout))
+def open_request(rt: Runtime, work: _Work, rows: list[batching.Row], est_tokens: int) -> str:
+    """Write the ledger's intent row (after the budget check, in its transaction: no joint
+    overshoot of a cap); returns our request id."""
+    request_id = str(uuid.uuid4())
+    users = [user for row in rows for user in work.users[row.key]]
+    with rt.sessions.begin() as session:
+        if rt.budget_check is not None:
+            rt.budget_check(session, {doc.collection for doc, _chunk in users}, est_tokens)
+        calls.open_request(
+            session,
+            request_id=request_id,
+            model=rt.embedder.model,
+            dimensions=rt.embedder.dimensions,
+            api=rt.embedder.api,
+            rows=len(rows),
+            est_tokens=est_tokens,
+            items=[calls.ItemRef(d.id, d.version, c.index, c.content_hash, c.tokens) for d, c in users],
+            attempt=max(doc.attempts for doc, _ in work.users[rows[0].key]),
+            key_fingerprint=rt.settings.key_fingerprint(),
+            worker=rt.owner,
+        )
+    return request_id
+
+
+def record_failure(rt: Runtime, request_id: str, est_tokens: int, exc: SidecarError) -> None:
+    """Close the ledger row of a failed call: at its estimate when the provider may have billed
+    it; an account error also pauses every process's calls."""
+    with rt.sessions.begin() as session:
+        calls.record_failure(
+            session,
+            request_id,
+            exc.call,
+            message=str(exc),
+            unknown_cost_nano=rt.spec.cost_nano_cny(est_tokens) if exc.maybe_charged else None,
+        )
+        if exc.pauses_everyone:
+            pauses.pause(session, f"provider account error: {exc}", for_s=rt.settings.account_pause_s)
 
 
 def finish(rt: Runtime, work: _Work, cycle: Cycle) -> None:
-    """Write every document whose vectors are all there; the rest fail or wait."""
+    """Write every document whose vectors are all there, one by one; the rest fail or wait."""
     for doc in work.docs:
         error = work.errors.get(doc.id)
         if error is not None:
             _failed(rt, doc, error, cycle)
-            continue
-        keys = work.keys[doc.id]
-        if not all(key in work.vectors for key in keys):
+        elif not all(key in work.vectors for key in work.keys[doc.id]):
             with rt.sessions.begin() as session:
                 documents.release(session, doc, owner=rt.owner)
             cycle.held_back += 1
-            continue
-        chunks = [
-            ChunkVector(
-                chunk.index,
-                chunk.text,
-                chunk.content_hash,
-                work.vectors[key].vector,
-                work.vectors[key].sparse,
-            )
-            for chunk, key in zip(work.chunks[doc.id], keys)
-        ]
-        try:
-            ensure_collection(rt, doc.collection)
-            written = rt.store.write_document(
-                doc.collection,
-                doc.tenant,
-                doc.doc_id,
-                doc.version,
-                chunks,
-                meta=doc.meta or {},
-                model=rt.embedder.model,
-                dimensions=rt.embedder.dimensions,
-            )
-        except RetryLater as exc:
-            _retry(rt, doc, exc, cycle)
-            continue
-        except (SidecarError, ValueError) as exc:  # e.g. a collection of another size: say why, move on
-            _give_up(rt, doc, f"the vector store refused the write: {exc}", cycle)
-            continue
-        rt.crash("after_store_write")
-        if not written:  # the store holds a newer version or a delete: SQL will catch up or give up
-            _retry(rt, doc, StoreConflict(f"the store holds a newer state than version {doc.version}"), cycle)
-            continue
-        rt.held_since.pop(doc.id, None)
-        with rt.sessions.begin() as session:
-            if documents.mark_indexed(session, doc, owner=rt.owner, chunk_count=len(chunks)):
-                cycle.indexed += 1
-                if saved := _saved_tokens(work, doc):
-                    counters.record_avoided(
-                        session, "dedup", {(doc.collection, doc.tenant): saved}, model=rt.embedder.model
-                    )
+        else:
+            write_document(rt, work, doc, cycle)
+
+
+def write_document(rt: Runtime, work: _Work, doc: documents.Claimed, cycle: Cycle) -> None:
+    """Write one document's points; a refusal gives up on this document only."""
+    chunks = [
+        ChunkVector(
+            chunk.index, chunk.text, chunk.content_hash, work.vectors[key].vector, work.vectors[key].sparse
+        )
+        for chunk, key in zip(work.chunks[doc.id], work.keys[doc.id], strict=True)
+    ]
+    try:
+        ensure_collection(rt, doc.collection)
+        written = rt.store.write_document(
+            doc.collection,
+            doc.tenant,
+            doc.doc_id,
+            doc.version,
+            chunks,
+            meta=doc.meta or {},
+            model=rt.embedder.model,
+            dimensions=rt.embedder.dimensions,
+        )
+    except RetryLater as exc:
+        _retry(rt, doc, exc, cycle)
+        return
+    except SidecarError as exc:  # refused for good (GiveUp), or a collection that cannot work
+        _give_up(rt, doc, f"the vector store refused the write: {exc}", cycle)
+        return
+    rt.faults.reach("after_store_write")
+    if not written:  # the store holds a newer version or a delete: SQL will catch up or give up
+        _retry(rt, doc, StoreConflict(f"the store holds a newer state than version {doc.version}"), cycle)
+        return
+    work.held.done(doc.id)
+    with rt.sessions.begin() as session:
+        if documents.mark_indexed(session, doc, owner=rt.owner, chunk_count=len(chunks)):
+            cycle.indexed += 1
+            if saved := _saved_tokens(work, doc):
+                counters.record_avoided(
+                    session, "dedup", {(doc.collection, doc.tenant): saved}, model=rt.embedder.model
+                )
 
 
 def _failed(rt: Runtime, doc: documents.Claimed, error: SidecarError, cycle: Cycle) -> None:
-    if isinstance(error, InputRejected):
+    if isinstance(error, GiveUp) and not error.pauses_everyone:
         _give_up(rt, doc, f"provider rejected the text: {error}", cycle)
     else:
         _retry(rt, doc, error, cycle)
@@ -353,8 +367,7 @@ def _give_up(rt: Runtime, doc: documents.Claimed, reason: str, cycle: Cycle) -> 
 
 def _retry(rt: Runtime, doc: documents.Claimed, error: SidecarError, cycle: Cycle) -> None:
     """Back to pending after a backoff; only failures that may be the document's own count."""
-    counts = isinstance(error, (MalformedResponse, StoreUnavailable, StoreConflict))
-    delay = 60.0 if isinstance(error, AccountError) else min(60.0, 0.5 * 2 ** min(doc.attempts, 7))
+    delay = 60.0 if error.pauses_everyone else min(60.0, 0.5 * 2 ** min(doc.attempts, 7))
     retry_after = getattr(error, "retry_after_s", None) or 0.0
     with rt.sessions.begin() as session:
         outcome = documents.fail(
@@ -363,15 +376,12 @@ def _retry(rt: Runtime, doc: documents.Claimed, error: SidecarError, cycle: Cycl
             owner=rt.owner,
             error=f"{type(error).__name__}: {error}",
             retry_after_s=max(delay, retry_after),
-            max_attempts=rt.settings.max_attempts if counts else None,
+            max_attempts=rt.settings.max_attempts if error.counts_attempt else None,
         )
     cycle.failed += 1
     cycle.dead += outcome == "dead"
 
 
-def _held_s(rt: Runtime, work: _Work, rows: list[batching.Row]) -> float:
+def _held_s(work: _Work, rows: list[batching.Row]) -> float:
     """How long these rows have been held back waiting for a full batch (0 the first time)."""
-    now = time.monotonic()
-    if len(rt.held_since) > 100_000:  # documents finished elsewhere are never popped here
-        rt.held_since.clear()
-    return max(now - rt.held_since.setdefault(doc.id, now) for row in rows for doc, _ in work.users[row.key])
+    return work.held.waited_s([doc.id for row in rows for doc, _ in work.users[row.key]])

@@ -5,20 +5,23 @@ idempotent and guarded, so several processes reconciling at once do no harm:
 - ledger rows still `sent` long after their call must have ended → `unknown`, with the estimate;
 - an indexed document whose points are missing, of another version or incomplete → pending
   again (its vectors are in the embedding cache, so the repair costs no tokens);
-- points of a deleted document, or of a document SQL does not know → deleted.
-Expired leases need no repair: `state.claim` takes them over.
+- points of a deleted document, or of a document SQL does not know → deleted;
+- old history past its retention → pruned (worker/sql/retention.py); a failure there is logged
+  and never stops the repairs.
+Expired leases need no repair: `documents.claim` takes them over.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
 from worker.ledger import calls
 from worker.runtime import Runtime
+from worker.sql import engines, retention
 from worker.sql.models import Document, utcnow
 
 log = logging.getLogger(__name__)
@@ -29,10 +32,12 @@ class Reconciled:
     abandoned_requests: int = 0
     redriven: int = 0
     removed: int = 0
+    pruned: dict[str, int] = field(default_factory=dict)  # rows removed per table
 
 
 def reconcile(rt: Runtime) -> Reconciled:
     report = Reconciled()
+    report.pruned = prune(rt)
     grace = dt.timedelta(seconds=rt.settings.request_timeout_s * 2 + 60)
     with rt.sessions.begin() as session:
         report.abandoned_requests = calls.close_abandoned(session, older_than=utcnow() - grace)
@@ -48,6 +53,16 @@ def reconcile(rt: Runtime) -> Reconciled:
             report.removed,
         )
     return report
+
+
+def prune(rt: Runtime) -> dict[str, int]:
+    """Remove history past its retention; an error is logged (its type only) and skipped."""
+    try:
+        with rt.sessions() as session:  # it runs a short transaction per batch of its own
+            return retention.prune(session, rt.settings, utcnow())
+    except Exception as exc:  # pruning is housekeeping: the repairs below must still run
+        log.warning("reconcile.prune_failed error=%s", type(exc).__name__)
+        return {}
 
 
 def repair_collection(rt: Runtime, collection: str, report: Reconciled) -> None:
@@ -85,7 +100,8 @@ def repair_collection(rt: Runtime, collection: str, report: Reconciled) -> None:
     if redrive:
         with rt.sessions.begin() as session:
             for doc_id, version in redrive:
-                report.redriven += session.execute(
+                report.redriven += engines.changed_rows(
+                    session,
                     sa.update(Document)
                     .where(
                         Document.id == doc_id,
@@ -99,8 +115,8 @@ def repair_collection(rt: Runtime, collection: str, report: Reconciled) -> None:
                         attempts=0,
                         last_error="reconciler: the store did not hold this version completely",
                     )
-                    .execution_options(synchronize_session=False)
-                ).rowcount
+                    .execution_options(synchronize_session=False),
+                )
         rt.wake.set()
 
 

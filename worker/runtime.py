@@ -10,54 +10,73 @@ import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 from worker import catalog, chunking
 from worker.embedding.base import Embedder
 from worker.ledger import budget
-from worker.limiter import (
-    Limits,
-    LocalRateLimiter,
-    RateLimiter,
-    RedisRateLimiter,
-    limiter_key,
-)
+from worker.limiter.base import Limits, RateLimiter
+from worker.limiter.local import LocalRateLimiter
+from worker.limiter.redis import RedisRateLimiter, limiter_key
 from worker.settings import Settings
 from worker.sql import cache, engines
-from worker.vectorstore.qdrant import QdrantStore, VectorStore
+from worker.vectorstore.base import SerializedStore, VectorStore
+from worker.vectorstore.qdrant import QdrantStore
+
+# Called with (session, collections, est_tokens) in the transaction of each ledger intent row;
+# raises BudgetExceeded (a RetryLater) to hold the call back.
+BudgetCheck = Callable[[Session, set[str], int], None]
 
 
-@dataclass
+class Faults:
+    """The pipeline's named points where a test makes it fail, as if the process died there.
+
+    Nothing is armed in production, so `reach` does nothing.
+    """
+
+    POINTS = ("before_call", "after_call", "after_ledger", "after_store_write")
+
+    def __init__(self) -> None:
+        self._armed: dict[str, BaseException] = {}
+
+    def arm(self, point: str, error: BaseException) -> None:
+        """Raise `error` each time the pipeline reaches `point`, until `disarm`."""
+        if point not in self.POINTS:
+            raise ValueError(f"no fault point {point!r}; the points are {', '.join(self.POINTS)}")
+        self._armed[point] = error
+
+    def disarm(self) -> None:
+        self._armed.clear()
+
+    def reach(self, point: str) -> None:
+        if (error := self._armed.get(point)) is not None:
+            raise error
+
+
+@dataclass(slots=True)
 class Runtime:
+    """One process's parts, built once by `build_runtime` and shared by its threads."""
+
     settings: Settings
     engine: Engine
-    sessions: sessionmaker
+    sessions: sessionmaker[Session]
     store: VectorStore
     embedder: Embedder
     limiter: RateLimiter
     spec: catalog.ModelSpec
     process: str  # host:pid
     chunk_max_tokens: int
+    budget_check: BudgetCheck | None = None
+    # Set when work is committed (an ingest, a reconciler repair): wakes the embedding threads.
     wake: threading.Event = field(default_factory=threading.Event)
-    probing: bool = False  # a provider pause expired: the next success clears it
-    held_since: dict[int, float] = field(default_factory=dict)  # document id → first held back
-    # Called with (session, work, rows, est_tokens) in the transaction of each ledger intent row;
-    # raises (BudgetExceeded) to hold the call back.
-    budget_check: Callable[..., None] | None = None
-    # Fault injection for tests: called at named points of the pipeline; raises to simulate a crash.
-    crash_hook: Callable[[str], None] | None = None
+    faults: Faults = field(default_factory=Faults)
 
     @property
     def owner(self) -> str:
         """The lease owner: this thread of this process, so threads never act on each other's leases."""
         return f"{self.process}:{threading.get_ident()}"
-
-    def crash(self, point: str) -> None:
-        if self.crash_hook is not None:
-            self.crash_hook(point)
 
     def cache_key(self, content_hash: str) -> str:
         return cache.cache_key(
@@ -70,28 +89,10 @@ class Runtime:
         self.engine.dispose()
 
 
-class SerializedStore:
-    """One call at a time into a store that is not thread-safe (qdrant-client local mode)."""
-
-    def __init__(self, store: VectorStore) -> None:
-        self._store = store
-        self._lock = threading.Lock()
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._store, name)
-        if not callable(attr):
-            return attr
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            with self._lock:
-                return attr(*args, **kwargs)
-
-        return call
-
-
 def build_store(settings: Settings) -> VectorStore:
+    """A Qdrant server is shared and thread-safe; local mode takes one call at a time."""
     store = QdrantStore.from_settings(settings)
-    return store if settings.qdrant_url else SerializedStore(store)  # type: ignore[return-value]
+    return store if settings.qdrant_url else SerializedStore(store)
 
 
 def build_embedder(settings: Settings) -> Embedder:
@@ -120,17 +121,15 @@ def build_runtime(
 ) -> Runtime:
     spec = settings.model_spec()  # a configuration the model cannot serve stops here
     engine = engines.make_engine(settings.resolved_database_url())
-    max_tokens = settings.chunk_max_tokens or chunking.default_max_tokens(spec.max_tokens_per_row)
-    sessions = engines.make_sessionmaker(engine)
     return Runtime(
         settings=settings,
         engine=engine,
-        sessions=sessions,
+        sessions=engines.make_sessionmaker(engine),
         budget_check=budget.pipeline_check(spec, settings),
         store=store or build_store(settings),
         embedder=embedder or build_embedder(settings),
         limiter=build_limiter(settings),
         spec=spec,
         process=f"{socket.gethostname()}:{os.getpid()}",
-        chunk_max_tokens=min(max_tokens, spec.max_tokens_per_row),
+        chunk_max_tokens=chunking.token_limit(settings.chunk_max_tokens, spec.max_tokens_per_row),
     )

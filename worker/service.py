@@ -16,8 +16,11 @@ log = logging.getLogger(__name__)
 
 
 class EmbedService:
+    """The embedding threads (and the reconciler's) of one process, over one Runtime."""
+
     def __init__(self, rt: Runtime, *, threads: int = 2, reconcile: bool = True) -> None:
         self.rt = rt
+        self.held = pipeline.HeldBack()  # shared by the threads: a partial batch's wait spans cycles
         self._stop = threading.Event()
         self._threads = [
             threading.Thread(target=self._loop, name=f"sidecar-embed-{i}", daemon=True)
@@ -43,7 +46,7 @@ class EmbedService:
         failures = 0
         while not self._stop.is_set():
             try:
-                cycle = pipeline.run_cycle(self.rt)
+                cycle = pipeline.run_cycle(self.rt, self.held)
                 failures = 0
             except Exception:  # a bug or an outage must not end the loop; the lease recovers the work
                 failures += 1

@@ -1,38 +1,78 @@
-"""The Celery app and its tasks: `sidecar.ingest` (one event) and `sidecar.ingest_many` (a list).
+"""The Celery app and its tasks: `sidecar.ingest` (one event), `sidecar.ingest_many` (a list) and
+`sidecar.undeliverable` (a broker entry the transport could not decode, see worker/broker.py).
 
-A task validates each event, commits its desired state (or its rejection) in SQL, and
-returns; the message is acknowledged after that (acks_late). A malformed event never raises.
+A task validates each event, commits its desired state (or its rejection) in SQL, and returns;
+the message is acknowledged after that (acks_late). Nothing is retried forever:
+
+- SQL or the broker unreachable: the message is retried with backoff and jitter, at most
+  `ingest_retries` times (events already committed come back as duplicates);
+- anything else failing on one event rejects that event (field `event`, rule: the exception's
+  type) and the rest of the message goes on;
+- anything else failing outside one event (or while recording a rejection) is retried at most
+  `max_attempts` times, then the message is dead-lettered as one `rejected_events` row, as is a
+  message whose deliveries keep stopping the worker.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import threading
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
+import redis
 from celery import Celery, signals
+from kombu.exceptions import OperationalError as BrokerError
+from sqlalchemy import exc as sql_errors
 
-from worker.errors import InvalidEvent
-from worker.events import parse_with
+from worker import logs
+from worker.errors import InvalidEvent, RetryLater
+from worker.events import FIELDS, escape_unstorable, parse_with
 from worker.ledger import counters
 from worker.runtime import Runtime, build_runtime
 from worker.settings import Settings
-from worker.sql import documents
+from worker.sql import attempts, documents, engines
 
 log = logging.getLogger(__name__)
 
+TRANSIENT = (
+    sql_errors.OperationalError,
+    sql_errors.InterfaceError,
+    sql_errors.DisconnectionError,
+    sql_errors.TimeoutError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    BrokerError,
+    ConnectionError,
+    TimeoutError,
+    RetryLater,
+)
+MAX_RAW_CHARS = 4096
+Work = Callable[[Runtime, str | None], dict[str, int]]
+
+_settings: Settings | None = None  # given to create_celery by the process's entry point
 _runtime: Runtime | None = None
 _runtime_lock = threading.Lock()
 
 
 def runtime() -> Runtime:
-    """This process's Runtime, built on first use (after fork)."""
+    """This process's Runtime, built on first use (after fork) from the settings of create_celery."""
     global _runtime
     with _runtime_lock:
         if _runtime is None:
-            _runtime = build_runtime(Settings())
+            _runtime = build_runtime(_app_settings())
         return _runtime
+
+
+def _app_settings() -> Settings:
+    if _settings is None:
+        raise RuntimeError("create_celery(settings) must run before a task")
+    return _settings
+
+
+# --- recording events ---------------------------------------------------------------------------
 
 
 def ingest_events(
@@ -42,50 +82,74 @@ def ingest_events(
 
     `message_id` (the broker message's id) makes a redelivered message's version-less events
     duplicates instead of new versions; `attempt_key` is marked finished in the closing
-    transaction."""
+    transaction. A transient failure (TRANSIENT) propagates, so the message is retried."""
     outcomes: Counter[str] = Counter()
     coalesced: Counter[tuple[str, str]] = Counter()
     for index, raw in enumerate(raw_events):
-        try:
-            event = parse_with(raw, rt.settings)
-        except InvalidEvent as exc:
-            with rt.sessions.begin() as session:
-                documents.reject(session, raw, exc.field, exc.rule)
-            log.warning("event.rejected field=%s rule=%s", exc.field, exc.rule)
-            outcomes["rejected"] += 1
-            continue
-        with rt.sessions.begin() as session:
-            delivery_id = f"{message_id}:{index}" if message_id else None
-            outcomes[documents.accept(session, event, coalesced, delivery_id=delivery_id)] += 1
+        delivery_id = f"{message_id}:{index}" if message_id else None
+        outcomes[_ingest_one(rt, raw, coalesced, delivery_id)] += 1
     with rt.sessions.begin() as session:
         counters.record_outcomes(session, outcomes)
         counters.record_avoided(session, "coalesced", coalesced, model=rt.embedder.model)
         if attempt_key is not None:
-            documents.message_finished(session, attempt_key)
+            attempts.message_finished(session, attempt_key)
     if outcomes["accepted"]:
         rt.wake.set()
     return dict(outcomes)
 
 
+def _ingest_one(rt: Runtime, raw: Any, coalesced: Counter[tuple[str, str]], delivery_id: str | None) -> str:
+    """One event in its own transaction: its outcome, or "rejected" with the reason recorded."""
+    try:
+        event = parse_with(raw, rt.settings)
+        saved: Counter[tuple[str, str]] = Counter()
+        with rt.sessions.begin() as session:
+            outcome = documents.accept(session, event, saved, delivery_id=delivery_id)
+        coalesced.update(saved)
+        return outcome
+    except InvalidEvent as exc:
+        field, rule = exc.field, exc.rule
+    except TRANSIENT:
+        raise
+    except Exception as exc:  # a bug, or a value the database refused: this event only
+        field, rule = "event", type(exc).__name__
+    with rt.sessions.begin() as session:
+        documents.reject(session, raw, field, rule)
+    shown = field if field in FIELDS or field == "event" else "<unknown field>"
+    log.warning("event.rejected field=%s rule=%s", shown, rule)
+    return "rejected"
+
+
+def record_undeliverable(rt: Runtime, description: Any, attempt_key: str | None = None) -> dict[str, int]:
+    """A broker entry that was no task message, as the transport described it
+    ({"queue", "raw", "reason"}): one `rejected_events` row, field `message`."""
+    given = description if isinstance(description, dict) else {}
+    raw, reason, queue = given.get("raw"), given.get("reason"), given.get("queue")
+    with rt.sessions.begin() as session:
+        documents.reject_message(
+            session,
+            raw if isinstance(raw, str) else repr(description)[:MAX_RAW_CHARS],
+            reason if isinstance(reason, str) and reason else "undeliverable (no reason given)",
+        )
+        counters.record_outcomes(session, {"rejected": 1})
+        if attempt_key is not None:
+            attempts.message_finished(session, attempt_key)
+    log.warning("message.undeliverable queue=%s", escape_unstorable(str(queue), 64))
+    return {"rejected": 1}
+
+
+# --- the Celery app -------------------------------------------------------------------------------
+
+
 def create_celery(settings: Settings) -> Celery:
+    global _settings
+    _settings = settings
     broker = settings.resolved_broker_url()
     app = Celery("sidecar", broker=broker, set_as_current=False)
     # Redis emulates acks with a visibility timeout (set it everywhere it is read): a message whose
     # worker died is delivered again after it. The SQLAlchemy transport of the embedded default
     # hands its options to create_engine instead.
     redis_broker = broker.startswith(("redis://", "rediss://"))
-    visibility_s = settings.broker_visibility_timeout_s
-    transport: dict[str, Any] = (
-        {
-            "visibility_timeout": visibility_s,
-            "unacked_restore_interval": max(1, visibility_s / 20),
-            "unacked_restore_throttle": 1,
-        }
-        if redis_broker
-        else {"connect_args": {"timeout": 30}}
-        if broker.startswith("sqla+sqlite")
-        else {}
-    )
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
@@ -96,56 +160,176 @@ def create_celery(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,  # fewer messages waiting out the visibility timeout after a kill
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
-        broker_transport_options=transport,
-        visibility_timeout=visibility_s,
+        broker_transport_options=_transport_options(settings, redis_broker),
+        visibility_timeout=settings.broker_visibility_timeout_s,
         worker_cancel_long_running_tasks_on_connection_loss=True,
     )
-
-    # Both take *args/**kwargs so that a call with the wrong shape is recorded as rejected
-    # instead of failing inside Celery before our code runs.
-    @app.task(name="sidecar.ingest", bind=True, max_retries=None)
-    def ingest(self: Any, *args: Any, **kwargs: Any) -> dict[str, int]:
-        if len(args) == 1 and not kwargs:
-            return _run(self, [args[0]])
-        return _run(self, [], bad_call="sidecar.ingest takes one positional argument: an event object")
-
-    @app.task(name="sidecar.ingest_many", bind=True, max_retries=None)
-    def ingest_many(self: Any, *args: Any, **kwargs: Any) -> dict[str, int]:
-        if len(args) == 1 and not kwargs and isinstance(args[0], list):
-            return _run(self, args[0])
-        return _run(self, [], bad_call="sidecar.ingest_many takes one positional argument: a list of events")
-
+    _register_tasks(app, max_retries=max(settings.ingest_retries, settings.max_attempts))
+    _connect_signals()
     if redis_broker:  # pops that survive a killed worker (see worker/broker.py)
         app.conf.broker_transport = "worker.broker:Transport"
     return app
 
 
-def _run(task: Any, events: list[Any], *, bad_call: str | None = None) -> dict[str, int]:
+def _transport_options(settings: Settings, redis_broker: bool) -> dict[str, Any]:
+    visibility_s = settings.broker_visibility_timeout_s
+    if redis_broker:
+        return {
+            "visibility_timeout": visibility_s,
+            "unacked_restore_interval": max(1, visibility_s / 20),
+            "unacked_restore_throttle": 1,
+        }
+    if settings.resolved_broker_url().startswith("sqla+sqlite"):
+        return {"connect_args": {"timeout": 30}}
+    return {}
+
+
+def _register_tasks(app: Celery, *, max_retries: int) -> None:
+    # Each takes *args/**kwargs so that a call of the wrong shape is recorded as rejected instead
+    # of failing inside Celery before our code runs.
+    @app.task(name="sidecar.ingest", bind=True, max_retries=max_retries)  # type: ignore[untyped-decorator]
+    def ingest(self: Any, *args: Any, **kwargs: Any) -> dict[str, int]:
+        if len(args) == 1 and not kwargs:
+            return _run(self, _ingest_work(self, [args[0]]))
+        return _run(self, _bad_call(self, "sidecar.ingest takes one positional argument: an event object"))
+
+    @app.task(name="sidecar.ingest_many", bind=True, max_retries=max_retries)  # type: ignore[untyped-decorator]
+    def ingest_many(self: Any, *args: Any, **kwargs: Any) -> dict[str, int]:
+        if len(args) == 1 and not kwargs and isinstance(args[0], list):
+            return _run(self, _ingest_work(self, args[0]))
+        return _run(
+            self, _bad_call(self, "sidecar.ingest_many takes one positional argument: a list of events")
+        )
+
+    @app.task(name="sidecar.undeliverable", bind=True, max_retries=max_retries)  # type: ignore[untyped-decorator]
+    def undeliverable(self: Any, *args: Any, **kwargs: Any) -> dict[str, int]:
+        description = args[0] if len(args) == 1 and not kwargs else {"raw": repr((args, kwargs))}
+        return _run(self, lambda rt, key: record_undeliverable(rt, description, key))
+
+
+def _ingest_work(task: Any, events: list[Any]) -> Work:
+    return lambda rt, key: ingest_events(rt, events, message_id=task.request.id or None, attempt_key=key)
+
+
+def _bad_call(task: Any, reason: str) -> Work:
+    return lambda rt, key: _dead_letter(rt, task, key, "arguments", reason)
+
+
+# --- running a task: attempts, retries, dead letters ---------------------------------------------
+
+
+def _run(task: Any, work: Work) -> dict[str, int]:
+    settings = _app_settings()
     try:
         rt = runtime()
-        task_id = task.request.id or ""
-        # Deliveries of this try that began and never finished; a retry (same id) counts afresh.
-        attempt_key = f"{task_id}:{task.request.retries}"
-        with rt.sessions.begin() as session:
-            attempts = documents.message_started(session, attempt_key) if task_id else 1
-        if attempts > rt.settings.max_attempts:
-            bad_call = (
-                f"the message was delivered {attempts} times and never finished "
+        key = f"{task.request.id}:{task.request.retries}" if task.request.id else None
+        started = 1
+        if key is not None:  # a retry (same id) counts its deliveries afresh
+            with rt.sessions.begin() as session:
+                started = attempts.message_started(session, key)
+        if started > settings.max_attempts:
+            reason = (
+                f"the message was delivered {started} times and never finished "
                 "(it stops the worker each time): dead-lettered"
             )
-        if bad_call is not None:
-            with rt.sessions.begin() as session:
-                documents.reject(
-                    session, {"args": task.request.args, "kwargs": task.request.kwargs}, "arguments", bad_call
-                )
-                documents.message_finished(session, attempt_key)
-            return {"rejected": 1}
-        return ingest_events(rt, events, message_id=task_id or None, attempt_key=attempt_key)
-    except Exception as exc:  # SQL unavailable and the like: the same message is retried
-        log.warning("ingest.retry error=%s", type(exc).__name__)
-        # The countdown stays far below the visibility timeout (a longer ETA would be redelivered).
-        countdown = min(2 ** min(task.request.retries, 6), task.app.conf.visibility_timeout / 4)
-        raise task.retry(exc=exc, countdown=countdown)
+            return _dead_letter(rt, task, key, "arguments", reason)
+        return work(rt, key)
+    except TRANSIENT as exc:
+        return _retry(task, exc, limit=settings.ingest_retries)
+    except Exception as exc:  # a bug, or data SQL refused even as a rejection
+        return _retry(task, exc, limit=settings.max_attempts)
+
+
+def _retry(task: Any, exc: Exception, *, limit: int) -> dict[str, int]:
+    """Retry the message later (backoff with jitter), or dead-letter it once `limit` retries are spent."""
+    retries = task.request.retries
+    if retries >= limit:
+        return _give_up(task, exc)
+    # The countdown stays far below the visibility timeout (a longer ETA would be redelivered).
+    countdown = backoff_s(retries, cap_s=task.app.conf.visibility_timeout / 4)
+    log.warning(
+        "ingest.retry task=%s error=%s retries=%d countdown_s=%.1f",
+        task.name,
+        type(exc).__name__,
+        retries,
+        countdown,
+    )
+    raise task.retry(countdown=countdown) from None
+
+
+def backoff_s(retries: int, *, cap_s: float) -> float:
+    """Exponential backoff, capped, with jitter (half to all of it) so retries do not stampede."""
+    return min(2.0 ** min(retries, 16), cap_s) * random.uniform(0.5, 1.0)
+
+
+def _give_up(task: Any, exc: Exception) -> dict[str, int]:
+    reason = f"{type(exc).__name__} after {task.request.retries + 1} tries: dead-lettered"
+    try:
+        rt = runtime()
+        return _dead_letter(rt, task, None, "message", reason)
+    except Exception as again:  # nowhere left to record it
+        log.error(
+            "ingest.dropped task=%s error=%s then=%s (not recorded anywhere)",
+            task.name,
+            type(exc).__name__,
+            type(again).__name__,
+        )
+        return {"dropped": 1}
+
+
+def _dead_letter(rt: Runtime, task: Any, key: str | None, field: str, reason: str) -> dict[str, int]:
+    """The whole message as one rejection row (its arguments, escaped and capped)."""
+    with rt.sessions.begin() as session:
+        documents.reject(session, {"args": task.request.args, "kwargs": task.request.kwargs}, field, reason)
+        counters.record_outcomes(session, {"rejected": 1})
+        if key is not None:
+            attempts.message_finished(session, key)
+    log.warning("message.dead_lettered task=%s field=%s", task.name, field)
+    return {"rejected": 1}
+
+
+# --- signals: logging, messages Celery discards, the embedding loop ------------------------------
+
+
+def _connect_signals() -> None:
+    """Once per process, whatever the number of apps (dispatch_uid)."""
+    for signal in (signals.after_setup_logger, signals.after_setup_task_logger):
+        signal.connect(_redact_logger, weak=False, dispatch_uid=f"sidecar.redact.{signal.name}")
+    signals.task_unknown.connect(_record_unknown_task, weak=False, dispatch_uid="sidecar.unknown_task")
+    signals.task_rejected.connect(_record_rejected_message, weak=False, dispatch_uid="sidecar.rejected")
+
+
+def _redact_logger(logger: logging.Logger, **_: Any) -> None:
+    logs.redact_handlers(logger)
+
+
+def _record_unknown_task(message: Any, name: str, **_: Any) -> None:
+    """A message for a task this worker does not have: Celery discards it; keep it as a rejection."""
+    _record_discarded(message, f"unregistered task {name!r}")
+
+
+def _record_rejected_message(message: Any, exc: BaseException | None = None, **_: Any) -> None:
+    """A message Celery cannot run (no task header, or an invalid task message): kept likewise."""
+    reason = "not a task message" if exc is None else f"invalid task message ({type(exc).__name__})"
+    _record_discarded(message, reason)
+
+
+def _record_discarded(message: Any, reason: str) -> None:
+    """One `rejected_events` row (field `message`) for a message Celery discards before any task.
+
+    Runs in the consumer (no pool child), so it uses an engine of its own rather than a Runtime."""
+    raw = message.body
+    body = raw if isinstance(raw, str) else bytes(raw).decode("utf-8", "backslashreplace")
+    engine = engines.make_engine(_app_settings().resolved_database_url())
+    try:
+        with engines.make_sessionmaker(engine).begin() as session:
+            documents.reject_message(session, body, reason)
+            counters.record_outcomes(session, {"rejected": 1})
+    except Exception as exc:  # Celery has logged and discarded it already
+        log.error("message.discarded not recorded: %s", type(exc).__name__)
+    finally:
+        engine.dispose()
+    log.warning("message.discarded reason=%s", escape_unstorable(reason, 200))
 
 
 def start_embedding(threads: int) -> None:
@@ -155,7 +339,7 @@ def start_embedding(threads: int) -> None:
     service = EmbedService(runtime(), threads=threads)
     service.start()
 
-    @signals.worker_shutdown.connect(weak=False)
+    @signals.worker_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]
     def _stop(**_: Any) -> None:
         service.stop()
         service.rt.close()  # flushes and unlocks a local-mode Qdrant path

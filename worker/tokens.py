@@ -20,7 +20,7 @@ _PATTERN = (
     r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 _SPECIAL_START_ID = 151643
-_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>") + tuple(f"<|extra_{i}|>" for i in range(205))
+_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", *(f"<|extra_{i}|>" for i in range(205)))
 # tiktoken's recursive merge can overflow the stack on one huge piece; encode in slices.
 _SLICE_CHARS = 100_000
 

@@ -18,7 +18,18 @@ import time
 from collections import Counter
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from pydantic import SecretStr
+
+from api.emulator import EmulatorConfig, start_in_thread
+from worker.settings import Settings
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+
+    from api.emulator import RunningEmulator
+    from worker.embedding.base import Embedder
 
 EMBEDDED = (
     "SIDECAR_BROKER_URL",
@@ -29,9 +40,10 @@ EMBEDDED = (
     "SIDECAR_COLLECTION_PREFIX",
 )
 DEFAULT_QUERY = "How long does shipping take?"
+EMULATOR_KEY = "sk-emulator"
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "demo",
         help="ingest a bundled sample set end to end on embedded defaults and print a summary",
@@ -97,73 +109,83 @@ def expected_state(events: list[Any], default_collection: str) -> dict[tuple[str
 
 
 def run(args: argparse.Namespace) -> int:
-    from worker.settings import Settings
+    from worker.sql import schema
 
     base = Settings()
     data_dir = (args.data_dir or base.data_dir / "demo").resolve()
     events = load_events(args.events)
     shutil.rmtree(data_dir, ignore_errors=True)
     data_dir.mkdir(parents=True)
-    env = {k: v for k, v in os.environ.items() if k not in EMBEDDED}
-    env["SIDECAR_DATA_DIR"] = str(data_dir)
-
     emulator = None
     if base.dashscope_api_key is None:
-        from api.emulator import EmulatorConfig, start_in_thread
-
         emulator = start_in_thread(EmulatorConfig())
-        env["DASHSCOPE_API_KEY"] = "sk-emulator"
-        env["SIDECAR_DASHSCOPE_URL"] = emulator.url
         print(f"provider : DashScope emulator at {emulator.url} (no DASHSCOPE_API_KEY set)")
     else:
         print(f"provider : DashScope at {base.provider_root()} (DASHSCOPE_API_KEY is set: this is billed)")
-    os.environ.update(env)
-    for key in EMBEDDED:
-        os.environ.pop(key, None)
-    settings = Settings()
-    print(f"data dir : {data_dir}  (SQLite broker and database, local-mode Qdrant)")
-    print(
-        f"model    : {settings.embedding_model} / {settings.embedding_dimensions} dims, "
-        f"{settings.embedding_api} API"
-    )
-
-    from worker.sql import schema
-
-    schema.upgrade(settings.resolved_database_url())
-    log_path = data_dir / "worker.log"
-    with open(log_path, "wb") as log_file:
-        worker = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "api.cli",
-                "worker",
-                "--pool",
-                "threads",
-                "--embed-threads",
-                "1",
-                "--loglevel",
-                "WARNING",
-            ],
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
     try:
-        return _run_demo(args, settings, events, worker, log_path, emulator)
+        settings = embedded_settings(base, data_dir, emulator)
+        print(f"data dir : {data_dir}  (SQLite broker and database, local-mode Qdrant)")
+        print(
+            f"model    : {settings.embedding_model} / {settings.embedding_dimensions} dims, "
+            f"{settings.embedding_api} API"
+        )
+        schema.upgrade(settings.resolved_database_url())
+        log_path = data_dir / "worker.log"
+        worker = start_worker(worker_env(settings, emulator), log_path)
+        try:
+            return _run_demo(args, settings, events, worker, log_path, emulator)
+        finally:
+            stop(worker)
     finally:
-        stop(worker)
         if emulator is not None:
             emulator.stop()
 
 
+def embedded_settings(base: Settings, data_dir: Path, emulator: RunningEmulator | None) -> Settings:
+    """`base` on the embedded defaults in `data_dir`, and on the emulator when one runs."""
+    embedded: dict[str, Any] = {
+        "data_dir": data_dir,
+        "broker_url": None,
+        "redis_url": None,
+        "database_url": None,
+        "qdrant_url": None,
+        "qdrant_path": None,
+        "collection_prefix": "",
+    }
+    if emulator is not None:
+        embedded |= {"dashscope_api_key": SecretStr(EMULATOR_KEY), "dashscope_url": emulator.url}
+    return base.model_copy(update=embedded)
+
+
+def worker_env(settings: Settings, emulator: RunningEmulator | None) -> dict[str, str]:
+    """This process's environment without the EMBEDDED variables, pointing the worker at the demo's
+    data dir (and its broker and database, which a `.env` file cannot then move elsewhere)."""
+    env = {k: v for k, v in os.environ.items() if k not in EMBEDDED}
+    env["SIDECAR_DATA_DIR"] = str(settings.data_dir)
+    env["SIDECAR_BROKER_URL"] = settings.resolved_broker_url()
+    env["SIDECAR_DATABASE_URL"] = settings.resolved_database_url()
+    if emulator is not None:
+        env["DASHSCOPE_API_KEY"] = EMULATOR_KEY
+        env["SIDECAR_DASHSCOPE_URL"] = emulator.url
+    return env
+
+
+def start_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """The real worker (`sidecar worker`) in its own process, its output in `log_path`."""
+    command = ["worker", "--pool", "threads", "--embed-threads", "1", "--loglevel", "WARNING"]
+    with open(log_path, "wb") as log_file:
+        return subprocess.Popen(
+            [sys.executable, "-m", "api.cli", *command], env=env, stdout=log_file, stderr=subprocess.STDOUT
+        )
+
+
 def _run_demo(
     args: argparse.Namespace,
-    settings: Any,
+    settings: Settings,
     events: list[Any],
-    worker: subprocess.Popen,
+    worker: subprocess.Popen[bytes],
     log_path: Path,
-    emulator: Any,
+    emulator: RunningEmulator | None,
 ) -> int:
     started = time.monotonic()
     publish(settings, events)
@@ -181,7 +203,7 @@ def _run_demo(
     return 0
 
 
-def search_embedding(engine: Any, settings: Any, embedder: Any, query: str) -> list[float]:
+def search_embedding(engine: Engine, settings: Settings, embedder: Embedder, query: str) -> list[float]:
     """Embed the sample query as a `query` text, ledgered like every provider call."""
     import uuid
 
@@ -213,7 +235,7 @@ def search_embedding(engine: Any, settings: Any, embedder: Any, query: str) -> l
     return result.vectors[0]
 
 
-def publish(settings: Any, events: list[Any], per_message: int = 25) -> None:
+def publish(settings: Settings, events: list[Any], per_message: int = 25) -> None:
     from worker.tasks import create_celery
 
     app = create_celery(settings)
@@ -225,9 +247,9 @@ def publish(settings: Any, events: list[Any], per_message: int = 25) -> None:
 
 
 def wait_drained(
-    settings: Any,
+    settings: Settings,
     expected: dict[tuple[str, str], int],
-    worker: subprocess.Popen,
+    worker: subprocess.Popen[bytes],
     started: float,
     timeout_s: float,
 ) -> bool:
@@ -279,7 +301,7 @@ def wait_drained(
         engine.dispose()
 
 
-def stop(worker: subprocess.Popen) -> None:
+def stop(worker: subprocess.Popen[bytes]) -> None:
     if worker.poll() is None:
         worker.send_signal(signal.SIGTERM)
         try:
@@ -289,16 +311,17 @@ def stop(worker: subprocess.Popen) -> None:
             worker.wait()
 
 
-def summary(settings: Any, collection: str, elapsed_s: float, query: str, emulator: Any) -> str:
+def summary(
+    settings: Settings, collection: str, elapsed_s: float, query: str, emulator: RunningEmulator | None
+) -> str:
     from sqlalchemy.orm import Session
 
     from worker.ledger import reports
-    from worker.runtime import build_embedder
+    from worker.runtime import build_embedder, build_store
     from worker.sql import engines
-    from worker.vectorstore.qdrant import QdrantStore
 
     engine = engines.make_engine(settings.resolved_database_url())
-    store = QdrantStore.from_settings(settings)
+    store = build_store(settings)
     embedder = build_embedder(settings)
     try:
         points = store.count(collection)

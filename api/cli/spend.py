@@ -1,4 +1,5 @@
-"""`sidecar spend` and `sidecar estimate`: the ledger summed for people, and a backfill priced before it is sent."""
+"""`sidecar spend`, `sidecar bill` and `sidecar estimate`: the ledger summed for people, checked
+against the provider's bill, and a backfill priced before it is sent (worker/estimate.py)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,15 @@ import datetime as dt
 import io
 import json
 import sys
-from collections.abc import Iterable
-from decimal import Decimal
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
+from api.cli.context import run_report, run_transaction
+from worker import estimate
+from worker.catalog import cny_str
 from worker.errors import ConfigError, InvalidEvent
+from worker.events import Event, parse_with
 from worker.ledger.reports import GROUPINGS
 from worker.settings import Settings
 
@@ -26,9 +31,20 @@ _NUMBERS = (
     ("cost_cny", 16),
 )
 _HEADS = {"tokens_avoided_dedup": "dedup", "tokens_avoided_coalesced": "coalesced", "cost_cny": "cost CNY"}
+_BILL_FIGURES = (
+    "balanced",
+    "applied",
+    "bill_requests",
+    "bill_tokens",
+    "ledger_tokens",
+    "matched_by_id",
+    "matched_by_estimate",
+    "unknown_not_billed",
+)
+MAX_INVALID_EXAMPLES = 20
 
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "spend",
         help="provider requests, billed tokens and cost by day and model (or --by)",
@@ -83,10 +99,9 @@ def _instant(text: str) -> dt.datetime:
 
 
 def cmd_spend(args: argparse.Namespace) -> int:
-    from api.cli import reports_of
     from worker.ledger import reports
 
-    data = reports_of(lambda s: reports.spend(s, by=args.by, since=args.since, until=args.until))
+    data = run_report(Settings(), lambda s: reports.spend(s, by=args.by, since=args.since, until=args.until))
     print(
         render_spend(data, as_json=args.json, as_csv=getattr(args, "csv", False)),
         end="" if args.csv else "\n",
@@ -95,7 +110,7 @@ def cmd_spend(args: argparse.Namespace) -> int:
 
 
 def _key_names(data: dict[str, Any]) -> list[str]:
-    return data["by"].split(",")
+    return str(data["by"]).split(",")
 
 
 def render_spend(data: dict[str, Any], *, as_json: bool, as_csv: bool = False) -> str:
@@ -131,11 +146,11 @@ def render_spend(data: dict[str, Any], *, as_json: bool, as_csv: bool = False) -
 def cmd_estimate(args: argparse.Namespace) -> int:
     settings = Settings()
     if args.file == "-":
-        data = estimate(sys.stdin, settings)
+        data = estimate_backfill(sys.stdin, settings)
     else:
         try:
             with open(args.file, encoding="utf-8") as fh:
-                data = estimate(fh, settings, progress=sys.stderr.isatty())
+                data = estimate_backfill(fh, settings, progress=sys.stderr.isatty())
         except OSError as exc:
             raise ConfigError(f"cannot read {args.file}: {exc.strerror}") from None
     data = {"file": args.file, **data}
@@ -143,101 +158,68 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
-def estimate(lines: Iterable[str], settings: Settings, *, progress: bool = False) -> dict[str, Any]:
-    """Price a backfill the way the worker would embed it: coalesce, chunk, dedup, batch."""
-    from worker import batching, chunking, tokens
-    from worker.events import parse_with
+@dataclass
+class EventReader:
+    """Parses JSONL lines into events: counts them and keeps the first invalid ones with reasons."""
 
+    settings: Settings
+    progress: bool = False
+    events: int = 0
+    invalid: int = 0
+    examples: list[dict[str, Any]] = field(default_factory=list)
+
+    def parse(self, lines: Iterable[str]) -> Iterator[Event]:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            self.events += 1
+            if self.progress and self.events % 10_000 == 0:
+                print(f"\rread {self.events} events", end="", file=sys.stderr, flush=True)
+            try:
+                event = parse_with(json.loads(line), self.settings)
+            except (InvalidEvent, ValueError) as exc:
+                self.reject(number, exc)
+                continue
+            yield event
+        if self.progress and self.events >= 10_000:
+            print(file=sys.stderr)
+
+    def reject(self, number: int, exc: Exception) -> None:
+        self.invalid += 1
+        if len(self.examples) < MAX_INVALID_EXAMPLES:
+            rule = f"{exc.field}: {exc.rule}" if isinstance(exc, InvalidEvent) else f"not JSON ({exc})"
+            self.examples.append({"line": number, "reason": rule})
+
+
+def estimate_backfill(lines: Iterable[str], settings: Settings, *, progress: bool = False) -> dict[str, Any]:
+    """Price a backfill the way the worker would embed it: coalesce, chunk, dedup, batch."""
     spec = settings.model_spec()
     limits = settings.rate_limits()
-    max_tokens = min(
-        settings.chunk_max_tokens or chunking.default_max_tokens(spec.max_tokens_per_row),
-        spec.max_tokens_per_row,
-    )
-    latest: dict[tuple[str, str, str], tuple[int, Any]] = {}
-    superseded: list[str] = []
-    events = 0
-    invalid: list[dict[str, Any]] = []
-    invalid_count = 0
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        events += 1
-        if progress and events % 10_000 == 0:
-            print(f"\rread {events} events", end="", file=sys.stderr, flush=True)
-        try:
-            event = parse_with(json.loads(line), settings)
-        except (InvalidEvent, ValueError) as exc:
-            invalid_count += 1
-            if len(invalid) < 20:
-                rule = f"{exc.field}: {exc.rule}" if isinstance(exc, InvalidEvent) else f"not JSON ({exc})"
-                invalid.append({"line": number, "reason": rule})
-            continue
-        key = (event.tenant, event.collection, event.doc_id)
-        held = latest.get(key)
-        if held is None:
-            latest[key] = (event.version or 0, event)
-            continue
-        version = held[0] + 1 if event.version is None else event.version
-        if version <= held[0]:
-            if event.op == "upsert" and event.text:
-                superseded.append(event.text)  # stale or duplicate: never embedded
-            continue
-        if held[1].op == "upsert" and held[1].text:
-            superseded.append(held[1].text)
-        latest[key] = (version, event)
-    if progress and events >= 10_000:
-        print(file=sys.stderr)
-
-    rows: dict[str, batching.Row] = {}
-    chunk_count = dedup_tokens = deletes = 0
-    for _version, event in latest.values():
-        if event.op == "delete":
-            deletes += 1
-            continue
-        for chunk in chunking.split_text(
-            event.text or "", max_tokens=max_tokens, overlap_tokens=settings.chunk_overlap_tokens
-        ):
-            chunk_count += 1
-            if chunk.content_hash in rows:
-                dedup_tokens += chunk.tokens
-            else:
-                rows[chunk.content_hash] = batching.Row(chunk.content_hash, chunk.text, chunk.tokens)
-    batches = batching.plan_batches(
-        list(rows.values()), max_rows=spec.max_rows, max_tokens_per_row=spec.max_tokens_per_row
-    )
-    total_tokens = sum(r.tokens for r in rows.values())
-    requests = len(batches)
-    min_s = (
-        max(requests / limits.requests_per_second, total_tokens / limits.tokens_per_second)
-        if requests
-        else 0.0
+    reader = EventReader(settings, progress=progress)
+    plan = estimate.plan(
+        reader.parse(lines),
+        spec,
+        chunk_max_tokens=settings.chunk_max_tokens,
+        overlap_tokens=settings.chunk_overlap_tokens,
     )
     return {
-        "events": events,
-        "invalid": invalid_count,
-        "invalid_examples": invalid,
-        "documents": len(latest),
-        "deletes": deletes,
-        "chunks": chunk_count,
-        "rows": len(rows),
-        "requests": requests,
-        "tokens": total_tokens,
-        "tokens_avoided": {
-            "dedup": dedup_tokens,
-            "coalesced": sum(tokens.count_tokens(t) for t in superseded),
-        },
+        "events": reader.events,
+        "invalid": reader.invalid,
+        "invalid_examples": reader.examples,
+        "documents": plan.documents,
+        "deletes": plan.deletes,
+        "chunks": plan.chunks,
+        "rows": plan.rows,
+        "requests": plan.requests,
+        "tokens": plan.tokens,
+        "tokens_avoided": {"dedup": plan.tokens_avoided_dedup, "coalesced": plan.tokens_avoided_coalesced},
         "model": spec.name,
-        "cost_cny": _plain(spec.cost_cny(total_tokens)),
-        "batch_cost_cny": _plain(spec.cost_cny(total_tokens, batch=True)),
+        "cost_cny": cny_str(spec.cost_nano_cny(plan.tokens)),
+        "batch_cost_cny": cny_str(spec.cost_nano_cny(plan.tokens, batch=True)),
         "requests_per_minute": limits.requests_per_minute,
         "tokens_per_minute": limits.tokens_per_minute,
-        "min_duration_s": round(min_s, 3),
+        "min_duration_s": round(estimate.min_duration_s(plan.requests, plan.tokens, limits), 3),
     }
-
-
-def _plain(value: Decimal) -> str:
-    return format(value.quantize(Decimal("1e-9")), "f")
 
 
 def _duration(seconds: float) -> str:
@@ -272,46 +254,43 @@ def render_estimate(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def cmd_bill(args: argparse.Namespace) -> int:
-    import httpx
-    from sqlalchemy.orm import Session
+# --- bill -------------------------------------------------------------------------------------
 
-    from api.cli import _engine
+
+def cmd_bill(args: argparse.Namespace) -> int:
     from worker.ledger import billing
 
     try:
-        if args.source.startswith(("http://", "https://")):
-            data = httpx.get(args.source, timeout=30).raise_for_status().json()
-        else:
-            with open(args.source, encoding="utf-8") as f:
-                data = json.load(f)
-        bill = data["requests"] if isinstance(data, dict) else data
-        if not isinstance(bill, list):
-            raise ValueError('expected a list of requests, or an object with one under "requests"')
-    except (OSError, ValueError, KeyError, httpx.HTTPError) as exc:
+        bill = read_bill(args.source)
+    except ValueError as exc:
         print(f"sidecar bill: cannot read the bill from {args.source}: {exc}", file=sys.stderr)
         return 2
-    engine = _engine(Settings())
-    try:
-        with Session(engine) as session, session.begin():
-            report = billing.reconcile(session, bill, apply=args.apply)
-    finally:
-        engine.dispose()
+    report = run_transaction(Settings(), lambda s: billing.reconcile(s, bill, apply=args.apply))
     out = report.as_dict()
-    if args.json:
-        print(json.dumps(out, indent=2))
-    else:
-        for key in (
-            "balanced",
-            "applied",
-            "bill_requests",
-            "bill_tokens",
-            "ledger_tokens",
-            "matched_by_id",
-            "matched_by_estimate",
-            "unknown_not_billed",
-        ):
-            print(f"{key:<22}{out[key]}")
-        for key in ("token_mismatches", "missing_from_ledger", "not_on_bill"):
-            print(f"{key:<22}{len(out[key])}" + (f"  e.g. {out[key][:3]}" if out[key] else ""))
+    print(json.dumps(out, indent=2) if args.json else render_bill(out))
     return 0 if report.balanced else 1
+
+
+def read_bill(source: str) -> list[Any]:
+    """The charged requests of a bill file or URL; ValueError when it cannot be read."""
+    import httpx
+
+    try:
+        if source.startswith(("http://", "https://")):
+            data = httpx.get(source, timeout=30).raise_for_status().json()
+        else:
+            with open(source, encoding="utf-8") as f:
+                data = json.load(f)
+        bill = data["requests"] if isinstance(data, dict) else data
+    except (OSError, ValueError, KeyError, httpx.HTTPError) as exc:
+        raise ValueError(str(exc)) from exc
+    if not isinstance(bill, list):
+        raise ValueError('expected a list of requests, or an object with one under "requests"')
+    return bill
+
+
+def render_bill(out: dict[str, Any]) -> str:
+    lines = [f"{key:<22}{out[key]}" for key in _BILL_FIGURES]
+    for key in ("token_mismatches", "missing_from_ledger", "not_on_bill"):
+        lines.append(f"{key:<22}{len(out[key])}" + (f"  e.g. {out[key][:3]}" if out[key] else ""))
+    return "\n".join(lines)

@@ -6,27 +6,19 @@ import base64
 import binascii
 import datetime as dt
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
-from pydantic import BaseModel, Field
+from fastapi import APIRouter, Depends, HTTPException, Query
 from sqlalchemy.orm import Session
 
+from api import deps
 from api.auth import can_read, can_write
 from api.deps import session
-from worker.ledger import budget, reports
+from api.schemas import CapIn, Grouping, Name, RequestStatus, Since, Text, Until, as_utc
+from worker.ledger import budget, reports, spending
+from worker.settings import Settings
 
 router = APIRouter()
-NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
-CNY_PATTERN = r"^[0-9]{1,9}(\.[0-9]{1,9})?$"
-Since = Annotated[dt.datetime | None, Query(description="from this instant (ISO 8601; UTC when no offset)")]
-Until = Annotated[dt.datetime | None, Query(description="up to, not including, this instant")]
-
-
-def _utc(at: dt.datetime | None) -> dt.datetime | None:
-    if at is None:
-        return None
-    return at.replace(tzinfo=dt.UTC) if at.tzinfo is None else at.astimezone(dt.UTC)
 
 
 def encode_cursor(position: tuple[dt.datetime, str]) -> str:
@@ -35,25 +27,26 @@ def encode_cursor(position: tuple[dt.datetime, str]) -> str:
 
 
 def decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
+    """The position `encode_cursor` wrote; 422 for anything else."""
     try:
         at, rid = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        position = dt.datetime.fromisoformat(at), str(rid)
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
-        raise HTTPException(
-            422,
-            [{"loc": ["query", "cursor"], "msg": "not a cursor this API gave out", "type": "value_error"}],
-        ) from None
-    return _utc(position[0]), position[1]  # type: ignore[return-value]
+        position = as_utc(dt.datetime.fromisoformat(at)), str(rid)
+    except (ValueError, TypeError, binascii.Error):  # UnicodeDecodeError is a ValueError
+        position = None
+    if position is None or not (position[1].isascii() and position[1].isprintable()):
+        problem = {"loc": ["query", "cursor"], "msg": "not a cursor this API gave out", "type": "value_error"}
+        raise HTTPException(422, [problem])
+    return position
 
 
 @router.get("/v1/requests", dependencies=[Depends(can_read)], summary="The spend ledger, newest first")
 def get_requests(
     since: Since = None,
     until: Until = None,
-    model: Annotated[str | None, Query(max_length=64)] = None,
-    collection: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None,
-    status: Annotated[Literal["sent", "succeeded", "failed", "unknown"] | None, Query()] = None,
-    provider_request_id: Annotated[str | None, Query(max_length=128)] = None,
+    model: Annotated[Text | None, Query(max_length=64)] = None,
+    collection: Annotated[Name | None, Query()] = None,
+    status: Annotated[RequestStatus | None, Query()] = None,
+    provider_request_id: Annotated[Text | None, Query(max_length=128)] = None,
     cursor: Annotated[
         str | None, Query(max_length=512, description="next_cursor of the previous page")
     ] = None,
@@ -63,8 +56,8 @@ def get_requests(
     """One row per provider call. Follow `next_cursor` until it is null."""
     items, after = reports.requests_page(
         s,
-        since=_utc(since),
-        until=_utc(until),
+        since=since,
+        until=until,
         model=model,
         collection=collection,
         status=status,
@@ -77,36 +70,30 @@ def get_requests(
 
 @router.get("/v1/spend", dependencies=[Depends(can_read)], summary="Tokens, requests and cost by group")
 def get_spend(
-    by: Annotated[Literal["hour", "day", "model", "collection", "tenant"], Query()] = "day",
+    by: Annotated[Grouping, Query()] = "day",
     since: Since = None,
     until: Until = None,
     s: Session = Depends(session),
 ) -> dict[str, Any]:
     """Billed tokens, requests, rows and CNY (decimal strings) per group over [since, until), with
     the tokens avoided by dedup and by coalescing beside the tokens spent."""
-    return reports.spend(s, by=by, since=_utc(since), until=_utc(until))
-
-
-class CapIn(BaseModel):
-    period: Literal["day", "month"]
-    collection: str | None = Field(None, pattern=NAME_PATTERN, description="null: all collections")
-    limit_cny: str | None = Field(
-        description="CNY as a decimal string; null: no cap for this scope", pattern=CNY_PATTERN
-    )
+    return spending.spend(s, by=by, since=since, until=until)
 
 
 @router.get("/v1/budget", dependencies=[Depends(can_read)], summary="Caps, spend in their windows, pauses")
-def get_budget(request: Request, s: Session = Depends(session)) -> dict[str, Any]:
-    return budget.budget_state(s, request.app.state.settings)
+def get_budget(settings: Settings = Depends(deps.settings), s: Session = Depends(session)) -> dict[str, Any]:
+    return budget.budget_state(s, settings)
 
 
 @router.put("/v1/budget/caps", dependencies=[Depends(can_write)], summary="Set a cap (overrides settings)")
-def put_cap(request: Request, cap: CapIn, s: Session = Depends(session)) -> dict[str, Any]:
+def put_cap(
+    cap: CapIn, settings: Settings = Depends(deps.settings), s: Session = Depends(session)
+) -> dict[str, Any]:
     """Takes effect for the next request; raising a cap resumes paused documents at once."""
     limit = None if cap.limit_cny is None else budget.parse_cny(cap.limit_cny)
     budget.set_cap(s, collection=cap.collection, period=cap.period, limit_nano=limit)
     s.commit()
-    return budget.budget_state(s, request.app.state.settings)
+    return budget.budget_state(s, settings)
 
 
 @router.delete(
@@ -115,11 +102,11 @@ def put_cap(request: Request, cap: CapIn, s: Session = Depends(session)) -> dict
     summary="Forget the API's cap for a scope: the settings' cap applies again",
 )
 def delete_cap(
-    request: Request,
-    period: Annotated[Literal["day", "month"], Query()],
-    collection: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None,
+    period: Annotated[budget.Period, Query()],
+    collection: Annotated[Name | None, Query()] = None,
+    settings: Settings = Depends(deps.settings),
     s: Session = Depends(session),
 ) -> dict[str, Any]:
     budget.clear_cap(s, collection=collection, period=period)
     s.commit()
-    return budget.budget_state(s, request.app.state.settings)
+    return budget.budget_state(s, settings)

@@ -1,17 +1,24 @@
 """DashScope text embeddings over HTTP, through the OpenAI-compatible or the native API.
 
-Facts from ../shared/spec/dashscope.md: request and response shapes §2, request ids §2.3, 429s
-§4.3, error codes §5. Results are placed by `index` / `text_index`, never by array position, and a
-2xx answer is checked (count, index, dimension, finite values, usage) before it is trusted.
+Results are placed by `index` / `text_index`, never by array position, and a 2xx answer is
+checked (count, index, dimension, finite values, usage) before it is trusted. What the provider
+sends back is bounded before it goes anywhere: error codes to 64 characters, messages to 512,
+request ids to 128, `Retry-After` to 0..300 s. The gateway may answer 200 with a business error
+and no result; that is an error answer too.
 
-The compatible API takes no `text_type`, `instruct` or sparse output (§2.1); those reach the
-provider only through the native API.
+The compatible API takes no `text_type`, `instruct` or sparse output; those reach the provider
+only through the native API.
+
+Every error raised carries `.call` for the ledger and `maybe_charged`: true when the provider may
+have billed a call that gave us nothing usable (a read timeout, a dropped or malformed answer),
+false when no connection was made or the provider answered with an error.
 """
 
 from __future__ import annotations
 
 import email.utils
 import logging
+import math
 import time
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -24,12 +31,12 @@ from worker.errors import (
     AccountError,
     CallInfo,
     ConfigError,
+    GiveUp,
     InputRejected,
     MalformedResponse,
     ProviderThrottled,
     ProviderUnavailable,
     RetryLater,
-    SidecarError,
 )
 
 if TYPE_CHECKING:
@@ -37,7 +44,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# §4.3 and §5.2. DashScope's `insufficient_quota` is a per-minute TPM throttle, not billing.
+MAX_CODE_CHARS = 64
+MAX_MESSAGE_CHARS = 512
+MAX_REQUEST_ID_CHARS = 128
+MAX_RETRY_AFTER_S = 300.0
+
+# DashScope's `insufficient_quota` is a per-minute TPM throttle, not billing.
 _THROTTLE_CODES = frozenset(
     {
         "Throttling",
@@ -73,7 +85,7 @@ _INPUT_CODES = frozenset(
 )
 
 
-def classify(status: int, code: str | None, message: str) -> type[SidecarError]:
+def classify(status: int, code: str | None, message: str) -> type[RetryLater] | type[GiveUp]:
     """The error class for a provider answer with this HTTP status, error code and message.
 
     Billing states win over everything (a 429 "Free allocated quota exceeded" is not a throttle);
@@ -159,15 +171,9 @@ class DashScopeEmbedder:
             with self._client.stream("POST", self._path, json=payload) as response:
                 response.read()
         except httpx.RequestError as exc:  # timeouts, refused or dropped connections
-            ms = (time.perf_counter() - started) * 1000
-            call, error = CallInfo(latency_ms=ms), ProviderUnavailable
-            if response is not None:  # the headers came: a body cut short is a truncated answer
-                call = CallInfo(response.status_code, None, response.headers.get("x-request-id"), ms)
-                if not isinstance(exc, httpx.TimeoutException):
-                    error = MalformedResponse
-            self._fail(error, f"{type(exc).__name__}: {exc}", call, exc)
+            self._transport_failed(exc, response, (time.perf_counter() - started) * 1000)
         ms = (time.perf_counter() - started) * 1000
-        header_id = response.headers.get("x-request-id")
+        header_id = _bounded(response.headers.get("x-request-id"), MAX_REQUEST_ID_CHARS)
         try:
             body = response.json()
         except ValueError:  # truncated or not JSON at all
@@ -175,21 +181,48 @@ class DashScopeEmbedder:
 
         if not response.is_success or _is_error_body(body):
             code, message, request_id = _error_fields(body, response.text)
-            call = CallInfo(response.status_code, code, request_id or header_id, ms, self._scrub(message))
+            message = self._scrub(message)
+            call = CallInfo(response.status_code, code, request_id or header_id, ms, message)
             error = classify(response.status_code, code, message)
-            self._fail(error, f"{response.status_code} {code or '-'}: {call.message}", call, None,
-                       retry_after_s=_retry_after_s(response.headers))  # fmt: skip
-
-        request_id = (body.get("id") or body.get("request_id")) if isinstance(body, dict) else None
+            self._fail(
+                error,
+                f"{response.status_code} {code or '-'}: {message}",
+                call,
+                None,
+                retry_after_s=_retry_after_s(response.headers),
+                # An error answer is not billed; a 2xx we cannot use may have been.
+                maybe_charged=response.is_success or issubclass(error, MalformedResponse),
+            )
+        request_id = _body_request_id(body)
         call = CallInfo(response.status_code, None, request_id or header_id, ms)
         try:
             vectors, sparse, tokens = self._parse(body, len(texts))
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            self._fail(MalformedResponse, f"malformed {self.api} answer: {exc}", call, exc)
+            self._fail(
+                MalformedResponse, f"malformed {self.api} answer: {exc}", call, exc, maybe_charged=True
+            )
         log.debug(
             "embed.call request_id=%s rows=%d tokens=%d ms=%.0f", call.request_id, len(texts), tokens, ms
         )
         return EmbedResult(vectors, tokens, call.request_id, response.status_code, ms, sparse)
+
+    def _transport_failed(
+        self, exc: httpx.RequestError, response: httpx.Response | None, ms: float
+    ) -> NoReturn:
+        """A call that got no complete answer. Once the headers came, a body cut short (not a
+        timeout) is a truncated answer; a connection never made was never billed."""
+        call: CallInfo = CallInfo(latency_ms=ms)
+        error: type[RetryLater] = ProviderUnavailable
+        if response is not None:
+            request_id = _bounded(response.headers.get("x-request-id"), MAX_REQUEST_ID_CHARS)
+            call = CallInfo(response.status_code, None, request_id, ms)
+            if not isinstance(exc, httpx.TimeoutException):
+                error = MalformedResponse
+        never_sent = isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))
+        maybe_charged = error is MalformedResponse or (
+            not never_sent and (response is None or response.is_success)
+        )
+        self._fail(error, f"{type(exc).__name__}: {exc}", call, exc, maybe_charged=maybe_charged)
 
     # --- wire format --------------------------------------------------------------------------
 
@@ -221,14 +254,15 @@ class DashScopeEmbedder:
             raise ValueError(f"usage has no token count: {usage!r}")
         if len(items) != rows:
             raise ValueError(f"{len(items)} embeddings for {rows} texts")
-        placed: list[dict[str, Any] | None] = [None] * rows
+        slots: list[dict[str, Any] | None] = [None] * rows
         for item in items:
             index = item[index_key]
-            if not isinstance(index, int) or not 0 <= index < rows or placed[index] is not None:
+            if not isinstance(index, int) or not 0 <= index < rows or slots[index] is not None:
                 raise ValueError(f"{index_key}={index!r} is out of range or repeated")
             if len(item["embedding"]) != self.dimensions:
                 raise ValueError(f"{len(item['embedding'])} dimensions, expected {self.dimensions}")
-            placed[index] = item
+            slots[index] = item
+        placed = [item for item in slots if item is not None]  # all of them: one per index
         matrix = np.asarray([item["embedding"] for item in placed], dtype=np.float64)
         if not np.isfinite(matrix).all():
             raise ValueError("embedding holds NaN or infinity")
@@ -247,12 +281,13 @@ class DashScopeEmbedder:
 
     def _fail(
         self,
-        error: type[SidecarError],
+        error: type[RetryLater] | type[GiveUp],
         message: str,
         call: CallInfo,
         cause: BaseException | None,
         *,
         retry_after_s: float | None = None,
+        maybe_charged: bool,
     ) -> NoReturn:
         log.info(
             "embed.failed error=%s status=%s code=%s request_id=%s ms=%.0f",
@@ -260,8 +295,10 @@ class DashScopeEmbedder:
         )  # fmt: skip
         message = self._scrub(message)
         if issubclass(error, RetryLater):
-            raise error(message, retry_after_s=retry_after_s, call=call) from cause
-        raise error(message, call=call) from cause
+            raise error(
+                message, retry_after_s=retry_after_s, call=call, maybe_charged=maybe_charged
+            ) from cause
+        raise error(message, call=call, maybe_charged=maybe_charged) from cause
 
 
 def _is_error_body(body: Any) -> bool:
@@ -272,24 +309,52 @@ def _is_error_body(body: Any) -> bool:
 
 
 def _error_fields(body: Any, text: str) -> tuple[str | None, str, str | None]:
-    """(code, message, request_id) of a native `{code, message}` or compatible `{error: {...}}` body."""
+    """(code, message, request_id) of a native `{code, message}` or compatible `{error: {...}}` body,
+    each bounded; any of them may be missing or of the wrong type."""
     if not isinstance(body, dict):
-        return None, text[:200], None
-    error = body.get("error") if isinstance(body.get("error"), dict) else body
-    code = error.get("code") or error.get("type")
+        return None, text[:MAX_MESSAGE_CHARS], None
+    nested = body.get("error")
+    error = nested if isinstance(nested, dict) else body
+    code = _bounded(error.get("code") or error.get("type"), MAX_CODE_CHARS)
     message = error.get("message") or error.get("msg") or ""
-    return (str(code) if code else None), str(message), body.get("request_id")
+    request_id = _bounded(body.get("request_id"), MAX_REQUEST_ID_CHARS)
+    return code, str(message)[:MAX_MESSAGE_CHARS], request_id
+
+
+def _body_request_id(body: Any) -> str | None:
+    if not isinstance(body, dict):
+        return None
+    return _bounded(body.get("id") or body.get("request_id"), MAX_REQUEST_ID_CHARS)
+
+
+def _bounded(value: Any, limit: int) -> str | None:
+    """A string or number the provider sent, as text of at most `limit` characters."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
+        return None
+    return str(value)[:limit]
 
 
 def _retry_after_s(headers: httpx.Headers) -> float | None:
-    """Seconds from `retry-after-ms` or `retry-after` (seconds or an HTTP date), when sent (§4.3)."""
-    value = None
-    try:
-        if value := headers.get("retry-after-ms"):
-            return max(float(value) / 1000, 0.0)
-        if value := headers.get("retry-after"):
-            return max(float(value), 0.0)
-    except ValueError:
-        if value and (when := email.utils.parsedate_tz(value)) is not None:
-            return max(email.utils.mktime_tz(when) - time.time(), 0.0)
+    """Seconds from `retry-after-ms` or `retry-after` (seconds or an HTTP date), clamped to
+    0..MAX_RETRY_AFTER_S; None when absent or not a finite number or date."""
+    if value := headers.get("retry-after-ms"):
+        seconds = _number(value)
+        return None if seconds is None else _clamped(seconds / 1000)
+    if value := headers.get("retry-after"):
+        seconds = _number(value)
+        if seconds is None and (when := email.utils.parsedate_tz(value)) is not None:
+            seconds = email.utils.mktime_tz(when) - time.time()
+        return None if seconds is None else _clamped(seconds)
     return None
+
+
+def _number(value: str) -> float | None:
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _clamped(seconds: float) -> float:
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)

@@ -5,9 +5,9 @@ The bill is a list of charged requests `{request_id, model, tokens, at}` (the em
 the provider's request id and match by it. Rows of unknown outcome (a timeout, a malformed
 answer, a worker killed mid-call) have no id; a bill entry left over is matched to such a row of
 the same model whose estimate is closest to the billed tokens (within 10%) and whose call began
-shortly before the charge. With `apply`, matched unknown rows take the bill's request id and tokens, and unknown
-rows no bill entry claims are closed at 0 tokens (the provider never charged them), so the
-ledger's billed tokens then equal the bill's.
+shortly before the charge. With `apply`, matched unknown rows take the bill's request id and
+tokens, and unknown rows no bill entry claims are closed at 0 tokens (the provider never charged
+them), so the ledger's billed tokens then equal the bill's.
 """
 
 from __future__ import annotations
@@ -72,14 +72,7 @@ def reconcile(
     report = BillReport(bill_requests=len(bill), bill_tokens=sum(int(b["tokens"]) for b in bill))
     if not bill:
         return report
-    ats = [float(b["at"]) for b in bill]
-    since = dt.datetime.fromtimestamp(min(ats) - window_s, dt.UTC)
-    until = dt.datetime.fromtimestamp(max(ats) + window_s, dt.UTC)
-    rows = (
-        session.execute(sa.select(ProviderRequest).where(ProviderRequest.created_at.between(since, until)))
-        .scalars()
-        .all()
-    )
+    rows = _ledger_rows(session, bill, window_s)
     report.ledger_tokens = sum(r.billed_tokens or 0 for r in rows)
     by_provider_id = {r.provider_request_id: r for r in rows if r.provider_request_id}
     # Unknown rows still open: no provider id, and not already closed at 0 by an earlier run.
@@ -89,41 +82,12 @@ def reconcile(
     )
     claimed: set[str] = set()
     for entry in sorted(bill, key=lambda b: float(b["at"])):
-        tokens, row = int(entry["tokens"]), by_provider_id.get(entry["request_id"])
+        row = by_provider_id.get(entry["request_id"])
         if row is not None:
-            report.matched_by_id += 1
+            _matched_by_id(report, entry, row, apply=apply)
             claimed.add(row.id)
-            if row.billed_tokens != tokens:
-                if apply and row.status == "unknown":  # booked at its estimate: the bill knows better
-                    _take_bill(row, tokens, "[billed tokens from the bill]")
-                else:
-                    report.token_mismatches.append(
-                        {"request_id": entry["request_id"], "bill": tokens, "ledger": row.billed_tokens}
-                    )
-            continue
-        at = dt.datetime.fromtimestamp(float(entry["at"]), dt.UTC)
-        candidates = [
-            r
-            for r in unknown
-            if r.id not in claimed
-            and r.model == entry["model"]
-            and abs(r.est_tokens - tokens) <= ESTIMATE_TOLERANCE * max(tokens, 1)
-            and r.created_at - CLOCK_SKEW <= at <= r.created_at + dt.timedelta(seconds=window_s)
-        ]
-        # The closest estimate, then the call that began nearest before the charge.
-        match = min(
-            candidates,
-            key=lambda r: (abs(r.est_tokens - tokens), abs((at - r.created_at).total_seconds())),
-            default=None,
-        )
-        if match is None:
-            report.missing_from_ledger.append(entry)
-            continue
-        claimed.add(match.id)
-        report.matched_by_estimate.append((match.id, entry["request_id"]))
-        if apply:
-            match.provider_request_id = entry["request_id"]
-            _take_bill(match, tokens, "[matched to the bill by estimate]")
+        else:
+            _match_by_estimate(report, entry, unknown, claimed, window_s=window_s, apply=apply)
     billed_ids = {b["request_id"] for b in bill}
     report.not_on_bill = [
         r.id
@@ -137,6 +101,64 @@ def reconcile(
                 _take_bill(row, 0, "[not on the provider's bill]")
         report.applied = True
     return report
+
+
+def _ledger_rows(session: Session, bill: list[dict[str, Any]], window_s: float) -> list[ProviderRequest]:
+    """Ledger rows over the bill's time range, `window_s` wider on each side."""
+    ats = [float(b["at"]) for b in bill]
+    since = dt.datetime.fromtimestamp(min(ats) - window_s, dt.UTC)
+    until = dt.datetime.fromtimestamp(max(ats) + window_s, dt.UTC)
+    query = sa.select(ProviderRequest).where(ProviderRequest.created_at.between(since, until))
+    return list(session.execute(query).scalars())
+
+
+def _matched_by_id(report: BillReport, entry: dict[str, Any], row: ProviderRequest, *, apply: bool) -> None:
+    report.matched_by_id += 1
+    tokens = int(entry["tokens"])
+    if row.billed_tokens == tokens:
+        return
+    if apply and row.status == "unknown":  # booked at its estimate: the bill knows better
+        _take_bill(row, tokens, "[billed tokens from the bill]")
+    else:
+        report.token_mismatches.append(
+            {"request_id": entry["request_id"], "bill": tokens, "ledger": row.billed_tokens}
+        )
+
+
+def _match_by_estimate(
+    report: BillReport,
+    entry: dict[str, Any],
+    unknown: list[ProviderRequest],
+    claimed: set[str],
+    *,
+    window_s: float,
+    apply: bool,
+) -> None:
+    """A bill entry no row carries: the unknown row of the same model with the closest estimate."""
+    tokens = int(entry["tokens"])
+    at = dt.datetime.fromtimestamp(float(entry["at"]), dt.UTC)
+    candidates = [
+        r
+        for r in unknown
+        if r.id not in claimed
+        and r.model == entry["model"]
+        and abs(r.est_tokens - tokens) <= ESTIMATE_TOLERANCE * max(tokens, 1)
+        and r.created_at - CLOCK_SKEW <= at <= r.created_at + dt.timedelta(seconds=window_s)
+    ]
+    # The closest estimate, then the call that began nearest before the charge.
+    match = min(
+        candidates,
+        key=lambda r: (abs(r.est_tokens - tokens), abs((at - r.created_at).total_seconds())),
+        default=None,
+    )
+    if match is None:
+        report.missing_from_ledger.append(entry)
+        return
+    claimed.add(match.id)
+    report.matched_by_estimate.append((match.id, entry["request_id"]))
+    if apply:
+        match.provider_request_id = entry["request_id"]
+        _take_bill(match, tokens, "[matched to the bill by estimate]")
 
 
 def _take_bill(row: ProviderRequest, tokens: int, note: str) -> None:

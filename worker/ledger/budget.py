@@ -18,17 +18,18 @@ Caps come from the settings (SIDECAR_BUDGET_*) and are overridden per scope by r
 from __future__ import annotations
 
 import datetime as dt
-import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from worker.catalog import MODELS, from_nano, to_nano
+from worker.catalog import MODELS, ModelSpec, cny_str, to_nano
 from worker.errors import RetryLater
 from worker.settings import Settings
+from worker.sql.engines import changed_rows
 from worker.sql.models import (
     OVERALL,
     BudgetCap,
@@ -71,8 +72,9 @@ class BudgetExceeded(RetryLater):
 
 def money(nano: int) -> str:
     """CNY for people: at least two decimals, no trailing zeros past them ("1.00", "0.0002")."""
-    value = from_nano(nano).normalize()
-    return format(value.quantize(Decimal("0.01")) if value.as_tuple().exponent > -2 else value, "f")
+    digits = cny_str(nano).rstrip("0")
+    whole, _, fraction = digits.partition(".")
+    return f"{whole}.{fraction.ljust(2, '0')}"
 
 
 def parse_cny(value: Decimal | str | int) -> int:
@@ -106,23 +108,36 @@ def window(period: Period, now: dt.datetime) -> tuple[dt.datetime, dt.datetime]:
 
 def effective_caps(session: Session, settings: Settings) -> list[Cap]:
     """Caps from the settings, each scope overridden by a row of `budget_caps` (NULL: no cap)."""
-    caps: dict[tuple[str | None, str], Cap] = {}
-    for period, amount in (("day", settings.budget_daily_cny), ("month", settings.budget_monthly_cny)):
+    caps: dict[tuple[str | None, Period], Cap] = {}
+    overall: dict[Period, Decimal | None] = {
+        "day": settings.budget_daily_cny,
+        "month": settings.budget_monthly_cny,
+    }
+    per_collection: dict[Period, dict[str, Decimal]] = {
+        "day": settings.budget_collection_daily_cny,
+        "month": settings.budget_collection_monthly_cny,
+    }
+    for period in PERIODS:
+        amount = overall[period]
         if amount is not None:
             caps[(None, period)] = Cap(None, period, parse_cny(amount), "settings")
-    for period, table in (
-        ("day", settings.budget_collection_daily_cny),
-        ("month", settings.budget_collection_monthly_cny),
-    ):
-        for collection, amount in table.items():
-            caps[(collection, period)] = Cap(collection, period, parse_cny(amount), "settings")
+        for collection, amount_of_one in per_collection[period].items():
+            caps[(collection, period)] = Cap(collection, period, parse_cny(amount_of_one), "settings")
     for row in session.execute(sa.select(BudgetCap)).scalars():
-        key = (None if row.collection == OVERALL else row.collection, row.period)
+        period = _period(row.period)
+        key = (None if row.collection == OVERALL else row.collection, period)
         if row.limit_nano_cny is None:
             caps.pop(key, None)
         else:
-            caps[key] = Cap(key[0], row.period, row.limit_nano_cny, "api")  # type: ignore[arg-type]
+            caps[key] = Cap(key[0], period, row.limit_nano_cny, "api")
     return sorted(caps.values(), key=lambda c: (c.collection is not None, c.collection or "", c.period))
+
+
+def _period(value: str) -> Period:
+    for period in PERIODS:
+        if value == period:
+            return period
+    raise ValueError(f"budget_caps.period must be day or month, not {value!r}")
 
 
 def set_cap(session: Session, *, collection: str | None, period: Period, limit_nano: int | None) -> None:
@@ -139,18 +154,20 @@ def set_cap(session: Session, *, collection: str | None, period: Period, limit_n
 
 def clear_cap(session: Session, *, collection: str | None, period: Period) -> bool:
     """Forget the API's cap for this scope: the settings' cap (if any) applies again."""
-    gone = session.execute(
+    gone = changed_rows(
+        session,
         sa.delete(BudgetCap).where(
             BudgetCap.collection == (collection or OVERALL), BudgetCap.period == period
-        )
-    ).rowcount
+        ),
+    )
     resume_paused(session)
     return bool(gone)
 
 
 def resume_paused(session: Session) -> int:
     """Make documents that wait on the budget claimable now (after a cap changed)."""
-    return session.execute(
+    return changed_rows(
+        session,
         sa.update(Document)
         .where(
             Document.status == "pending",
@@ -158,8 +175,8 @@ def resume_paused(session: Session) -> int:
             Document.last_error.like(_PAUSED_ERROR),
         )
         .values(lease_until=None)
-        .execution_options(synchronize_session=False)
-    ).rowcount
+        .execution_options(synchronize_session=False),
+    )
 
 
 # --- spend in a window ------------------------------------------------------------------------
@@ -325,9 +342,9 @@ def budget_state(session: Session, settings: Settings, now: dt.datetime | None =
                 "collection": cap.collection,
                 "period": cap.period,
                 "source": cap.source,
-                "limit_cny": format(from_nano(cap.limit_nano), "f"),
-                "spent_cny": format(from_nano(spent[cap]), "f"),
-                "remaining_cny": format(from_nano(max(0, cap.limit_nano - spent[cap])), "f"),
+                "limit_cny": cny_str(cap.limit_nano),
+                "spent_cny": cny_str(spent[cap]),
+                "remaining_cny": cny_str(max(0, cap.limit_nano - spent[cap])),
                 "limit_nano_cny": cap.limit_nano,
                 "spent_nano_cny": spent[cap],
                 "window_start": start.isoformat(),
@@ -349,15 +366,18 @@ def budget_state(session: Session, settings: Settings, now: dt.datetime | None =
     }
 
 
-def pipeline_check(spec: Any, settings: Settings) -> Any:
-    """The `Runtime.budget_check` hook: admit(…) one batch, inside the transaction that writes
-    its ledger intent row (under a lock), so concurrent workers cannot overshoot a cap together.
+BudgetCheck = Callable[[Session, set[str], int], None]
 
-    Wire it in build_runtime: `budget_check=budget.pipeline_check(spec, settings)`.
+
+def pipeline_check(spec: ModelSpec, settings: Settings) -> BudgetCheck:
+    """The pipeline's budget hook: `check(session, collections, est_tokens)` admits one request
+    of `est_tokens` for `collections` or raises BudgetExceeded.
+
+    Called inside the transaction that writes the request's ledger intent row (under a lock), so
+    concurrent workers cannot overshoot a cap together.
     """
 
-    def check(session: Session, work: Any, rows: Any, est_tokens: int) -> None:
-        collections = {doc.collection for row in rows for doc, _chunk in work.users[row.key]}
+    def check(session: Session, collections: set[str], est_tokens: int) -> None:
         admit(
             session,
             collections=collections,

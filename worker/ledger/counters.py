@@ -13,10 +13,9 @@ import datetime as dt
 from collections.abc import Mapping
 from typing import Literal
 
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
+from worker.sql.engines import insert_or_add
 from worker.sql.models import HourlyCounter, utcnow
 
 AvoidedKind = Literal["dedup", "coalesced"]
@@ -43,7 +42,7 @@ def record_outcomes(session: Session, outcomes: Mapping[str, int], *, now: dt.da
         for outcome, n in sorted(outcomes.items())
         if n
     ]
-    _increment(session, rows)
+    insert_or_add(session, HourlyCounter, rows, column="value")
 
 
 def record_avoided(
@@ -70,17 +69,4 @@ def record_avoided(
         for (collection, tenant), n in sorted(tokens_by.items())
         if n
     ]
-    _increment(session, rows)
-
-
-def _increment(session: Session, rows: list[dict]) -> None:
-    if not rows:
-        return
-    dialect = session.get_bind().dialect.name
-    insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
-    stmt = insert(HourlyCounter).values(rows)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=["bucket", "name", "model", "collection", "tenant"],
-        set_={"value": HourlyCounter.value + stmt.excluded.value},
-    )
-    session.execute(stmt)
+    insert_or_add(session, HourlyCounter, rows, column="value")

@@ -7,6 +7,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from worker.sql.engines import changed_rows
 from worker.sql.models import Document, utcnow
 
 
@@ -50,8 +51,9 @@ def retry_dead(session: Session, document_id: int | None = None) -> int:
     query = sa.update(Document).where(Document.status == "dead")
     if document_id is not None:
         query = query.where(Document.id == document_id)
-    return session.execute(
+    return changed_rows(
+        session,
         query.values(
             status="pending", attempts=0, lease_owner=None, lease_until=None, updated_at=utcnow()
-        ).execution_options(synchronize_session=False)
-    ).rowcount
+        ).execution_options(synchronize_session=False),
+    )

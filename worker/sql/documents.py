@@ -1,7 +1,7 @@
 """Desired state in SQL: accepting events (version rule), claiming work with leases, finishing it.
 
-The broker is a hint, SQL is the truth (DESIGN §1): an event is acknowledged only after its
-desired state is committed here. Every function takes a Session and leaves the commit to the
+The broker is a hint, SQL is the truth: an event is acknowledged only after its desired state
+(or its rejection) is committed here. Every function takes a Session and leaves the commit to the
 caller, so each accept or claim is one short transaction.
 """
 
@@ -17,12 +17,15 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from worker import chunking, tokens
-from worker.events import Event
-from worker.sql.engines import insert_ignore
-from worker.sql.models import Document, MessageAttempt, RejectedEvent, SeenEvent, utcnow
+from worker.errors import InvalidEvent
+from worker.events import MAX_EVENT_ID_CHARS, Event, escape_unstorable
+from worker.sql.engines import changed_rows, insert_ignore
+from worker.sql.models import Document, RejectedEvent, SeenEvent, fitted_key, utcnow
 
 Outcome = Literal["accepted", "stale", "duplicate"]
-REJECTED_EVENT_MAX_CHARS = 64 << 10
+REJECTED_EVENT_MAX_CHARS = 4096  # of the event's JSON, escaped
+MAX_REASON_CHARS = 2000
+MAX_STORED_VERSION = 2**63 - 1  # BIGINT
 
 
 def text_hash(text: str) -> str:
@@ -42,40 +45,21 @@ def accept(
     is then recorded under `delivery_id` (its message and position) when it has no `event_id`,
     so that a redelivered message does not bump the version again. When a pending version is
     replaced before it was embedded, its tokens are added to `coalesced` by (collection,
-    tenant): what coalescing saved.
+    tenant): what coalescing saved. InvalidEvent when a version-less event finds the largest
+    version there is (the caller rolls back and records the rejection).
     """
     now = utcnow()
-    idempotency_key = event.event_id or (
-        f"delivery:{delivery_id}" if event.version is None and delivery_id else None
-    )
-    if idempotency_key is not None:
-        inserted = insert_ignore(session, SeenEvent, {"event_id": idempotency_key[:256], "received_at": now})
-        if not inserted:
-            return "duplicate"
-    values: dict[str, Any] = {
-        "op": event.op,
-        "text": event.text,
-        "text_hash": text_hash(event.text) if event.text is not None else None,
-        "meta": event.metadata,
-        "status": "pending",
-        "attempts": 0,
-        "last_error": None,
-        "event_id": event.event_id,
-        "updated_at": now,
-    }
+    if _seen_before(session, event, delivery_id, now):
+        return "duplicate"
+    values = _desired_state(event, now)
     key = {"tenant": event.tenant, "collection": event.collection, "doc_id": event.doc_id}
     if insert_ignore(session, Document, {**key, **values, "version": event.version or 0, "created_at": now}):
         return "accepted"
 
     doc = session.execute(sa.select(Document).filter_by(**key).with_for_update()).scalar_one()
-    if event.version is None:
-        version = doc.version + 1
-    elif event.version < doc.version:
-        return "stale"
-    elif event.version == doc.version:
-        return "duplicate"
-    else:
-        version = event.version
+    version = _next_version(doc.version, event.version)
+    if version is None:
+        return "stale" if event.version is not None and event.version < doc.version else "duplicate"
     if (
         coalesced is not None
         and doc.status == "pending"
@@ -91,23 +75,81 @@ def accept(
     return "accepted"
 
 
+def _seen_before(session: Session, event: Event, delivery_id: str | None, now: dt.datetime) -> bool:
+    """Record the event's idempotency key (per tenant and collection); True if it was there."""
+    key = event.event_id
+    if key is None and event.version is None and delivery_id:
+        key = fitted_key(f"delivery:{delivery_id}", MAX_EVENT_ID_CHARS)
+    if key is None:
+        return False
+    row = {"tenant": event.tenant, "collection": event.collection, "event_id": key, "received_at": now}
+    return not insert_ignore(session, SeenEvent, row)
+
+
+def _desired_state(event: Event, now: dt.datetime) -> dict[str, Any]:
+    return {
+        "op": event.op,
+        "text": event.text,
+        "text_hash": text_hash(event.text) if event.text is not None else None,
+        "meta": event.metadata,
+        "status": "pending",
+        "attempts": 0,
+        "last_error": None,
+        "event_id": event.event_id,
+        "updated_at": now,
+    }
+
+
+def _next_version(stored: int, given: int | None) -> int | None:
+    """The version the event makes, or None when it is not newer than the stored one."""
+    if given is not None:
+        return given if given > stored else None
+    if stored >= MAX_STORED_VERSION:
+        raise InvalidEvent(
+            "version",
+            f"required: the stored version is {MAX_STORED_VERSION}, the largest there is, "
+            "so arrival order cannot number this event",
+        )
+    return stored + 1
+
+
 def reject(session: Session, raw: Any, field: str, reason: str) -> None:
-    """Keep a malformed event with its reason (and the event itself, capped) for later review."""
-    try:
-        event_json = json.dumps(raw, ensure_ascii=False, default=repr)
-    except (ValueError, TypeError):
-        event_json = repr(raw)
-    doc_id = raw.get("doc_id") if isinstance(raw, dict) else None
-    collection = raw.get("collection") if isinstance(raw, dict) else None
+    """Keep a malformed event with its reason (and the event itself, escaped and capped).
+
+    Any event can be kept: NUL and lone surrogates become escapes, every column is cut to size."""
+    fields: dict[Any, Any] = raw if isinstance(raw, dict) else {}
     session.add(
         RejectedEvent(
-            field=field[:64],
-            reason=reason,
-            doc_id=doc_id[:512] if isinstance(doc_id, str) else None,
-            collection=collection[:64] if isinstance(collection, str) else None,
-            event_json=event_json[:REJECTED_EVENT_MAX_CHARS],
+            field=escape_unstorable(field, 64) or "event",
+            reason=escape_unstorable(reason, MAX_REASON_CHARS),
+            doc_id=_column_text(fields.get("doc_id"), 512),
+            collection=_column_text(fields.get("collection"), 64),
+            event_id=_column_text(fields.get("event_id"), MAX_EVENT_ID_CHARS),
+            event_json=escape_unstorable(_as_json(raw), REJECTED_EVENT_MAX_CHARS),
         )
     )
+
+
+def reject_message(session: Session, raw: str, reason: str) -> None:
+    """Keep a broker message that is no task call at all (field `message`), escaped and capped."""
+    session.add(
+        RejectedEvent(
+            field="message",
+            reason=escape_unstorable(reason, MAX_REASON_CHARS),
+            event_json=escape_unstorable(raw, REJECTED_EVENT_MAX_CHARS),
+        )
+    )
+
+
+def _column_text(value: Any, max_chars: int) -> str | None:
+    return escape_unstorable(value, max_chars) if isinstance(value, str) else None
+
+
+def _as_json(raw: Any) -> str:
+    try:
+        return json.dumps(raw, ensure_ascii=False, default=repr)
+    except (ValueError, TypeError, RecursionError):
+        return f"<{type(raw).__name__} that is not JSON>"
 
 
 _one_less = sa.case((Document.attempts > 0, Document.attempts - 1), else_=0)
@@ -165,7 +207,7 @@ def claim(session: Session, *, owner: str, limit: int, lease_s: float) -> list[C
         )
         .execution_options(synchronize_session=False)
     ).all()
-    return sorted((Claimed(*row) for row in rows), key=lambda c: c.updated_at)
+    return sorted((Claimed(**row._mapping) for row in rows), key=lambda c: c.updated_at)
 
 
 def _mine(doc: Claimed, owner: str) -> sa.ColumnElement[bool]:
@@ -184,7 +226,8 @@ def _handed_back(session: Session, doc: Claimed, owner: str) -> None:
 
 def mark_indexed(session: Session, doc: Claimed, *, owner: str, chunk_count: int) -> bool:
     """Finish an upsert; False when a newer version arrived meanwhile (it stays pending)."""
-    done = session.execute(
+    done = changed_rows(
+        session,
         sa.update(Document)
         .where(_mine(doc, owner))
         .values(
@@ -197,15 +240,16 @@ def mark_indexed(session: Session, doc: Claimed, *, owner: str, chunk_count: int
             lease_until=None,
             last_error=None,
         )
-        .execution_options(synchronize_session=False)
-    ).rowcount
+        .execution_options(synchronize_session=False),
+    )
     if not done:
         _handed_back(session, doc, owner)
     return bool(done)
 
 
 def mark_deleted(session: Session, doc: Claimed, *, owner: str) -> bool:
-    done = session.execute(
+    done = changed_rows(
+        session,
         sa.update(Document)
         .where(_mine(doc, owner))
         .values(
@@ -219,8 +263,8 @@ def mark_deleted(session: Session, doc: Claimed, *, owner: str) -> bool:
             lease_until=None,
             last_error=None,
         )
-        .execution_options(synchronize_session=False)
-    ).rowcount
+        .execution_options(synchronize_session=False),
+    )
     if not done:
         _handed_back(session, doc, owner)
     return bool(done)
@@ -263,12 +307,13 @@ def fail(
     }
     if max_attempts is None:
         values["attempts"] = _one_less
-    done = session.execute(
+    done = changed_rows(
+        session,
         sa.update(Document)
         .where(_mine(doc, owner))
         .values(**values)
-        .execution_options(synchronize_session=False)
-    ).rowcount
+        .execution_options(synchronize_session=False),
+    )
     if not done:  # a newer version arrived: it gets its own tries, not this version's verdict
         _handed_back(session, doc, owner)
         return "pending"
@@ -277,12 +322,13 @@ def fail(
 
 def give_up(session: Session, doc: Claimed, *, owner: str, error: str) -> None:
     """This version of the document failed for good: a dead letter with the reason."""
-    done = session.execute(
+    done = changed_rows(
+        session,
         sa.update(Document)
         .where(_mine(doc, owner))
         .values(status="dead", last_error=error[:2000], lease_owner=None, lease_until=None)
-        .execution_options(synchronize_session=False)
-    ).rowcount
+        .execution_options(synchronize_session=False),
+    )
     if not done:
         _handed_back(session, doc, owner)
 
@@ -307,29 +353,9 @@ def document_counts(session: Session) -> dict[str, int]:
 
 
 def oldest_pending_age_s(session: Session) -> float | None:
-    oldest = session.execute(
+    oldest: dt.datetime | None = session.execute(
         sa.select(sa.func.min(Document.updated_at)).where(Document.status == "pending")
     ).scalar_one()
     if oldest is None:
         return None
-    if oldest.tzinfo is None:
-        oldest = oldest.replace(tzinfo=dt.UTC)
     return max(0.0, (utcnow() - oldest).total_seconds())
-
-
-def message_started(session: Session, task_id: str) -> int:
-    """Count one more delivery of a broker message; returns how many began without finishing."""
-    if insert_ignore(session, MessageAttempt, {"task_id": task_id, "attempts": 1, "first_seen": utcnow()}):
-        return 1
-    session.execute(
-        sa.update(MessageAttempt)
-        .where(MessageAttempt.task_id == task_id)
-        .values(attempts=MessageAttempt.attempts + 1)
-    )
-    return session.execute(
-        sa.select(MessageAttempt.attempts).where(MessageAttempt.task_id == task_id)
-    ).scalar_one()
-
-
-def message_finished(session: Session, task_id: str) -> None:
-    session.execute(sa.delete(MessageAttempt).where(MessageAttempt.task_id == task_id))

@@ -7,7 +7,8 @@ checks that autogenerate finds no difference from these models.
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+import hashlib
+from typing import Any, ClassVar
 
 import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -28,6 +29,13 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+def fitted_key(value: str, max_chars: int) -> str:
+    """`value` as a key column can hold it: as is when short and clean, else its sha256 (64 hex)."""
+    if len(value) <= max_chars and "\x00" not in value and value.isprintable():
+        return value
+    return hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 class UTCDateTime(sa.TypeDecorator[dt.datetime]):
     """Timezone-aware UTC datetimes on both dialects (SQLite stores them naive)."""
 
@@ -38,7 +46,7 @@ class UTCDateTime(sa.TypeDecorator[dt.datetime]):
         if value is None:
             return None
         if value.tzinfo is None:
-            raise ValueError("naive datetime given; use worker.db.utcnow()")
+            raise ValueError("naive datetime given; use worker.sql.models.utcnow()")
         return value.astimezone(dt.UTC)
 
     def process_result_value(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
@@ -49,7 +57,7 @@ class UTCDateTime(sa.TypeDecorator[dt.datetime]):
 
 class Base(DeclarativeBase):
     metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
-    type_annotation_map = {dict[str, Any]: sa.JSON, dt.datetime: UTCDateTime()}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: sa.JSON, dt.datetime: UTCDateTime()}
 
 
 class Document(Base):
@@ -94,20 +102,23 @@ class RejectedEvent(Base):
     reason: Mapped[str] = mapped_column(sa.Text)
     collection: Mapped[str | None] = mapped_column(sa.String(64))
     doc_id: Mapped[str | None] = mapped_column(sa.String(512))
+    event_id: Mapped[str | None] = mapped_column(sa.String(256))
     event_json: Mapped[str | None] = mapped_column(sa.Text)
 
 
 class SeenEvent(Base):
-    """Idempotency keys (`event_id`) of accepted events."""
+    """Idempotency keys of accepted events (`event_id`, or a delivery's), per tenant and collection."""
 
     __tablename__ = "seen_events"
 
+    tenant: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    collection: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
     event_id: Mapped[str] = mapped_column(sa.String(256), primary_key=True)
-    received_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    received_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
 
 
 class ProviderRequest(Base):
-    """One provider call: written before it is sent, completed after (DESIGN §1)."""
+    """One provider call: written before it is sent, completed after."""
 
     __tablename__ = "provider_requests"
 
@@ -161,6 +172,7 @@ class CachedEmbedding(Base):
     sparse: Mapped[dict[str, Any] | None]
     request_id: Mapped[str | None] = mapped_column(sa.String(36))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    last_used_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)  # for retention
 
 
 class ProviderPause(Base):
@@ -176,7 +188,8 @@ class ProviderPause(Base):
 
 class MessageAttempt(Base):
     """Deliveries of one broker message that never finished: a message that keeps killing
-    workers is dead-lettered after `max_attempts` instead of looping."""
+    workers is dead-lettered after `max_attempts` instead of looping. A key longer than the
+    column (a producer's own task id) is stored as its sha256."""
 
     __tablename__ = "message_attempts"
 

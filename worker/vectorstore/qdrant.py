@@ -1,4 +1,4 @@
-"""The vector-store seam and its Qdrant adapter (DESIGN §3).
+"""The Qdrant adapter of the vector-store seam (worker/vectorstore/base.py).
 
 Every write is idempotent (UUIDv5 point ids) and version-safe, using only the API that local mode
 (`QdrantClient(path=...)`, `":memory:"`) and a server (>= 1.16, for `update_filter`) share.
@@ -22,35 +22,33 @@ of the two finishes second sees the other and cleans up, as long as the store ap
 in order (local mode and a single node do; a cluster would need `ordering=strong`, not set here).
 A delete at v beats a write at v. A later write of a newer version removes the tombstone in step 3.
 With no collection yet, a delete leaves no tombstone unless given `dimensions`; the SQL ledger's
-version check (DESIGN §1) is then the only guard.
+version check is then the only guard.
 
-Tombstones carry no vector, so searches never return them; `count`, `document_points` and
-`doc_versions` leave them out too.
+Errors: an unreachable or overloaded store is StoreUnavailable (retry); anything else a write or
+a delete raises (a 400, a RecursionError on deeply nested metadata in local mode) is
+StoreRejected, for that one document.
 """
 
 from __future__ import annotations
 
-import json
-import uuid
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-import httpx
 from qdrant_client import QdrantClient, models
-from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+from qdrant_client.http.exceptions import UnexpectedResponse
 
-from worker.errors import ConfigError, StoreUnavailable
+from worker.errors import ConfigError, GiveUp, RetryLater, StoreRejected
+from worker.vectorstore.base import DENSE, SPARSE, TOMBSTONE_INDEX, ChunkVector, point_id, tombstone_id
+from worker.vectorstore.qdrant_reads import QdrantReads, match, translated
 
 if TYPE_CHECKING:
     from worker.settings import Settings
 
-NAMESPACE = uuid.UUID("1bae0afb-c502-4426-85c8-38c2ad0ba6eb")  # fixed forever: ids depend on it
-DENSE = "dense"
-SPARSE = "sparse"
-TOMBSTONE_INDEX = -1
+log = logging.getLogger(__name__)
+
 _PROBE = 64  # chunk ids looked up per round when searching a document's older points
 _INDEXES: dict[str, models.PayloadSchemaType] = {
     "tenant": models.PayloadSchemaType.KEYWORD,
@@ -59,133 +57,26 @@ _INDEXES: dict[str, models.PayloadSchemaType] = {
 }
 
 
-def point_id(tenant: str, collection: str, doc_id: str, chunk_index: int) -> str:
-    """UUIDv5 of the four parts, joined as a JSON array so no two tuples share a name."""
-    return str(uuid.uuid5(NAMESPACE, json.dumps([tenant, collection, doc_id, chunk_index])))
-
-
-def tombstone_id(tenant: str, collection: str, doc_id: str) -> str:
-    return point_id(tenant, collection, doc_id, TOMBSTONE_INDEX)
-
-
-@dataclass(frozen=True)
-class ChunkVector:
-    chunk_index: int
-    text: str
-    content_hash: str
-    vector: list[float]
-    sparse: dict[int, float] | None = None
-
-
-@dataclass
-class DocSummary:
-    """What one document's points hold: versions, chunk indexes and the chunk counts they claim."""
-
-    versions: set[int] = field(default_factory=set)
-    chunk_indexes: set[int] = field(default_factory=set)
-    chunk_counts: set[int] = field(default_factory=set)
-
-    def is_complete(self, version: int, chunk_count: int) -> bool:
-        """Exactly the chunks 0..chunk_count-1 of `version`, nothing else."""
-        return (
-            self.versions == {version}
-            and self.chunk_counts == {chunk_count}
-            and self.chunk_indexes == set(range(chunk_count))
-        )
-
-
-@dataclass(frozen=True)
-class Hit:
-    doc_id: str
-    tenant: str
-    chunk_index: int
-    score: float
-    version: int
-    text: str | None
-    meta: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class StoredPoint:
-    """One chunk point as stored, for checks and the reconciler."""
-
-    id: str
-    payload: dict[str, Any]
-    vector: list[float] | None
-
-
-class VectorStore(Protocol):
-    """Raises StoreUnavailable (a RetryLater) when the store does not answer."""
-
-    def ensure_collection(self, collection: str, dimensions: int, *, sparse: bool = False) -> None: ...
-
-    def write_document(
-        self,
-        collection: str,
-        tenant: str,
-        doc_id: str,
-        version: int,
-        chunks: list[ChunkVector],
-        *,
-        meta: dict[str, Any],
-        model: str,
-        dimensions: int,
-    ) -> bool: ...
-
-    def delete_document(
-        self,
-        collection: str,
-        tenant: str,
-        doc_id: str,
-        version: int,
-        *,
-        dimensions: int | None = None,
-    ) -> None: ...
-
-    def document_points(self, collection: str, tenant: str, doc_id: str) -> list[StoredPoint]: ...
-
-    def deleted_version(self, collection: str, tenant: str, doc_id: str) -> int | None: ...
-
-    def doc_versions(self, collection: str) -> dict[tuple[str, str], int]: ...
-
-    def doc_summaries(self, collection: str) -> dict[tuple[str, str], DocSummary]: ...
-
-    def count(self, collection: str, tenant: str | None = None) -> int: ...
-
-    def search(
-        self, collection: str, vector: list[float], *, tenant: str | None = None, limit: int = 5
-    ) -> list[Hit]: ...
-
-    def close(self) -> None: ...
-
-
 @contextmanager
-def _translated(action: str) -> Iterator[None]:
-    """Connection failures, timeouts, 429 and 5xx become StoreUnavailable; other 4xx are bugs."""
+def _refused(action: str) -> Iterator[None]:
+    """Outages as `translated`; any other failure becomes StoreRejected (one document's)."""
     try:
-        yield
-    except (ResponseHandlingException, httpx.TransportError) as exc:
-        raise StoreUnavailable(f"qdrant {action}: {type(exc).__name__}: {exc}") from exc
-    except UnexpectedResponse as exc:
-        if exc.status_code is not None and (exc.status_code == 429 or exc.status_code >= 500):
-            raise StoreUnavailable(f"qdrant {action}: HTTP {exc.status_code}") from exc
+        with translated(action):
+            yield
+    except (RetryLater, GiveUp):
         raise
-
-
-def _match(key: str, value: str | int | bool) -> models.FieldCondition:
-    return models.FieldCondition(key=key, match=models.MatchValue(value=value))
+    except Exception as exc:  # the store refused this document: say why, and only for it
+        raise StoreRejected(f"qdrant {action}: {type(exc).__name__}: {str(exc)[:300]}") from exc
 
 
 def _versions(*, lt: int | None = None, lte: int | None = None) -> models.FieldCondition:
     return models.FieldCondition(key="version", range=models.Range(lt=lt, lte=lte))
 
 
-class QdrantStore:
+class QdrantStore(QdrantReads):
     def __init__(self, client: QdrantClient, *, prefix: str = "", store_text: bool = True) -> None:
-        self.client = client
-        self.prefix = prefix
+        super().__init__(client, prefix=prefix)
         self.store_text = store_text
-        self._ready: dict[str, tuple[int, bool]] = {}  # name -> (dimensions, has sparse)
         self._local = type(getattr(client, "_client", None)).__name__ == "QdrantLocal"
 
     @classmethod
@@ -205,18 +96,12 @@ class QdrantStore:
                 ) from exc
         return cls(client, prefix=settings.collection_prefix, store_text=settings.store_text)
 
-    def _name(self, collection: str) -> str:
-        return self.prefix + collection
-
-    def _exists(self, name: str) -> bool:
-        return name in self._ready or self.client.collection_exists(name)
-
     # --- collections ----------------------------------------------------------------------
 
     def ensure_collection(self, collection: str, dimensions: int, *, sparse: bool = False) -> None:
         name = self._name(collection)
         if name not in self._ready:
-            with _translated("ensure_collection"):
+            with translated("ensure_collection"):
                 if not self.client.collection_exists(name):
                     self._create(name, dimensions, sparse)
                 self._ready[name] = self._check(name)
@@ -269,13 +154,39 @@ class QdrantStore:
         """Write version `version`; False if a newer version or a delete supersedes it."""
         for chunk in chunks:
             if len(chunk.vector) != dimensions:
-                raise ValueError(
+                raise StoreRejected(
                     f"chunk {chunk.chunk_index}: vector has {len(chunk.vector)} dimensions, not {dimensions}"
                 )
         self.ensure_collection(collection, dimensions, sparse=any(c.sparse for c in chunks))
-        name = self._name(collection)
+        stamp = {"model": model, "dimensions": dimensions, "meta": meta}
+        try:
+            with _refused("write_document"):
+                points = self._points(collection, tenant, doc_id, version, chunks, stamp)
+                return self._write_points(collection, tenant, doc_id, version, points)
+        except StoreRejected:
+            self._discard(collection, tenant, doc_id, version, len(chunks))
+            raise
+
+    def _discard(self, collection: str, tenant: str, doc_id: str, version: int, count: int) -> None:
+        """Best effort after a refused write: remove the points of `version` it may have left
+        (local mode can store a payload it then fails to read back), so none is ever served."""
+        ids = {point_id(tenant, collection, doc_id, i) for i in range(count)}
+        try:
+            self._delete_older(self._name(collection), tenant, doc_id, ids, match("version", version))
+        except Exception as exc:  # the write's own error is what the caller needs
+            log.warning("store.discard_failed collection=%s error=%s", collection, type(exc).__name__)
+
+    def _points(
+        self,
+        collection: str,
+        tenant: str,
+        doc_id: str,
+        version: int,
+        chunks: list[ChunkVector],
+        stamp: dict[str, Any],
+    ) -> list[models.PointStruct]:
         embedded_at = datetime.now(UTC).isoformat(timespec="milliseconds")
-        points = [
+        return [
             models.PointStruct(
                 id=point_id(tenant, collection, doc_id, chunk.chunk_index),
                 vector=self._vectors(chunk),
@@ -287,30 +198,35 @@ class QdrantStore:
                     "version": version,
                     "content_hash": chunk.content_hash,
                     **({"text": chunk.text} if self.store_text else {}),
-                    "meta": dict(meta),
-                    "model": model,
-                    "dimensions": dimensions,
+                    "meta": dict(stamp["meta"]),
+                    "model": stamp["model"],
+                    "dimensions": stamp["dimensions"],
                     "embedded_at": embedded_at,
                 },
             )
             for chunk in chunks
         ]
-        keep_tombstone = models.HasIdCondition(has_id=[tombstone_id(tenant, collection, doc_id)])
-        with _translated("write_document"):
-            if self._superseded_by(collection, tenant, doc_id, version):
-                return False
-            if points:
-                guard = self._doc_filter(tenant, doc_id, _versions(lte=version))
-                self.client.upsert(name, points, update_filter=guard)
-            stale = self._older_ids(collection, tenant, doc_id, below=version, from_index=len(chunks))
-            if stale:
-                self._delete_older(name, tenant, doc_id, stale, _versions(lt=version))
-            if newer := self._superseded_by(collection, tenant, doc_id, version):
-                # A delete or a newer write raced this one: remove what it may have inserted.
-                upto, deleted = newer
-                older = _versions(lte=upto) if deleted else _versions(lt=upto)
-                self._delete(name, self._doc_filter(tenant, doc_id, older, exclude=keep_tombstone))
-                return False
+
+    def _write_points(
+        self, collection: str, tenant: str, doc_id: str, version: int, points: list[models.PointStruct]
+    ) -> bool:
+        """Steps 1-4 of the module's docstring."""
+        name = self._name(collection)
+        if self.superseded_by(collection, tenant, doc_id, version):
+            return False
+        if points:
+            guard = self._doc_filter(tenant, doc_id, _versions(lte=version))
+            self.client.upsert(name, points, update_filter=guard)
+        stale = self._older_ids(collection, tenant, doc_id, below=version, from_index=len(points))
+        if stale:
+            self._delete_older(name, tenant, doc_id, stale, _versions(lt=version))
+        if newer := self.superseded_by(collection, tenant, doc_id, version):
+            # A delete or a newer write raced this one: remove what it may have inserted.
+            upto, deleted = newer
+            older = _versions(lte=upto) if deleted else _versions(lt=upto)
+            keep_tombstone = models.HasIdCondition(has_id=[tombstone_id(tenant, collection, doc_id)])
+            self._delete(name, self._doc_filter(tenant, doc_id, older, exclude=keep_tombstone))
+            return False
         return True
 
     def delete_document(
@@ -331,7 +247,7 @@ class QdrantStore:
         tombstone = tombstone_id(tenant, collection, doc_id)
         if dimensions is not None:
             self.ensure_collection(collection, dimensions)
-        with _translated("delete_document"):
+        with _refused("delete_document"):
             if not self._exists(name):
                 return
             self.client.upsert(
@@ -364,7 +280,7 @@ class QdrantStore:
             )
         return vectors
 
-    def _superseded_by(
+    def superseded_by(
         self, collection: str, tenant: str, doc_id: str, version: int
     ) -> tuple[int, bool] | None:
         """(version, is_delete) of a tombstone >= `version` or a chunk 0 > `version`, if any."""
@@ -428,123 +344,10 @@ class QdrantStore:
         exclude: models.Condition | None = None,
         only: set[str] | None = None,
     ) -> models.Filter:
-        must = [_match("tenant", tenant), _match("doc_id", doc_id), *conditions]
+        must = [match("tenant", tenant), match("doc_id", doc_id), *conditions]
         if only is not None:
             must.append(models.HasIdCondition(has_id=sorted(only)))
         return models.Filter(must=must, must_not=[exclude] if exclude else None)
-
-    # --- reads ----------------------------------------------------------------------------
-
-    def _chunks_filter(self, tenant: str | None = None, doc_id: str | None = None) -> models.Filter:
-        """Chunk points (they have a dense vector; tombstones do not), optionally narrowed."""
-        must: list[models.Condition] = [models.HasVectorCondition(has_vector=DENSE)]
-        if tenant is not None:
-            must.append(_match("tenant", tenant))
-        if doc_id is not None:
-            must.append(_match("doc_id", doc_id))
-        return models.Filter(must=must)
-
-    def _scroll(
-        self,
-        collection: str,
-        where: models.Filter,
-        *,
-        with_vectors: bool | list[str],
-        payload: bool | list[str] = True,
-    ) -> Iterator[models.Record]:
-        offset = None
-        while True:
-            records, offset = self.client.scroll(
-                self._name(collection),
-                scroll_filter=where,
-                limit=512,
-                offset=offset,
-                with_payload=payload,
-                with_vectors=with_vectors,
-            )
-            yield from records
-            if offset is None:
-                return
-
-    def document_points(self, collection: str, tenant: str, doc_id: str) -> list[StoredPoint]:
-        with _translated("document_points"):
-            if not self._exists(self._name(collection)):
-                return []
-            records = list(
-                self._scroll(collection, self._chunks_filter(tenant, doc_id), with_vectors=[DENSE])
-            )
-        points = [
-            StoredPoint(
-                id=str(r.id),
-                payload=r.payload or {},
-                vector=r.vector.get(DENSE) if isinstance(r.vector, dict) else r.vector,
-            )
-            for r in records
-        ]
-        return sorted(points, key=lambda p: p.payload["chunk_index"])
-
-    def deleted_version(self, collection: str, tenant: str, doc_id: str) -> int | None:
-        """The version of the document's tombstone, if it has one."""
-        tombstone = tombstone_id(tenant, collection, doc_id)
-        with _translated("deleted_version"):
-            if not self._exists(self._name(collection)):
-                return None
-            found = self.client.retrieve(self._name(collection), [tombstone], with_vectors=False)
-        return found[0].payload["version"] if found and found[0].payload else None
-
-    def doc_versions(self, collection: str) -> dict[tuple[str, str], int]:
-        """{(tenant, doc_id): newest version} of every document with chunks."""
-        return {key: max(summary.versions) for key, summary in self.doc_summaries(collection).items()}
-
-    def doc_summaries(self, collection: str) -> dict[tuple[str, str], DocSummary]:
-        """{(tenant, doc_id): what its points hold}, for the reconciler's drift repair."""
-        found: dict[tuple[str, str], DocSummary] = {}
-        with _translated("doc_summaries"):
-            if not self._exists(self._name(collection)):
-                return found
-            fields = ["tenant", "doc_id", "version", "chunk_index", "chunk_count"]
-            for r in self._scroll(collection, self._chunks_filter(), with_vectors=False, payload=fields):
-                p = r.payload or {}
-                summary = found.setdefault((p["tenant"], p["doc_id"]), DocSummary())
-                summary.versions.add(p["version"])
-                summary.chunk_indexes.add(p["chunk_index"])
-                summary.chunk_counts.add(p["chunk_count"])
-        return found
-
-    def count(self, collection: str, tenant: str | None = None) -> int:
-        with _translated("count"):
-            if not self._exists(self._name(collection)):
-                return 0
-            return self.client.count(
-                self._name(collection), count_filter=self._chunks_filter(tenant), exact=True
-            ).count
-
-    def search(
-        self, collection: str, vector: list[float], *, tenant: str | None = None, limit: int = 5
-    ) -> list[Hit]:
-        where = models.Filter(must=[_match("tenant", tenant)]) if tenant is not None else None
-        with _translated("search"):
-            result = self.client.query_points(
-                self._name(collection),
-                query=vector,
-                using=DENSE,
-                query_filter=where,
-                limit=limit,
-                with_payload=True,
-            )
-        return [
-            Hit(
-                doc_id=p.payload["doc_id"],
-                tenant=p.payload["tenant"],
-                chunk_index=p.payload["chunk_index"],
-                score=p.score,
-                version=p.payload["version"],
-                text=p.payload.get("text"),
-                meta=p.payload.get("meta", {}),
-            )
-            for p in result.points
-            if p.payload
-        ]
 
     def close(self) -> None:
         self.client.close()

@@ -1,0 +1,261 @@
+"""Intake of hostile input: every event becomes a document state or a rejection row that both
+databases can hold; event ids are scoped by tenant and collection; nothing is retried forever."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import exc as sql_errors
+
+from worker import tasks
+from worker.errors import InvalidEvent
+from worker.events import MAX_VERSION, NAME_PATTERN, escape_unstorable, parse_event
+from worker.sql import attempts, documents
+from worker.sql.models import MessageAttempt, RejectedEvent, SeenEvent
+
+CAPS = dict(
+    default_collection="documents", default_tenant="default", max_text_bytes=1000, max_metadata_bytes=1000
+)
+
+
+def event(**fields: Any) -> dict[str, Any]:
+    return {"op": "upsert", "doc_id": "d", "text": "some text", **fields}
+
+
+def nested(depth: int) -> dict[str, Any]:
+    value: dict[str, Any] = {}
+    for _ in range(depth - 1):
+        value = {"k": value}
+    return value
+
+
+@pytest.mark.parametrize(
+    ("raw", "field", "rule"),
+    [
+        (event(doc_id="a\x00b"), "doc_id", "NUL"),
+        (event(doc_id="a\ud800"), "doc_id", "surrogates"),
+        (event(text="a\udfff"), "text", "surrogates"),
+        (event(text="a\x00"), "text", "NUL"),
+        (event(event_id="e\ud800"), "event_id", "surrogates"),
+        (event(event_id="e\x00"), "event_id", "NUL"),
+        (event(collection="docs\n"), "collection", NAME_PATTERN),
+        (event(tenant="t\n"), "tenant", NAME_PATTERN),
+        (event(collection="d\ud800"), "collection", NAME_PATTERN),
+        (event(version=MAX_VERSION + 1), "version", str(MAX_VERSION)),
+        (event(version=2**64), "version", str(MAX_VERSION)),
+        (event(version=True), "version", "integer"),
+        (event(metadata={"k\ud800": 1}), "metadata", "keys"),
+        (event(metadata={"k": ["x", {"deep": "\ud800"}]}), "metadata", "strings"),
+        (event(metadata={"k": "\x00"}), "metadata", "strings"),
+        (event(metadata={"k": float("nan")}), "metadata", "finite"),
+        (event(metadata={"k": [float("inf")]}), "metadata", "finite"),
+        (event(metadata={"k": 2**64}), "metadata", "64 bits"),
+        (event(metadata={"k": {1, 2}}), "metadata", "plain JSON, not set"),
+        (event(metadata={1: "x"}), "metadata", "keys"),
+        (event(metadata=nested(33)), "metadata", "nested deeper than 32"),
+        (event(metadata={"k": "x" * 2000}), "metadata", "over the cap"),
+        (event(**{"": 1}), '""', "unknown field"),
+        (event(**{"x\ud800": 1}), "x\\ud800", "unknown field"),
+    ],
+)
+def test_parse_rejects_what_storage_cannot_hold(raw: Any, field: str, rule: str) -> None:
+    with pytest.raises(InvalidEvent) as info:
+        parse_event(raw, **CAPS)
+    assert info.value.field == field
+    assert rule in info.value.rule
+
+
+def test_parse_accepts_the_edges() -> None:
+    assert parse_event(event(version=MAX_VERSION), **CAPS).version == MAX_VERSION
+    assert parse_event(event(metadata=nested(32)), **CAPS).metadata == nested(32)
+    deep_list: Any = "bottom"
+    for _ in range(10_000):  # no recursion: the depth rule answers, the stack never overflows
+        deep_list = [deep_list]
+    with pytest.raises(InvalidEvent, match="nested deeper"):
+        parse_event(event(metadata={"k": deep_list}), **CAPS)
+    assert parse_event(event(text="中文 \u2028 \ufeff"), **CAPS).text == "中文 \u2028 \ufeff"
+
+
+def test_escape_keeps_clean_text_and_escapes_the_rest() -> None:
+    assert escape_unstorable("café", 10) == "café"
+    assert escape_unstorable("a\x00b\ud800", 100) == "a\\u0000b\\ud800"
+    assert escape_unstorable("x" * 10, 4) == "xxxx"
+
+
+def test_rejections_store_any_bytes_alike_on_both_databases(make_runtime) -> None:
+    rt = make_runtime()
+    hostile = [
+        {"op": "upsert", "doc_id": "s\ud800", "text": "t", "event_id": "e\x00", "metadata": {"\udc00": 1}},
+        {"op": "upsert", "doc_id": "ok", "collection": "c\x00", "text": "x" * 10_000, "version": "7"},
+        {"op": "upsert", "doc_id": "d" * 2000, "text": "t"},
+        {"\x00": "\ud800"},
+        [{"deep": [[[["\ud800"]]]]}],
+    ]
+    outcome = tasks.ingest_events(rt, [*hostile, {"op": "upsert", "doc_id": "good", "text": "fine"}])
+    assert outcome == {"rejected": 5, "accepted": 1}
+    with rt.sessions() as session:
+        rows = session.execute(sa.select(RejectedEvent).order_by(RejectedEvent.id)).scalars().all()
+    assert [(r.field, r.doc_id) for r in rows] == [
+        ("doc_id", "s\\ud800"),
+        ("collection", "ok"),
+        ("doc_id", "d" * 512),
+        ("\\u0000", None),
+        ("event", None),
+    ]
+    assert rows[0].event_id == "e\\u0000" and rows[1].collection == "c\\u0000"
+    assert json.loads(rows[0].event_json)["doc_id"] == "s\ud800"  # escapes that JSON reads back
+    assert all(len(r.event_json) <= documents.REJECTED_EVENT_MAX_CHARS for r in rows)
+
+
+def test_event_ids_are_scoped_by_tenant_and_collection(make_runtime) -> None:
+    rt = make_runtime()
+    same_id = [
+        event(doc_id="a", event_id="e1", tenant="t1"),
+        event(doc_id="a", event_id="e1", tenant="t2"),
+        event(doc_id="a", event_id="e1", tenant="t1", collection="other"),
+        event(doc_id="b", event_id="e1", tenant="t1"),  # the same tenant and collection: a duplicate
+    ]
+    assert tasks.ingest_events(rt, same_id) == {"accepted": 3, "duplicate": 1}
+    with rt.sessions() as session:
+        keys = session.execute(sa.select(SeenEvent.tenant, SeenEvent.collection, SeenEvent.event_id)).all()
+    assert sorted(keys) == [("t1", "documents", "e1"), ("t1", "other", "e1"), ("t2", "documents", "e1")]
+
+
+def test_versions_never_overflow_a_bigint(make_runtime) -> None:
+    rt = make_runtime()
+    outcome = tasks.ingest_events(
+        rt,
+        [
+            event(version=MAX_VERSION),
+            event(),  # arrival order: MAX_VERSION + 1, the largest BIGINT
+            event(),  # nothing after it: rejected, field version
+        ],
+    )
+    assert outcome == {"accepted": 2, "rejected": 1}
+    with rt.sessions() as session:
+        version = session.execute(sa.text("select version from documents")).scalar_one()
+        field, reason = session.execute(sa.select(RejectedEvent.field, RejectedEvent.reason)).one()
+    assert version == 2**63 - 1
+    assert field == "version" and "largest" in reason
+
+
+def test_a_failure_on_one_event_rejects_it_and_the_rest_flow(make_runtime, monkeypatch) -> None:
+    rt = make_runtime()
+    accept = documents.accept
+
+    def buggy(session: Any, ev: Any, *args: Any, **kwargs: Any) -> Any:
+        if ev.doc_id == "bug":
+            raise ValueError("secret document text")
+        return accept(session, ev, *args, **kwargs)
+
+    monkeypatch.setattr(documents, "accept", buggy)
+    outcome = tasks.ingest_events(rt, [event(doc_id="a"), event(doc_id="bug"), event(doc_id="b")])
+    assert outcome == {"accepted": 2, "rejected": 1}
+    with rt.sessions() as session:
+        assert session.execute(sa.select(RejectedEvent.field, RejectedEvent.reason)).one() == (
+            "event",
+            "ValueError",
+        )
+
+    def unreachable(*args: Any, **kwargs: Any) -> Any:
+        raise sql_errors.OperationalError("INSERT …", {}, ConnectionRefusedError())
+
+    monkeypatch.setattr(documents, "accept", unreachable)
+    with pytest.raises(sql_errors.OperationalError):  # transient: the whole message is retried
+        tasks.ingest_events(rt, [event(doc_id="c")])
+
+
+class Retried(Exception):
+    def __init__(self, countdown: float) -> None:
+        self.countdown = countdown
+
+
+def fake_task(*, retries: int = 0, task_id: str = "t-1", args: tuple[Any, ...] = ()) -> Any:
+    """The parts of a bound Celery task that `tasks._run` reads: request, app config, retry."""
+
+    def retry(countdown: float) -> Retried:
+        return Retried(countdown)
+
+    return SimpleNamespace(
+        name="sidecar.ingest",
+        request=SimpleNamespace(id=task_id, retries=retries, args=args, kwargs={}),
+        app=SimpleNamespace(conf=SimpleNamespace(visibility_timeout=300.0)),
+        retry=retry,
+    )
+
+
+@pytest.fixture()
+def worker_rt(make_runtime, monkeypatch):
+    rt = make_runtime(max_attempts=3, ingest_retries=5)
+    monkeypatch.setattr(tasks, "_runtime", rt)
+    monkeypatch.setattr(tasks, "_settings", rt.settings)
+    return rt
+
+
+def test_long_task_ids_are_kept_by_their_hash(worker_rt) -> None:
+    task = fake_task(task_id="t" * 200)
+    with worker_rt.sessions.begin() as session:
+        assert attempts.message_started(session, "t" * 200 + ":0") == 1
+        assert attempts.message_started(session, "t" * 200 + ":0") == 2
+        (key,) = session.execute(sa.select(MessageAttempt.task_id)).scalars()
+    assert len(key) == 64
+    result = tasks._run(task, tasks._ingest_work(task, [event(doc_id="long")]))
+    assert result == {"accepted": 1}
+
+
+def test_failures_are_retried_with_backoff_then_dead_lettered(worker_rt, monkeypatch) -> None:
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(attempts, "message_finished", broken)
+    work = [event(doc_id="x")]
+    for retries in range(3):  # max_attempts
+        task = fake_task(retries=retries)
+        with pytest.raises(Retried) as info:
+            tasks._run(task, tasks._ingest_work(task, work))
+        assert 0 < info.value.countdown <= 300 / 4
+    task = fake_task(retries=3, args=(work[0],))
+    assert tasks._run(task, tasks._ingest_work(task, work)) == {"rejected": 1}
+    with worker_rt.sessions() as session:
+        row = session.execute(sa.select(RejectedEvent)).scalar_one()
+    assert (row.field, row.reason) == ("message", "ValueError after 4 tries: dead-lettered")
+
+    def unreachable(*args: Any, **kwargs: Any) -> None:
+        raise sql_errors.OperationalError("SELECT …", {}, ConnectionRefusedError())
+
+    monkeypatch.setattr(attempts, "message_started", unreachable)
+    with pytest.raises(Retried):  # transient: up to ingest_retries, not max_attempts
+        tasks._run(fake_task(retries=4), tasks._ingest_work(fake_task(), work))
+
+
+def test_backoff_grows_is_capped_and_jittered() -> None:
+    assert all(0.5 <= tasks.backoff_s(0, cap_s=75) <= 1 for _ in range(20))
+    assert all(37.5 <= tasks.backoff_s(30, cap_s=75) <= 75 for _ in range(20))
+    assert len({tasks.backoff_s(5, cap_s=75) for _ in range(20)}) > 1
+
+
+def test_an_undeliverable_entry_is_one_rejection(worker_rt) -> None:
+    description = {
+        "queue": "celery",
+        "raw": '{"x": "\\ud800"} \ud800\x00' + "y" * 9000,
+        "reason": "not a kombu envelope",
+    }
+    task = fake_task()
+    assert tasks._run(task, lambda rt, key: tasks.record_undeliverable(rt, description, key)) == {
+        "rejected": 1
+    }
+    assert tasks.record_undeliverable(worker_rt, "junk") == {"rejected": 1}
+    with worker_rt.sessions() as session:
+        rows = session.execute(sa.select(RejectedEvent).order_by(RejectedEvent.id)).scalars().all()
+        left = session.execute(sa.select(sa.func.count()).select_from(MessageAttempt)).scalar_one()
+    assert [(r.field, r.reason) for r in rows] == [
+        ("message", "not a kombu envelope"),
+        ("message", "undeliverable (no reason given)"),
+    ]
+    assert rows[0].event_json.startswith('{"x": "\\ud800"} \\ud800\\u0000yyy')
+    assert len(rows[0].event_json) == documents.REJECTED_EVENT_MAX_CHARS
+    assert left == 0

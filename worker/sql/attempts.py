@@ -1,0 +1,32 @@
+"""Deliveries of broker messages that began and never finished, so a message that keeps stopping
+the worker is dead-lettered after a bounded number of tries instead of looping."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from worker.sql.engines import insert_ignore
+from worker.sql.models import MessageAttempt, fitted_key, utcnow
+
+MAX_KEY_CHARS = 64  # the column; a longer key (a producer's own task id) is stored as its sha256
+
+
+def message_started(session: Session, key: str) -> int:
+    """Count one more delivery of a broker message; returns how many began without finishing."""
+    key = fitted_key(key, MAX_KEY_CHARS)
+    if insert_ignore(session, MessageAttempt, {"task_id": key, "attempts": 1, "first_seen": utcnow()}):
+        return 1
+    session.execute(
+        sa.update(MessageAttempt)
+        .where(MessageAttempt.task_id == key)
+        .values(attempts=MessageAttempt.attempts + 1)
+    )
+    return session.execute(
+        sa.select(MessageAttempt.attempts).where(MessageAttempt.task_id == key)
+    ).scalar_one()
+
+
+def message_finished(session: Session, key: str) -> None:
+    key = fitted_key(key, MAX_KEY_CHARS)
+    session.execute(sa.delete(MessageAttempt).where(MessageAttempt.task_id == key))

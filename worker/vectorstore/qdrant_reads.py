@@ -1,0 +1,165 @@
+"""Reads of the Qdrant adapter: searches, counts and what a collection's points hold.
+
+`QdrantStore` (worker/vectorstore/qdrant.py) adds collections and version-guarded writes on
+top. Only chunk points have a dense vector, so reads that filter on it never see a tombstone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+from qdrant_client import QdrantClient, models
+from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+
+from worker.errors import StoreUnavailable
+from worker.vectorstore.base import DENSE, DocSummary, Hit, StoredPoint, tombstone_id
+
+
+@contextmanager
+def translated(action: str) -> Iterator[None]:
+    """Connection failures, timeouts, 429 and 5xx become StoreUnavailable; other 4xx are bugs."""
+    try:
+        yield
+    except (ResponseHandlingException, httpx.TransportError) as exc:
+        raise StoreUnavailable(f"qdrant {action}: {type(exc).__name__}: {exc}") from exc
+    except UnexpectedResponse as exc:
+        if exc.status_code is not None and (exc.status_code == 429 or exc.status_code >= 500):
+            raise StoreUnavailable(f"qdrant {action}: HTTP {exc.status_code}") from exc
+        raise
+
+
+def match(key: str, value: str | int | bool) -> models.FieldCondition:
+    return models.FieldCondition(key=key, match=models.MatchValue(value=value))
+
+
+def _dense(record: models.Record) -> list[float] | None:
+    vector = record.vector.get(DENSE) if isinstance(record.vector, dict) else record.vector
+    if not isinstance(vector, list):
+        return None
+    dense = [x for x in vector if isinstance(x, float)]
+    return dense if len(dense) == len(vector) else None  # not a multi-vector
+
+
+class QdrantReads:
+    """Read methods over one client; collection names carry `prefix`."""
+
+    def __init__(self, client: QdrantClient, *, prefix: str = "") -> None:
+        self.client = client
+        self.prefix = prefix
+        self._ready: dict[str, tuple[int, bool]] = {}  # name -> (dimensions, has sparse)
+
+    def forget_collections(self) -> None:
+        """Forget which collections were seen, after they were dropped behind the store's back."""
+        self._ready.clear()
+
+    def _name(self, collection: str) -> str:
+        return self.prefix + collection
+
+    def _exists(self, name: str) -> bool:
+        return name in self._ready or self.client.collection_exists(name)
+
+    def _chunks_filter(self, tenant: str | None = None, doc_id: str | None = None) -> models.Filter:
+        """Chunk points (they have a dense vector; tombstones do not), optionally narrowed."""
+        must: list[models.Condition] = [models.HasVectorCondition(has_vector=DENSE)]
+        if tenant is not None:
+            must.append(match("tenant", tenant))
+        if doc_id is not None:
+            must.append(match("doc_id", doc_id))
+        return models.Filter(must=must)
+
+    def _scroll(
+        self,
+        collection: str,
+        where: models.Filter,
+        *,
+        with_vectors: bool | list[str],
+        payload: bool | list[str] = True,
+    ) -> Iterator[models.Record]:
+        offset = None
+        while True:
+            records, offset = self.client.scroll(
+                self._name(collection),
+                scroll_filter=where,
+                limit=512,
+                offset=offset,
+                with_payload=payload,
+                with_vectors=with_vectors,
+            )
+            yield from records
+            if offset is None:
+                return
+
+    def document_points(self, collection: str, tenant: str, doc_id: str) -> list[StoredPoint]:
+        with translated("document_points"):
+            if not self._exists(self._name(collection)):
+                return []
+            records = list(
+                self._scroll(collection, self._chunks_filter(tenant, doc_id), with_vectors=[DENSE])
+            )
+        points = [StoredPoint(id=str(r.id), payload=r.payload or {}, vector=_dense(r)) for r in records]
+        return sorted(points, key=lambda p: p.payload["chunk_index"])
+
+    def deleted_version(self, collection: str, tenant: str, doc_id: str) -> int | None:
+        """The version of the document's tombstone, if it has one."""
+        tombstone = tombstone_id(tenant, collection, doc_id)
+        with translated("deleted_version"):
+            if not self._exists(self._name(collection)):
+                return None
+            found = self.client.retrieve(self._name(collection), [tombstone], with_vectors=False)
+        return found[0].payload["version"] if found and found[0].payload else None
+
+    def doc_versions(self, collection: str) -> dict[tuple[str, str], int]:
+        """{(tenant, doc_id): newest version} of every document with chunks."""
+        return {key: max(summary.versions) for key, summary in self.doc_summaries(collection).items()}
+
+    def doc_summaries(self, collection: str) -> dict[tuple[str, str], DocSummary]:
+        """{(tenant, doc_id): what its points hold}, for the reconciler's drift repair."""
+        found: dict[tuple[str, str], DocSummary] = {}
+        with translated("doc_summaries"):
+            if not self._exists(self._name(collection)):
+                return found
+            fields = ["tenant", "doc_id", "version", "chunk_index", "chunk_count"]
+            for r in self._scroll(collection, self._chunks_filter(), with_vectors=False, payload=fields):
+                p = r.payload or {}
+                summary = found.setdefault((p["tenant"], p["doc_id"]), DocSummary())
+                summary.versions.add(p["version"])
+                summary.chunk_indexes.add(p["chunk_index"])
+                summary.chunk_counts.add(p["chunk_count"])
+        return found
+
+    def count(self, collection: str, tenant: str | None = None) -> int:
+        with translated("count"):
+            if not self._exists(self._name(collection)):
+                return 0
+            return self.client.count(
+                self._name(collection), count_filter=self._chunks_filter(tenant), exact=True
+            ).count
+
+    def search(
+        self, collection: str, vector: list[float], *, tenant: str | None = None, limit: int = 5
+    ) -> list[Hit]:
+        where = models.Filter(must=[match("tenant", tenant)]) if tenant is not None else None
+        with translated("search"):
+            result = self.client.query_points(
+                self._name(collection),
+                query=vector,
+                using=DENSE,
+                query_filter=where,
+                limit=limit,
+                with_payload=True,
+            )
+        return [
+            Hit(
+                doc_id=p.payload["doc_id"],
+                tenant=p.payload["tenant"],
+                chunk_index=p.payload["chunk_index"],
+                score=p.score,
+                version=p.payload["version"],
+                text=p.payload.get("text"),
+                meta=p.payload.get("meta", {}),
+            )
+            for p in result.points
+            if p.payload
+        ]
