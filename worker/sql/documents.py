@@ -226,42 +226,34 @@ def _handed_back(session: Session, doc: Claimed, owner: str) -> None:
 
 def mark_indexed(session: Session, doc: Claimed, *, owner: str, chunk_count: int) -> bool:
     """Finish an upsert; False when a newer version arrived meanwhile (it stays pending)."""
-    done = changed_rows(
+    return _finish(
         session,
-        sa.update(Document)
-        .where(_mine(doc, owner))
-        .values(
-            status="indexed",
-            indexed_version=doc.version,
-            indexed_hash=doc.text_hash,
-            chunk_count=chunk_count,
-            attempts=0,
-            lease_owner=None,
-            lease_until=None,
-            last_error=None,
-        )
-        .execution_options(synchronize_session=False),
+        doc,
+        owner,
+        status="indexed",
+        indexed_hash=doc.text_hash,
+        chunk_count=chunk_count,
     )
-    if not done:
-        _handed_back(session, doc, owner)
-    return bool(done)
 
 
 def mark_deleted(session: Session, doc: Claimed, *, owner: str) -> bool:
+    return _finish(session, doc, owner, status="deleted", indexed_hash=None, chunk_count=0, text=None)
+
+
+def _finish(session: Session, doc: Claimed, owner: str, **values: Any) -> bool:
+    """Settle a claimed document at its claimed version, if it is still ours and still that
+    version; else hand it back (a newer version is pending)."""
     done = changed_rows(
         session,
         sa.update(Document)
         .where(_mine(doc, owner))
         .values(
-            status="deleted",
             indexed_version=doc.version,
-            indexed_hash=None,
-            chunk_count=0,
-            text=None,
             attempts=0,
             lease_owner=None,
             lease_until=None,
             last_error=None,
+            **values,
         )
         .execution_options(synchronize_session=False),
     )
