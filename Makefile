@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint install clean
+.PHONY: demo serve test lint install clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,11 @@ install: $(BIN)/.installed
 
 demo: $(BIN)/.installed
 	$(BIN)/sidecar demo
+
+# Worker + HTTP API (+ search) + emulator in one process, on what `make demo` indexed.
+serve: $(BIN)/.installed
+	SIDECAR_DATA_DIR=$${SIDECAR_DATA_DIR:-.sidecar/demo} SIDECAR_API_TOKENS=$${SIDECAR_API_TOKENS:-dev-token} \
+	  $(BIN)/sidecar serve --emulator
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

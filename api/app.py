@@ -3,14 +3,18 @@
     POST /v1/events                     write token   one event or a list → 202, handed to the worker
     GET  /v1/documents/{coll}/{doc_id}  read token    a document's state
     GET  /v1/requests                   read token    the ledger, filtered, cursor-paginated
-    GET  /v1/spend                      read token    tokens, requests, cost by hour|day|model|…
+    GET  /v1/spend                      read token    tokens, requests, cost by hour|day|model|lane|…
+    GET  /v1/search                     read token    the chunks nearest to a text (worker/search.py)
     GET  /v1/budget, PUT|DELETE /v1/budget/caps        caps and pauses (changing them: write token)
     GET  /v1/deadletters, POST …/{id}/retry            dead letters
     GET  /healthz, /readyz              open          alive; ready (a token also sees why not)
     GET  /metrics                       read token    Prometheus text, from SQL at scrape time
 
 Every request body is capped (SIDECAR_API_MAX_BODY_BYTES) before auth or any read. Engines and
-the Celery app are built in the lifespan, never at import time.
+the Celery app are built in the lifespan, never at import time. Search needs the vector store:
+`create_app(settings, runtime=rt)` searches the runtime's (`sidecar serve` passes the worker's);
+without one the app builds its own runtime when SIDECAR_QDRANT_URL names a shared server, and
+otherwise answers 503 (the embedded store belongs to the worker's process).
 """
 
 from __future__ import annotations
@@ -22,7 +26,10 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api.middleware import BodySizeLimit
-from api.routes import events, probes, spend
+from api.routes import events, probes, search, spend
+from worker import search as searching
+from worker.errors import SidecarError
+from worker.runtime import Runtime, build_runtime
 from worker.settings import Settings
 from worker.sql import engines
 from worker.tasks import create_celery
@@ -35,12 +42,13 @@ DESCRIPTION = (
 )
 
 
-def create_app(settings: Settings) -> FastAPI:
-    """The API for `settings` (the process's one Settings object)."""
+def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI:
+    """The API for `settings` (the process's one Settings object); searches through `runtime`
+    (left open: its owner closes it) when given."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with serving(app, settings):
+        async with serving(app, settings), searching_with(app, settings, runtime):
             yield
 
     app = FastAPI(title="vector-sidecar", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
@@ -48,6 +56,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.api_max_body_bytes)
     for module in (events, spend, probes):
         app.include_router(module.router)
+    # Documented only where it can answer: without a runtime or a Qdrant server it answers 503.
+    app.include_router(search.router, include_in_schema=runtime is not None or bool(settings.qdrant_url))
     return app
 
 
@@ -65,3 +75,25 @@ async def serving(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
     finally:
         app.state.celery.close()
         engine.dispose()
+
+
+@asynccontextmanager
+async def searching_with(app: FastAPI, settings: Settings, runtime: Runtime | None) -> AsyncIterator[None]:
+    """`app.state.searcher`: over `runtime`, or over a runtime of our own on a Qdrant server
+    (closed on shutdown); else None, with the reason in `app.state.search_unavailable`."""
+    app.state.searcher, app.state.search_unavailable = None, None
+    own = None
+    if runtime is None and settings.qdrant_url:
+        try:
+            own = runtime = build_runtime(settings)
+        except SidecarError as exc:
+            log.warning("api.search_unavailable error=%s", type(exc).__name__)
+            app.state.search_unavailable = f"{type(exc).__name__}: {exc}"
+    if runtime is not None:
+        app.state.searcher = searching.Searcher(runtime)
+    try:
+        yield
+    finally:
+        app.state.searcher = None
+        if own is not None:
+            own.close()

@@ -129,3 +129,20 @@ EVENTS_BODY: dict[str, Any] = {
 def body_problem(rule: str) -> list[dict[str, Any]]:
     """The problem list of a body that is refused as a whole (index null, field `body`)."""
     return [{"index": None, "field": "body", "rule": rule}]
+
+
+class SearchHit(BaseModel):
+    doc_id: str
+    chunk_index: int
+    score: float
+    version: int
+    text: str | None = Field(description="the chunk (null when SIDECAR_STORE_TEXT is off)")
+    meta: dict[str, Any]
+
+
+class SearchAnswer(BaseModel):
+    hits: list[SearchHit]
+    request_id: str | None = Field(
+        description="the ledger row (GET /v1/requests) of the query's embedding call; null when cached"
+    )
+    cached: bool = Field(description="the query's embedding came from this process's cache: no call, no cost")

@@ -179,3 +179,15 @@ def test_pipeline_stops_at_the_cap_and_resumes_when_raised(make_runtime, emulato
             break
     with rt.sessions() as s:
         assert s.execute(sa.select(sa.func.count()).where(Document.status == "pending")).scalar_one() == 0
+
+
+def test_a_query_counts_in_full_towards_the_collection_it_names(sessions):
+    with sessions.begin() as s:
+        d = add_document(s, "d")
+        add_request(s, "doc", NOW - dt.timedelta(hours=1), items=[(d, 40)], billed=40, cost=20_000)
+        add_request(s, "q", NOW - dt.timedelta(minutes=5), items=[], billed=8, cost=4_000, est_tokens=8)
+        s.get(ProviderRequest, "q").collection = "docs"  # a search query: no items, one collection
+    with sessions() as s:
+        window = budget.window("day", NOW)
+        assert budget.spent_by_collection(s, *window, {"docs", "faq"}) == {"docs": 24_000, "faq": 0}
+        assert budget.spent_overall(s, *window) == 24_000

@@ -55,3 +55,35 @@ def test_worker_refuses_a_model_that_cannot_serve_the_configuration(tmp_path, mo
     monkeypatch.setenv("SIDECAR_REGION", "singapore")
     assert main(["worker"]) == 2
     assert "not served in SIDECAR_REGION='singapore'" in capsys.readouterr().err
+
+
+def test_query_lane_revision_keeps_existing_ledger_rows_realtime(database_url):
+    """0005 adds `lane` (existing rows become realtime) and a query row's collection and tenant."""
+    schema.upgrade(database_url, "0004")
+    engine = engines.make_engine(database_url)
+    row = {
+        "id": "r-1",
+        "status": "succeeded",
+        "model": "text-embedding-v4",
+        "dimensions": 1024,
+        "api": "compatible",
+        "rows": 1,
+        "est_tokens": 3,
+        "attempt": 1,
+        "created_at": "2026-11-21 07:00:00+00:00",
+    }
+    columns = ", ".join(row)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(f"INSERT INTO provider_requests ({columns}) VALUES ({', '.join(':' + k for k in row)})"),
+            row,
+        )
+    schema.upgrade(database_url, "0005")
+    with engine.connect() as conn:
+        found = conn.execute(sa.text("SELECT lane, collection, tenant FROM provider_requests")).one()
+    assert tuple(found) == ("realtime", None, None)
+    schema.downgrade(database_url, "0004")
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM provider_requests")).scalar_one() == 1
+    assert "lane" not in {c["name"] for c in sa.inspect(engine).get_columns("provider_requests")}
+    engine.dispose()

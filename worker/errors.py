@@ -4,6 +4,8 @@
     ├── ConfigError            settings that cannot work (stops start-up, names the setting)
     ├── SchemaOutdated         the database is behind the code's migrations (run `sidecar migrate`)
     ├── InvalidEvent           an event breaks the contract (names the field and the rule)
+    ├── InvalidQuery           a search parameter breaks its rule (worker/search.py)
+    ├── NoSuchCollection       a search names a collection with nothing indexed (worker/search.py)
     ├── RetryLater             transient: try the same work again after a backoff
     │   ├── ProviderThrottled  429 from the provider (RPM, TPM, burst)
     │   ├── ProviderUnavailable 5xx, timeouts, connection errors
@@ -67,6 +69,19 @@ class InvalidEvent(SidecarError):
         self.field = field
         self.rule = rule
         super().__init__(f"{field}: {rule}")
+
+
+class InvalidQuery(SidecarError):
+    """A search parameter breaks its rule (names the parameter and the rule; worker/search.py)."""
+
+    def __init__(self, field: str, rule: str) -> None:
+        self.field = field
+        self.rule = rule
+        super().__init__(f"{field}: {rule}")
+
+
+class NoSuchCollection(SidecarError):
+    """A search names a collection with no indexed chunk (never written, or all deleted)."""
 
 
 class RetryLater(SidecarError):

@@ -23,6 +23,7 @@ from worker.limiter.redis import RedisRateLimiter, limiter_key
 from worker.settings import Settings
 from worker.sql import cache, engines
 from worker.vectorstore.base import SerializedStore, VectorStore
+from worker.vectorstore.edge import EdgeStore
 from worker.vectorstore.qdrant import QdrantStore
 
 # Called with (session, collections, est_tokens) in the transaction of each ledger intent row;
@@ -90,9 +91,13 @@ class Runtime:
 
 
 def build_store(settings: Settings) -> VectorStore:
-    """A Qdrant server is shared and thread-safe; local mode takes one call at a time."""
-    store = QdrantStore.from_settings(settings)
-    return store if settings.qdrant_url else SerializedStore(store)
+    """A Qdrant server (SIDECAR_QDRANT_URL), shared and thread-safe; else local mode when
+    SIDECAR_QDRANT_PATH is set, one call at a time; else the default, Qdrant Edge in-process."""
+    if settings.qdrant_url:
+        return QdrantStore.from_settings(settings)
+    if settings.resolved_qdrant_path() is not None:
+        return SerializedStore(QdrantStore.from_settings(settings))
+    return EdgeStore.from_settings(settings)
 
 
 def build_embedder(settings: Settings) -> Embedder:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from worker import pipeline, reconciler
 from worker.runtime import Runtime
@@ -22,6 +23,9 @@ class EmbedService:
         self.rt = rt
         self.held = pipeline.HeldBack()  # shared by the threads: a partial batch's wait spans cycles
         self._stop = threading.Event()
+        self._activity = threading.Lock()  # guards the two below
+        self._running = 0  # cycles in flight
+        self._last_work = time.monotonic()  # when a cycle last had work
         self._threads = [
             threading.Thread(target=self._loop, name=f"sidecar-embed-{i}", daemon=True)
             for i in range(threads)
@@ -45,19 +49,50 @@ class EmbedService:
     def _loop(self) -> None:
         failures = 0
         while not self._stop.is_set():
-            try:
-                cycle = pipeline.run_cycle(self.rt, self.held)
-                failures = 0
-            except Exception:  # a bug or an outage must not end the loop; the lease recovers the work
+            cycle = self._run_cycle(failures)
+            if cycle is None:  # a bug or an outage must not end the loop; the lease recovers the work
                 failures += 1
-                log.exception("embed.cycle_failed consecutive=%d", failures)
                 self._stop.wait(min(30.0, 0.5 * 2**failures))
                 continue
+            failures = 0
+            if cycle.idle and self._idle_long_enough():
+                self._optimize_store()
             if cycle.paused:  # nothing to do until the pause ends (or a probe is due)
                 self._stop.wait(1.0)
             elif cycle.idle or (cycle.held_back and not cycle.requests):
                 self.rt.wake.wait(self.rt.settings.poll_interval_s)
                 self.rt.wake.clear()
+
+    def _run_cycle(self, failures: int) -> pipeline.Cycle | None:
+        """One cycle, counted as in flight while it runs; None (logged) if it raised."""
+        with self._activity:
+            self._running += 1
+        cycle = None
+        try:
+            cycle = pipeline.run_cycle(self.rt, self.held)
+        except Exception:
+            log.exception("embed.cycle_failed consecutive=%d", failures + 1)
+            return None
+        finally:
+            with self._activity:
+                self._running -= 1
+                if cycle is not None and not cycle.idle:
+                    self._last_work = time.monotonic()
+        return cycle
+
+    def _idle_long_enough(self) -> bool:
+        """No cycle in flight and none had work for edge_optimize_idle_s."""
+        with self._activity:
+            quiet = time.monotonic() - self._last_work
+            return self._running == 0 and quiet >= self.rt.settings.edge_optimize_idle_s
+
+    def _optimize_store(self) -> None:
+        """Store housekeeping after a bulk load (Edge builds its index), off the hot path."""
+        try:
+            if self.rt.store.optimize_if_due():
+                log.info("store.optimized")
+        except Exception:  # housekeeping: the next idle spell tries again
+            log.exception("store.optimize_failed")
 
     def _reconcile_loop(self) -> None:
         """Once soon after start (repairs what a crash left), then every reconcile_interval_s."""

@@ -33,7 +33,10 @@ class Settings(BaseSettings):
     database_url: str | None = None
     qdrant_url: str | None = None
     qdrant_api_key: SecretStr | None = None
-    qdrant_path: Path | None = None
+    qdrant_path: Path | None = None  # set: qdrant-client local mode (when no qdrant_url)
+    edge_path: Path | None = None  # the embedded default store, Qdrant Edge (default data_dir/edge)
+    edge_optimize_after_points: int = 10_000  # optimise an Edge collection after this many writes
+    edge_optimize_idle_s: float = 5.0  # ...once the embedding threads were idle this long
     collection_prefix: str = ""
 
     dashscope_api_key: SecretStr | None = Field(
@@ -63,6 +66,7 @@ class Settings(BaseSettings):
     max_attempts: int = 8  # embedding attempts before a document becomes a dead letter
     account_pause_s: float = 60.0  # pause after an account-level error, then probe again
     reconcile_interval_s: float = 60.0  # 0 turns the periodic reconciler off
+    search_cache_size: int = 1024  # query embeddings kept in memory (LRU); 0 turns the cache off
 
     requests_per_minute: int | None = None  # default: the model's limit in the region
     tokens_per_minute: int | None = None
@@ -135,8 +139,12 @@ class Settings(BaseSettings):
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'sidecar.sqlite').resolve()}"
 
-    def resolved_qdrant_path(self) -> Path:
-        return self.qdrant_path or self.data_dir / "qdrant"
+    def resolved_qdrant_path(self) -> Path | None:
+        """Local mode only when asked for: no default path."""
+        return self.qdrant_path
+
+    def resolved_edge_path(self) -> Path:
+        return self.edge_path or self.data_dir / "edge"
 
     def provider_root(self) -> str:
         return self.dashscope_url or catalog.REGION_URLS[self.region]

@@ -25,6 +25,7 @@ from typing import Any
 import redis
 from celery import Celery, signals
 from kombu.exceptions import OperationalError as BrokerError
+from kombu.transport import sqlalchemy as sqla_transport
 from sqlalchemy import exc as sql_errors
 
 from worker import logs
@@ -50,6 +51,8 @@ TRANSIENT = (
     RetryLater,
 )
 MAX_RAW_CHARS = 4096
+EMBEDDED_PREFIX = "sqla+sqlite:"  # the embedded default broker: an SQLite file
+EMBEDDED_BROKER_POLL_S = 0.1  # how often the consumer polls it (a query on a local file)
 Work = Callable[[Runtime, str | None], dict[str, int]]
 
 _settings: Settings | None = None  # given to create_celery by the process's entry point
@@ -64,6 +67,15 @@ def runtime() -> Runtime:
         if _runtime is None:
             _runtime = build_runtime(_app_settings())
         return _runtime
+
+
+def use_runtime(rt: Runtime) -> None:
+    """Make `rt` this process's Runtime: `sidecar serve` runs the consumer, the embedding threads and
+    the HTTP API over one Runtime (one store handle), built before the consumer starts."""
+    global _settings, _runtime
+    with _runtime_lock:
+        _settings = rt.settings
+        _runtime = rt
 
 
 def _app_settings() -> Settings:
@@ -145,7 +157,7 @@ def create_celery(settings: Settings) -> Celery:
     global _settings
     _settings = settings
     broker = settings.resolved_broker_url()
-    app = Celery("sidecar", broker=broker, set_as_current=False)
+    app = _celery_app(broker)
     # Redis emulates acks with a visibility timeout (set it everywhere it is read): a message whose
     # worker died is delivered again after it. The SQLAlchemy transport of the embedded default
     # hands its options to create_engine instead.
@@ -171,6 +183,24 @@ def create_celery(settings: Settings) -> Celery:
     return app
 
 
+def _celery_app(broker: str) -> Celery:
+    """The app on `broker`; the embedded SQLite broker through EmbeddedBrokerTransport (a URL's
+    `sqla+` prefix would pick kombu's own transport whatever the app's `broker_transport`)."""
+    if broker.startswith(EMBEDDED_PREFIX):
+        app = Celery("sidecar", broker=broker.removeprefix("sqla+"), set_as_current=False)
+        app.conf.broker_transport = "worker.tasks:EmbeddedBrokerTransport"
+        return app
+    return Celery("sidecar", broker=broker, set_as_current=False)
+
+
+class EmbeddedBrokerTransport(sqla_transport.Transport):
+    """kombu's SQLAlchemy transport polling every EMBEDDED_BROKER_POLL_S instead of every second
+    (the bulk of a lone event's publish-to-indexed time); its transport options all go to
+    `create_engine`, so the interval cannot be one of them."""
+
+    polling_interval = EMBEDDED_BROKER_POLL_S
+
+
 def _transport_options(settings: Settings, redis_broker: bool) -> dict[str, Any]:
     visibility_s = settings.broker_visibility_timeout_s
     if redis_broker:
@@ -179,21 +209,22 @@ def _transport_options(settings: Settings, redis_broker: bool) -> dict[str, Any]
             "unacked_restore_interval": max(1, visibility_s / 20),
             "unacked_restore_throttle": 1,
         }
-    if settings.resolved_broker_url().startswith("sqla+sqlite"):
+    if settings.resolved_broker_url().startswith(EMBEDDED_PREFIX):
         return {"connect_args": {"timeout": 30}}
     return {}
 
 
 def _register_tasks(app: Celery, *, max_retries: int) -> None:
     # Each takes *args/**kwargs so that a call of the wrong shape is recorded as rejected instead
-    # of failing inside Celery before our code runs.
-    @app.task(name="sidecar.ingest", bind=True, max_retries=max_retries)  # type: ignore[untyped-decorator]
+    # of failing inside Celery before our code runs. Not shared: each app has its own tasks, so a
+    # process with two apps (`sidecar serve`: the consumer's and the API's) registers each once.
+    @app.task(name="sidecar.ingest", bind=True, shared=False, max_retries=max_retries)  # type: ignore[untyped-decorator]
     def ingest(self: Any, *args: Any, **kwargs: Any) -> dict[str, int]:
         if len(args) == 1 and not kwargs:
             return _run(self, _ingest_work(self, [args[0]]))
         return _run(self, _bad_call(self, "sidecar.ingest takes one positional argument: an event object"))
 
-    @app.task(name="sidecar.ingest_many", bind=True, max_retries=max_retries)  # type: ignore[untyped-decorator]
+    @app.task(name="sidecar.ingest_many", bind=True, shared=False, max_retries=max_retries)  # type: ignore[untyped-decorator]
     def ingest_many(self: Any, *args: Any, **kwargs: Any) -> dict[str, int]:
         if len(args) == 1 and not kwargs and isinstance(args[0], list):
             return _run(self, _ingest_work(self, args[0]))
@@ -201,7 +232,7 @@ def _register_tasks(app: Celery, *, max_retries: int) -> None:
             self, _bad_call(self, "sidecar.ingest_many takes one positional argument: a list of events")
         )
 
-    @app.task(name="sidecar.undeliverable", bind=True, max_retries=max_retries)  # type: ignore[untyped-decorator]
+    @app.task(name="sidecar.undeliverable", bind=True, shared=False, max_retries=max_retries)  # type: ignore[untyped-decorator]
     def undeliverable(self: Any, *args: Any, **kwargs: Any) -> dict[str, int]:
         description = args[0] if len(args) == 1 and not kwargs else {"raw": repr((args, kwargs))}
         return _run(self, lambda rt, key: record_undeliverable(rt, description, key))

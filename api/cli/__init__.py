@@ -2,7 +2,7 @@
 
 The commands live in groups, each with its `add_parsers`: api/cli/run.py (worker, api, migrate),
 api/cli/ops.py (status, deadletters, reconcile), api/cli/spend.py (spend, bill, estimate),
-api/cli/demo.py, and the emulator's own parser.
+api/cli/search.py, api/cli/demo.py, and the emulator's own parser.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from api import emulator
-from api.cli import demo, ops, run, spend
+from api.cli import demo, ops, run, search, spend, store
 from worker.errors import ConfigError, SchemaOutdated
 
 
@@ -43,4 +43,6 @@ def build_parser() -> argparse.ArgumentParser:
     emulator.add_parser(sub)
     demo.add_parser(sub)
     spend.add_parsers(sub)
+    search.add_parser(sub)
+    store.add_parsers(sub)
     return parser

@@ -36,6 +36,7 @@ EMBEDDED = (
     "SIDECAR_DATABASE_URL",
     "SIDECAR_QDRANT_URL",
     "SIDECAR_QDRANT_PATH",
+    "SIDECAR_EDGE_PATH",
     "SIDECAR_REDIS_URL",
     "SIDECAR_COLLECTION_PREFIX",
 )
@@ -149,7 +150,8 @@ def embedded_settings(base: Settings, data_dir: Path, emulator: RunningEmulator 
         "redis_url": None,
         "database_url": None,
         "qdrant_url": None,
-        "qdrant_path": None,
+        "qdrant_path": None,  # not local mode: the embedded default, Qdrant Edge in data_dir/edge
+        "edge_path": None,
         "collection_prefix": "",
     }
     if emulator is not None:

@@ -1,4 +1,5 @@
-"""`sidecar worker`, `sidecar api` and `sidecar migrate`: the long-running processes and the schema."""
+"""`sidecar worker`, `sidecar api`, `sidecar serve` (both in one process, api/serve.py) and
+`sidecar migrate`: the long-running processes and the schema."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from worker.settings import Settings
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_worker_parser(sub)
+    add_serve_parser(sub)
     p = sub.add_parser("api", help="serve the HTTP API", description="Serve the HTTP API with uvicorn.")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
@@ -55,6 +57,82 @@ def add_worker_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     p.add_argument("--loglevel", default=None, help="log level (default: SIDECAR_LOG_LEVEL, INFO)")
     p.set_defaults(func=cmd_worker)
+
+
+SERVE_DESCRIPTION = """\
+Run the worker (Celery consumer of sidecar.ingest / sidecar.ingest_many on a threads pool, as
+`sidecar worker --pool threads`), its embedding threads and the HTTP API (as `sidecar api`) in
+ONE process sharing one runtime: the embedded store (no SIDECAR_QDRANT_URL) can be opened by one
+process only, so this is how the API serves beside the worker on the embedded defaults.
+
+With --emulator, or when DASHSCOPE_API_KEY is not set, the bundled DashScope emulator also runs
+in the process on a free loopback port and the worker embeds through it (nothing is billed; the
+first line says the provider is emulated).
+
+Start: the schema is upgraded first with --migrate (the default on the embedded SQLite database,
+i.e. when SIDECAR_DATABASE_URL is unset), else checked: an outdated schema refuses to start (run
+`sidecar migrate`). One line per part shows its address (provider, database, store, embedding,
+worker with its broker, api). Without SIDECAR_BROKER_URL the broker is the SQLite file in
+SIDECAR_DATA_DIR, and without SIDECAR_QDRANT_URL the store is embedded there too. The API's
+bearer tokens come from SIDECAR_API_TOKENS (read and write) and SIDECAR_API_READ_TOKENS; with
+neither set every call but the probes answers 401.
+
+Stop: SIGINT (Ctrl-C) or SIGTERM stops accepting HTTP, shuts the consumer down warm (running
+ingest tasks finish and are acknowledged; messages not started go back to the broker), stops the
+embedding threads, closes the store and exits 0. A second signal exits at once.
+"""
+
+
+def add_serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="worker + HTTP API (+ emulator) in one process",
+        description=SERVE_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--emulator",
+        action="store_true",
+        help="embed through the bundled DashScope emulator even when DASHSCOPE_API_KEY is set",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="API bind address (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="API port (default: 8000)")
+    p.add_argument("--embed-threads", type=int, default=2, help="embedding loops in the process (default: 2)")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="ingest task slots (default: SIDECAR_WORKER_CONCURRENCY, 4)",
+    )
+    p.add_argument(
+        "--migrate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="upgrade the schema before starting (default: only on the embedded SQLite database; "
+        "--no-migrate only checks it)",
+    )
+    p.add_argument("--loglevel", default=None, help="log level (default: SIDECAR_LOG_LEVEL, INFO)")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from api import serve
+    from worker import logs
+
+    settings = Settings()
+    loglevel = args.loglevel or settings.log_level
+    logs.configure(loglevel)
+    settings.model_spec()
+    options = serve.ServeOptions(
+        host=args.host,
+        port=args.port,
+        embed_threads=args.embed_threads,
+        concurrency=args.concurrency or settings.worker_concurrency,
+        loglevel=loglevel,
+        emulator=args.emulator,
+        migrate=args.migrate,
+    )
+    return serve.run(settings, options)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -133,5 +211,6 @@ def cmd_api(args: argparse.Namespace) -> int:
 
     from api.app import create_app
 
-    uvicorn.run(create_app(Settings()), host=args.host, port=args.port, log_level="info")
+    # No access log: its lines carry the query string, and so a search's text (/v1/search?q=…).
+    uvicorn.run(create_app(Settings()), host=args.host, port=args.port, log_level="info", access_log=False)
     return 0

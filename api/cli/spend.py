@@ -50,7 +50,8 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         help="provider requests, billed tokens and cost by day and model (or --by)",
         description="The spend ledger summed by UTC day and model, or by one grouping. "
         "Tokens are the provider-billed tokens; cost is CNY at the model's real-time price; "
-        "`dedup` and `coalesced` are tokens avoided (never sent).",
+        "`dedup` and `coalesced` are tokens avoided (never sent). `--by lane` splits the "
+        "realtime, batch and query (search) calls.",
     )
     p.add_argument("--by", choices=GROUPINGS, help="group by this instead of day and model")
     p.add_argument("--since", type=_instant, help="from this UTC instant (ISO 8601, e.g. 2026-11-01)")

@@ -123,7 +123,8 @@ def broker_probe(celery: Any) -> str:
 
 def qdrant_probe(settings: Settings) -> str:
     if not settings.qdrant_url:
-        return "local mode (opened by the worker only)"
+        kind = "local mode" if settings.resolved_qdrant_path() is not None else "Qdrant Edge"
+        return f"embedded, {kind} (opened by the worker only)"
     key = settings.qdrant_api_key
     headers = {"api-key": key.get_secret_value()} if key else {}
     url = f"{settings.qdrant_url.rstrip('/')}/readyz"

@@ -70,14 +70,19 @@ def get_requests(
 
 @router.get("/v1/spend", dependencies=[Depends(can_read)], summary="Tokens, requests and cost by group")
 def get_spend(
-    by: Annotated[Grouping, Query()] = "day",
+    by: Annotated[Grouping | None, Query()] = None,
+    group_by: Annotated[Grouping | None, Query(description="the same as `by`")] = None,
     since: Since = None,
     until: Until = None,
     s: Session = Depends(session),
 ) -> dict[str, Any]:
     """Billed tokens, requests, rows and CNY (decimal strings) per group over [since, until), with
-    the tokens avoided by dedup and by coalescing beside the tokens spent."""
-    return spending.spend(s, by=by, since=since, until=until)
+    the tokens avoided by dedup and by coalescing beside the tokens spent. By `lane`: realtime and
+    batch (documents) and query (searches)."""
+    if by is not None and group_by is not None and by != group_by:
+        problem = {"loc": ["query", "group_by"], "msg": "differs from `by`; give one", "type": "value_error"}
+        raise HTTPException(422, [problem])
+    return spending.spend(s, by=by or group_by or "day", since=since, until=until)
 
 
 @router.get("/v1/budget", dependencies=[Depends(can_read)], summary="Caps, spend in their windows, pauses")

@@ -42,7 +42,12 @@ def open_request(
     attempt: int,
     key_fingerprint: str | None,
     worker: str,
+    lane: str = "realtime",
+    collection: str | None = None,
+    tenant: str | None = None,
 ) -> None:
+    """The intent row, before the call. `collection` and `tenant` attribute a row that serves
+    no document (a search query: no `items`); document rows are attributed through their items."""
     session.add(
         ProviderRequest(
             id=request_id,
@@ -56,6 +61,9 @@ def open_request(
             key_fingerprint=key_fingerprint,
             worker=worker,
             created_at=utcnow(),
+            lane=lane,
+            collection=collection,
+            tenant=tenant,
         )
     )
     session.flush()

@@ -1,6 +1,6 @@
 """Read-only summaries of state and the ledger, as plain dicts (the CLI and the API print them).
 
-Spend by period, model, collection or tenant is computed in worker/ledger/spending.py; `spend`
+Spend by period, model, lane, collection or tenant is computed in worker/ledger/spending.py; `spend`
 and `GROUPINGS` are offered here too, beside the other reports.
 """
 
@@ -66,10 +66,13 @@ def requests_page(
         where.append(pr.provider_request_id == provider_request_id)
     if collection is not None:
         where.append(
-            sa.exists().where(
-                RequestItem.request_id == pr.id,
-                Document.id == RequestItem.document_id,
-                Document.collection == collection,
+            sa.or_(
+                pr.collection == collection,  # a query row names its collection
+                sa.exists().where(
+                    RequestItem.request_id == pr.id,
+                    Document.id == RequestItem.document_id,
+                    Document.collection == collection,
+                ),
             )
         )
     if after is not None:
@@ -80,6 +83,9 @@ def requests_page(
     more = len(rows) > limit
     rows = rows[:limit]
     collections = _collections_of(session, [r.id for r in rows])
+    for r in rows:
+        if r.collection is not None:  # a query row names its collection
+            collections[r.id].add(r.collection)
     items = [_request_row(r, sorted(collections[r.id])) for r in rows]
     return items, ((rows[-1].created_at, rows[-1].id) if more else None)
 
@@ -119,6 +125,7 @@ def _request_row(r: ProviderRequest, collections: list[str]) -> dict[str, Any]:
         "worker": r.worker,
         "created_at": r.created_at.isoformat(),
         "completed_at": None if r.completed_at is None else r.completed_at.isoformat(),
+        "lane": r.lane,
         "collections": collections,
     }
 

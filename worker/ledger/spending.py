@@ -1,5 +1,6 @@
-"""Spend over time: requests, rows, billed tokens and CNY grouped by hour, day, model, collection or
-tenant, with the tokens that dedup and coalescing saved beside them (the CLI and the API print it)."""
+"""Spend over time: requests, rows, billed tokens and CNY grouped by hour, day, model, lane,
+collection or tenant, with the tokens that dedup and coalescing saved beside them (the CLI and the
+API print it). Lanes: `realtime` and `batch` embed documents, `query` embeds searches."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from worker.catalog import cny_str
 from worker.ledger.counters import AVOIDED_PREFIX, hour_bucket
 from worker.sql.models import Document, HourlyCounter, ProviderRequest, RequestItem
 
-GROUPINGS = ("hour", "day", "model", "collection", "tenant")
+GROUPINGS = ("hour", "day", "model", "lane", "collection", "tenant")
 _SUMS = (
     "requests",
     "failed",
@@ -75,8 +76,10 @@ def spend(
 
     `by` None groups by UTC day and model (the original report); otherwise one of GROUPINGS.
     Collection and tenant shares of a request follow the est_tokens of its items (largest
-    remainder, so the groups sum to the total). Range: `since` ≤ created_at < `until`; tokens
+    remainder, so the groups sum to the total); a query row has no items and counts whole
+    towards the collection and tenant it names. Range: `since` ≤ created_at < `until`; tokens
     avoided are counted by the hour, so a range starting mid-hour includes that whole hour.
+    Counters of tokens avoided carry no lane: by lane they appear in the total only.
     """
     if by is not None and by not in GROUPINGS:
         raise ValueError(f"by must be one of {', '.join(GROUPINGS)}, got {by!r}")
@@ -86,7 +89,8 @@ def spend(
         distinct = _spend_by_document(session, by, since, until, groups)
     else:
         _spend_by_request(session, by, since, until, groups)
-    _avoided(session, by, since, until, groups)
+    unsplit: Groups = defaultdict(_empty)
+    _avoided(session, by, since, until, unsplit if by == "lane" else groups)
 
     names = ("day", "model") if by is None else (by,)
     rows, total = [], _empty()
@@ -97,6 +101,9 @@ def spend(
             total[name] += values[name]
     if distinct is not None:
         total["requests"], total["failed"] = distinct
+    for values in unsplit.values():
+        for name in _SUMS:
+            total[name] += values[name]
     return {
         "by": by or "day,model",
         "since": None if since is None else since.isoformat(),
@@ -111,8 +118,8 @@ def _spend_by_request(session: Session, by: str | None, since: Any, until: Any, 
     keys: list[KeyColumn]
     if by is None:
         keys = [_bucket_expr(session, pr.created_at, "day"), pr.model]
-    elif by == "model":
-        keys = [pr.model]
+    elif by in ("model", "lane"):
+        keys = [getattr(pr, by)]
     else:
         keys = [_bucket_expr(session, pr.created_at, by)]
     labelled = [k.label(f"k{i}") for i, k in enumerate(keys)]
@@ -142,7 +149,7 @@ def _spend_by_document(session: Session, by: str, since: Any, until: Any, groups
     """Fill `groups`; returns the distinct (requests, failed): a request that served several
     groups counts in each group but once in the total."""
     pr = ProviderRequest
-    label = getattr(Document, by)
+    label = sa.func.coalesce(getattr(Document, by), getattr(pr, by)).label("k")
     query = (
         sa.select(
             pr.id,
@@ -198,6 +205,8 @@ def _avoided(session: Session, by: str | None, since: Any, until: Any, groups: G
         keys = [c.bucket]
     elif by == "day":
         keys = [sa.func.substr(c.bucket, 1, 10)]
+    elif by == "lane":
+        keys = []
     else:
         keys = [getattr(c, by)]
     where: list[sa.ColumnElement[bool]] = [c.name.like(f"{AVOIDED_PREFIX}%")]

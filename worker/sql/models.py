@@ -142,6 +142,15 @@ class ProviderRequest(Base):
     worker: Mapped[str | None] = mapped_column(sa.String(128))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
     completed_at: Mapped[dt.datetime | None]
+    # What the call was for: realtime | batch (document embedding) | query (a search).
+    lane: Mapped[str] = mapped_column(sa.String(16), default="realtime", server_default="realtime")
+    # Rows that serve no document (queries) name their collection and tenant here; the others
+    # are attributed through their items.
+    collection: Mapped[str | None] = mapped_column(sa.String(64))
+    tenant: Mapped[str | None] = mapped_column(sa.String(64))
+
+
+LANES = ("realtime", "batch", "query")
 
 
 class RequestItem(Base):

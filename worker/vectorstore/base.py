@@ -1,5 +1,6 @@
 """The vector-store seam: the `VectorStore` Protocol, the values it takes and returns, and the
-point ids every implementation uses (worker/vectorstore/qdrant.py is the Qdrant adapter).
+point ids every implementation uses. Adapters: worker/vectorstore/qdrant.py (a Qdrant server, or
+qdrant-client local mode) and worker/vectorstore/edge.py (Qdrant Edge in-process, the default).
 
 Point id: UUIDv5 of tenant, collection, doc_id and chunk index, stable across retries, so every
 write is idempotent. A document's tombstone (written by a delete) has chunk index -1.
@@ -10,13 +11,17 @@ from __future__ import annotations
 import json
 import threading
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 NAMESPACE = uuid.UUID("1bae0afb-c502-4426-85c8-38c2ad0ba6eb")  # fixed forever: ids depend on it
 DENSE = "dense"
 SPARSE = "sparse"
 TOMBSTONE_INDEX = -1
+RRF_K = 60
+
+# Exact matches on payload `meta.<key>` a search narrows to.
+MetaFilter = dict[str, str | int | bool]
 
 
 def point_id(tenant: str, collection: str, doc_id: str, chunk_index: int) -> str:
@@ -108,10 +113,54 @@ class VectorStore(Protocol):
     def count(self, collection: str, tenant: str | None = None) -> int: ...
 
     def search(
-        self, collection: str, vector: list[float], *, tenant: str | None = None, limit: int = 5
-    ) -> list[Hit]: ...
+        self,
+        collection: str,
+        vector: list[float],
+        *,
+        limit: int = 5,
+        tenant: str | None = None,
+        meta: MetaFilter | None = None,
+        sparse: dict[int, float] | None = None,
+    ) -> list[Hit]:
+        """The `limit` chunks nearest `vector`, best first; never a tombstone. `tenant` and `meta`
+        narrow by exact payload match; with `sparse` on a collection that has the sparse vector,
+        the dense and the sparse ranking are fused by `rrf`. A missing collection has no hits."""
+        ...
+
+    def set_alias(self, alias: str, collection: str) -> None:
+        """Point `alias` at `collection` (create or switch); every call then resolves it."""
+        ...
+
+    def delete_alias(self, alias: str) -> None: ...
+
+    def aliases(self) -> dict[str, str]:
+        """{alias: collection}."""
+        ...
+
+    def optimize_if_due(self) -> bool:
+        """Housekeeping after bulk loads, run from an idle thread; True if it did any."""
+        ...
 
     def close(self) -> None: ...
+
+
+def fusion_depth(limit: int) -> int:
+    """How many candidates each ranking contributes to a fused search of `limit` hits."""
+    return max(4 * limit, 20)
+
+
+def rrf(rankings: list[list[Hit]], *, k: int = RRF_K, limit: int) -> list[Hit]:
+    """Reciprocal rank fusion: a chunk scores the sum of 1 / (k + rank) over the rankings it is
+    in (rank from 1), and carries that fused score. Ties keep the order of first appearance."""
+    fused: dict[tuple[str, str, int], float] = {}
+    first: dict[tuple[str, str, int], Hit] = {}
+    for ranking in rankings:
+        for rank, hit in enumerate(ranking, start=1):
+            key = (hit.tenant, hit.doc_id, hit.chunk_index)
+            fused[key] = fused.get(key, 0.0) + 1.0 / (k + rank)
+            first.setdefault(key, hit)
+    order = sorted(fused, key=lambda key: -fused[key])  # stable: ties keep first appearance
+    return [replace(first[key], score=fused[key]) for key in order[:limit]]
 
 
 class SerializedStore:
@@ -157,10 +206,33 @@ class SerializedStore:
             return self.store.count(collection, tenant)
 
     def search(
-        self, collection: str, vector: list[float], *, tenant: str | None = None, limit: int = 5
+        self,
+        collection: str,
+        vector: list[float],
+        *,
+        limit: int = 5,
+        tenant: str | None = None,
+        meta: MetaFilter | None = None,
+        sparse: dict[int, float] | None = None,
     ) -> list[Hit]:
         with self._lock:
-            return self.store.search(collection, vector, tenant=tenant, limit=limit)
+            return self.store.search(collection, vector, limit=limit, tenant=tenant, meta=meta, sparse=sparse)
+
+    def set_alias(self, alias: str, collection: str) -> None:
+        with self._lock:
+            self.store.set_alias(alias, collection)
+
+    def delete_alias(self, alias: str) -> None:
+        with self._lock:
+            self.store.delete_alias(alias)
+
+    def aliases(self) -> dict[str, str]:
+        with self._lock:
+            return self.store.aliases()
+
+    def optimize_if_due(self) -> bool:
+        with self._lock:
+            return self.store.optimize_if_due()
 
     def close(self) -> None:
         with self._lock:

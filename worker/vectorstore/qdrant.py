@@ -86,6 +86,8 @@ class QdrantStore(QdrantReads):
             client = QdrantClient(url=settings.qdrant_url, api_key=key)
         else:
             path = settings.resolved_qdrant_path()
+            if path is None:
+                raise ConfigError("neither SIDECAR_QDRANT_URL nor SIDECAR_QDRANT_PATH is set")
             path.mkdir(parents=True, exist_ok=True)
             try:
                 client = QdrantClient(path=str(path))
@@ -348,6 +350,10 @@ class QdrantStore(QdrantReads):
         if only is not None:
             must.append(models.HasIdCondition(has_id=sorted(only)))
         return models.Filter(must=must, must_not=[exclude] if exclude else None)
+
+    def optimize_if_due(self) -> bool:
+        """Nothing to do: a server optimises by itself, and local mode has no index to build."""
+        return False
 
     def close(self) -> None:
         self.client.close()

@@ -1,4 +1,4 @@
-"""Reads of the Qdrant adapter: searches, counts and what a collection's points hold.
+"""Reads of the Qdrant adapter: searches, counts, aliases and what a collection's points hold.
 
 `QdrantStore` (worker/vectorstore/qdrant.py) adds collections and version-guarded writes on
 top. Only chunk points have a dense vector, so reads that filter on it never see a tombstone.
@@ -13,8 +13,18 @@ import httpx
 from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
-from worker.errors import StoreUnavailable
-from worker.vectorstore.base import DENSE, DocSummary, Hit, StoredPoint, tombstone_id
+from worker.errors import ConfigError, StoreUnavailable
+from worker.vectorstore.base import (
+    DENSE,
+    SPARSE,
+    DocSummary,
+    Hit,
+    MetaFilter,
+    StoredPoint,
+    fusion_depth,
+    rrf,
+    tombstone_id,
+)
 
 
 @contextmanager
@@ -138,18 +148,49 @@ class QdrantReads:
             ).count
 
     def search(
-        self, collection: str, vector: list[float], *, tenant: str | None = None, limit: int = 5
+        self,
+        collection: str,
+        vector: list[float],
+        *,
+        limit: int = 5,
+        tenant: str | None = None,
+        meta: MetaFilter | None = None,
+        sparse: dict[int, float] | None = None,
     ) -> list[Hit]:
-        where = models.Filter(must=[match("tenant", tenant)]) if tenant is not None else None
+        """Dense search; with `sparse` on a collection that has it, fused with a sparse one."""
+        name = self._name(collection)
+        must = [match("tenant", tenant)] if tenant is not None else []
+        must += [match(f"meta.{key}", value) for key, value in (meta or {}).items()]
+        where = models.Filter(must=list(must)) if must else None
         with translated("search"):
-            result = self.client.query_points(
-                self._name(collection),
-                query=vector,
-                using=DENSE,
-                query_filter=where,
-                limit=limit,
-                with_payload=True,
-            )
+            if not self._exists(name):
+                return []
+            if not (sparse and self._has_sparse(name)):
+                return self._query(name, vector, DENSE, where, limit)
+            depth = fusion_depth(limit)
+            sparse_query = models.SparseVector(indices=list(sparse), values=list(sparse.values()))
+            rankings = [
+                self._query(name, vector, DENSE, where, depth),
+                self._query(name, sparse_query, SPARSE, where, depth),
+            ]
+        return rrf(rankings, limit=limit)
+
+    def _has_sparse(self, name: str) -> bool:
+        if name in self._ready:
+            return self._ready[name][1]
+        return SPARSE in (self.client.get_collection(name).config.params.sparse_vectors or {})
+
+    def _query(
+        self,
+        name: str,
+        query: list[float] | models.SparseVector,
+        using: str,
+        where: models.Filter | None,
+        limit: int,
+    ) -> list[Hit]:
+        result = self.client.query_points(
+            name, query=query, using=using, query_filter=where, limit=limit, with_payload=True
+        )
         return [
             Hit(
                 doc_id=p.payload["doc_id"],
@@ -161,5 +202,43 @@ class QdrantReads:
                 meta=p.payload.get("meta", {}),
             )
             for p in result.points
-            if p.payload
+            if p.payload and not p.payload.get("deleted")
         ]
+
+    # --- aliases ----------------------------------------------------------------------------
+
+    def aliases(self) -> dict[str, str]:
+        """{alias: collection} of this prefix (both without it)."""
+        with translated("aliases"):
+            found = self.client.get_aliases().aliases
+        n = len(self.prefix)
+        return {
+            a.alias_name[n:]: a.collection_name[n:]
+            for a in found
+            if a.alias_name.startswith(self.prefix) and a.collection_name.startswith(self.prefix)
+        }
+
+    def set_alias(self, alias: str, collection: str) -> None:
+        """Create `alias` or switch it to `collection`, in one atomic alias update."""
+        name, target = self._name(alias), self._name(collection)
+        with translated("set_alias"):
+            if not self.client.collection_exists(target):
+                raise ConfigError(f"alias target {target!r} does not exist")
+            ops: list[models.AliasOperations] = []
+            if alias in self.aliases():
+                ops.append(models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=name)))
+            ops.append(
+                models.CreateAliasOperation(
+                    create_alias=models.CreateAlias(collection_name=target, alias_name=name)
+                )
+            )
+            self.client.update_collection_aliases(change_aliases_operations=ops)
+        self._ready.clear()
+
+    def delete_alias(self, alias: str) -> None:
+        if alias not in self.aliases():
+            return
+        op = models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=self._name(alias)))
+        with translated("delete_alias"):
+            self.client.update_collection_aliases(change_aliases_operations=[op])
+        self._ready.clear()

@@ -1,0 +1,359 @@
+"""The Qdrant Edge adapter of the vector-store seam (worker/vectorstore/base.py): the embedded
+default store, in-process, one Edge shard per collection (layout in worker/vectorstore/edge_reads.py).
+
+Same payload contract, point ids and version rule as the Qdrant adapter
+(worker/vectorstore/qdrant.py); writing version v of a document:
+
+1. Pre-check (`superseded_by`, one `retrieve` of two ids): refuse if the document's tombstone
+   has a version >= v or its chunk 0 a version > v.
+2. Conditional upsert with the condition version <= v: Edge skips an existing point failing it
+   and always inserts a missing one; a redelivery of v overwrites itself.
+3. Delete the document's points with version < v (Edge has real payload indexes: one filter).
+4. Post-check, as in the Qdrant adapter: if a delete or a newer write landed, delete what step 2
+   may have inserted and report that the write did not take effect.
+
+Every write runs under one lock and no other process can open the directory, so steps 1-4 never
+interleave; the post-check stays for the same contract. A tombstone is a point with no vector at
+all. Metadata nested deeper than `MAX_META_DEPTH` is refused before it is written: Edge 0.9.0
+accepts it but cannot replay it from its WAL, so the shard would not open again.
+
+`optimize()` merges segments and builds the HNSW index. Edge holds the GIL while it optimises
+(measured: no other thread runs), so it runs in a child process on the closed shard; meanwhile
+this collection's calls wait (one already running on the shard fails as StoreUnavailable).
+`optimize_if_due` does it once `optimize_after_points` points were written since, and the
+embedding service calls it only when idle (worker/service.py).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import qdrant_edge as qe
+
+from worker.errors import ConfigError, StoreRejected, StoreUnavailable
+from worker.vectorstore.base import DENSE, SPARSE, TOMBSTONE_INDEX, ChunkVector, point_id, tombstone_id
+from worker.vectorstore.edge_reads import EdgeReads, match, translated
+
+if TYPE_CHECKING:
+    from worker.settings import Settings
+
+MAX_META_DEPTH = 64
+_INDEXES: dict[str, qe.PayloadSchemaType] = {
+    "tenant": qe.PayloadSchemaType.Keyword,
+    "doc_id": qe.PayloadSchemaType.Keyword,
+    "version": qe.PayloadSchemaType.Integer,
+}
+_OPTIMIZE = (
+    "import sys, qdrant_edge as qe\n"
+    "s = qe.EdgeShard.load(sys.argv[1])\n"
+    "done = s.optimize()\n"
+    "s.close()\n"
+    "print(int(done))\n"
+)
+
+
+def _versions(*, lt: int | None = None, lte: int | None = None) -> qe.FieldCondition:
+    """A version range (Edge's one numeric range type; the integer index serves it)."""
+    return qe.FieldCondition("version", range=qe.RangeFloat(lt=lt, lte=lte))
+
+
+def _doc_filter(tenant: str, doc_id: str, *conditions: Any, exclude: Any = None) -> qe.Filter:
+    return qe.Filter(
+        must=[match("tenant", tenant), match("doc_id", doc_id), *conditions],
+        must_not=[exclude] if exclude is not None else None,
+    )
+
+
+def _depth(value: Any) -> int:
+    """How deeply dicts and lists nest in `value` (iterative: no recursion limit)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        deepest = max(deepest, level)
+        stack.extend((child, level + 1) for child in children if isinstance(child, dict | list))
+    return deepest
+
+
+class EdgeStore(EdgeReads):
+    """`VectorStore` on Qdrant Edge; thread-safe, one process per data directory."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        prefix: str = "",
+        store_text: bool = True,
+        optimize_after_points: int = 10_000,
+    ) -> None:
+        super().__init__(root, prefix=prefix)
+        self.store_text = store_text
+        self.optimize_after_points = optimize_after_points
+        self._written: dict[str, int] = {}  # shard name -> points written since its optimisation
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> EdgeStore:
+        return cls(
+            settings.resolved_edge_path(),
+            prefix=settings.collection_prefix,
+            store_text=settings.store_text,
+            optimize_after_points=settings.edge_optimize_after_points,
+        )
+
+    # --- collections ----------------------------------------------------------------------
+
+    def ensure_collection(self, collection: str, dimensions: int, *, sparse: bool = False) -> None:
+        name = self._name(collection)
+        with self._lock, translated("ensure_collection"):
+            if name not in self._ready:
+                shard = self._shard(name) or self._create(name, dimensions, sparse)
+                self._ready[name] = self._check(name, shard)
+            stored, has_sparse = self._ready[name]
+            if stored != dimensions:
+                raise ConfigError(
+                    f"edge collection {name!r} holds {stored}-dimension vectors, not {dimensions}: "
+                    "a changed dimension is a new vector space, so use a new collection"
+                )
+            if sparse and not has_sparse:  # Edge adds a named vector to a live shard
+                self._shards[name].update(qe.UpdateOperation.create_sparse_vector(SPARSE))
+                self._ready[name] = (stored, True)
+
+    def _create(self, name: str, dimensions: int, sparse: bool) -> qe.EdgeShard:
+        config = qe.EdgeConfig(
+            vectors={DENSE: qe.EdgeVectorParams(size=dimensions, distance=qe.Distance.Cosine)},
+            sparse_vectors={SPARSE: qe.EdgeSparseVectorParams()} if sparse else None,
+        )
+        shard = self._shards[name] = qe.EdgeShard.create(str(self._path(name)), config)
+        return shard
+
+    def _check(self, name: str, shard: qe.EdgeShard) -> tuple[int, bool]:
+        """(dense size, has sparse), after adding missing payload indexes."""
+        params = self._params(name)
+        if params is None:
+            raise ConfigError(f"edge collection {name!r} has no edge_config.json")
+        schema = shard.info().payload_schema
+        for key, kind in _INDEXES.items():
+            if key not in schema:
+                shard.update(qe.UpdateOperation.create_field_index(key, kind))
+        return params[0], params[2]
+
+    def drop_collection(self, collection: str) -> None:
+        import shutil
+
+        name = self._name(collection)
+        with self._lock:
+            if name in self._aliases.values():
+                raise ConfigError(f"edge collection {name!r} still has aliases")
+            shard = self._shards.pop(name, None)
+            if shard is not None:
+                shard.close()
+            self._ready.pop(name, None)
+            shutil.rmtree(self._path(name), ignore_errors=True)
+
+    # --- writes ---------------------------------------------------------------------------
+
+    def write_document(
+        self,
+        collection: str,
+        tenant: str,
+        doc_id: str,
+        version: int,
+        chunks: list[ChunkVector],
+        *,
+        meta: dict[str, Any],
+        model: str,
+        dimensions: int,
+    ) -> bool:
+        """Write version `version`; False if a newer version or a delete supersedes it."""
+        for chunk in chunks:
+            if len(chunk.vector) != dimensions:
+                raise StoreRejected(
+                    f"chunk {chunk.chunk_index}: vector has {len(chunk.vector)} dimensions, not {dimensions}"
+                )
+        if _depth(meta) > MAX_META_DEPTH:
+            raise StoreRejected(f"edge write_document: metadata nests deeper than {MAX_META_DEPTH} levels")
+        self.ensure_collection(collection, dimensions, sparse=any(c.sparse for c in chunks))
+        stamp = {"model": model, "dimensions": dimensions, "meta": meta}
+        points = self._points(collection, tenant, doc_id, version, chunks, stamp)
+        with self._lock:
+            try:
+                with translated("write_document", rejecting=True):
+                    return self._write_points(collection, tenant, doc_id, version, points)
+            except StoreRejected:
+                self._discard(collection, tenant, doc_id, version)
+                raise
+
+    def _discard(self, collection: str, tenant: str, doc_id: str, version: int) -> None:
+        """Best effort after a refused write: remove the points of `version` it may have left."""
+        try:
+            shard = self._shards[self._name(collection)]
+            where = _doc_filter(tenant, doc_id, match("version", version), qe.HasVectorCondition(DENSE))
+            shard.update(qe.UpdateOperation.delete_points_by_filter(where))
+        except Exception:  # the write's own error is what the caller needs
+            return
+
+    def _points(
+        self,
+        collection: str,
+        tenant: str,
+        doc_id: str,
+        version: int,
+        chunks: list[ChunkVector],
+        stamp: dict[str, Any],
+    ) -> list[qe.Point]:
+        embedded_at = datetime.now(UTC).isoformat(timespec="milliseconds")
+        return [
+            qe.Point(
+                point_id(tenant, collection, doc_id, chunk.chunk_index),
+                self._vectors(chunk),
+                {
+                    "doc_id": doc_id,
+                    "tenant": tenant,
+                    "chunk_index": chunk.chunk_index,
+                    "chunk_count": len(chunks),
+                    "version": version,
+                    "content_hash": chunk.content_hash,
+                    **({"text": chunk.text} if self.store_text else {}),
+                    "meta": dict(stamp["meta"]),
+                    "model": stamp["model"],
+                    "dimensions": stamp["dimensions"],
+                    "embedded_at": embedded_at,
+                },
+            )
+            for chunk in chunks
+        ]
+
+    def _write_points(
+        self, collection: str, tenant: str, doc_id: str, version: int, points: list[qe.Point]
+    ) -> bool:
+        """Steps 1-4 of the module's docstring, under the write lock."""
+        name = self._name(collection)
+        shard = self._shards[name]
+        if self.superseded_by(collection, tenant, doc_id, version):
+            return False
+        if points:
+            guard = _doc_filter(tenant, doc_id, _versions(lte=version))
+            shard.update(qe.UpdateOperation.upsert_points(points, condition=guard))
+            self._written[name] = self._written.get(name, 0) + len(points)
+        stale = _doc_filter(tenant, doc_id, _versions(lt=version))
+        shard.update(qe.UpdateOperation.delete_points_by_filter(stale))
+        if newer := self.superseded_by(collection, tenant, doc_id, version):
+            upto, deleted = newer
+            older = _versions(lte=upto) if deleted else _versions(lt=upto)
+            keep = qe.HasIdCondition({tombstone_id(tenant, collection, doc_id)})
+            shard.update(
+                qe.UpdateOperation.delete_points_by_filter(_doc_filter(tenant, doc_id, older, exclude=keep))
+            )
+            return False
+        return True
+
+    def delete_document(
+        self,
+        collection: str,
+        tenant: str,
+        doc_id: str,
+        version: int,
+        *,
+        dimensions: int | None = None,
+    ) -> None:
+        """Delete the document's points with version <= `version`, leaving a tombstone; a
+        missing collection is left alone unless `dimensions` is given (then it is created)."""
+        name = self._name(collection)
+        tombstone = tombstone_id(tenant, collection, doc_id)
+        if dimensions is not None:
+            self.ensure_collection(collection, dimensions)
+        with self._lock, translated("delete_document", rejecting=True):
+            shard = self._shard(name)
+            if shard is None:
+                return
+            payload = {
+                "doc_id": doc_id,
+                "tenant": tenant,
+                "chunk_index": TOMBSTONE_INDEX,
+                "version": version,
+                "deleted": True,
+            }
+            guard = _doc_filter(tenant, doc_id, _versions(lte=version))
+            shard.update(
+                qe.UpdateOperation.upsert_points([qe.Point(tombstone, {}, payload)], condition=guard)
+            )
+            chunks = _doc_filter(
+                tenant, doc_id, _versions(lte=version), exclude=qe.HasIdCondition({tombstone})
+            )
+            shard.update(qe.UpdateOperation.delete_points_by_filter(chunks))
+
+    def put_points(self, collection: str, points: list[qe.Point]) -> None:
+        """Store points as they are, unguarded (for `sidecar store import-local`)."""
+        with self._lock, translated("put_points"):
+            shard = self._shard(self._name(collection))
+            if shard is None:
+                raise ConfigError(f"edge collection {collection!r} does not exist")
+            shard.update(qe.UpdateOperation.upsert_points(points))
+            name = self._name(collection)
+            self._written[name] = self._written.get(name, 0) + len(points)
+
+    @staticmethod
+    def _vectors(chunk: ChunkVector) -> dict[str, Any]:
+        vectors: dict[str, Any] = {DENSE: [float(x) for x in chunk.vector]}
+        if chunk.sparse:
+            vectors[SPARSE] = qe.SparseVector(list(chunk.sparse.keys()), list(chunk.sparse.values()))
+        return vectors
+
+    def superseded_by(
+        self, collection: str, tenant: str, doc_id: str, version: int
+    ) -> tuple[int, bool] | None:
+        """(version, is_delete) of a tombstone >= `version` or a chunk 0 > `version`, if any."""
+        tombstone = tombstone_id(tenant, collection, doc_id)
+        first = point_id(tenant, collection, doc_id, 0)
+        shard = self._shard(self._name(collection))
+        if shard is None:
+            return None
+        found = {str(r.id): r.payload or {} for r in shard.retrieve([tombstone, first], ["version"], False)}
+        if tombstone in found and found[tombstone]["version"] >= version:
+            return found[tombstone]["version"], True
+        if first in found and found[first]["version"] > version:
+            return found[first]["version"], False
+        return None
+
+    # --- housekeeping -----------------------------------------------------------------------
+
+    def optimize(self, collection: str) -> bool:
+        """Merge segments and build the index in a child process; True if anything changed."""
+        name = self._name(collection)
+        with self._lock:
+            if not self._exists(name):
+                return False
+            shard = self._shards.pop(name, None)
+            if shard is not None:
+                shard.close()
+            try:
+                done = subprocess.run(
+                    [sys.executable, "-c", _OPTIMIZE, str(self._path(name))],
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                )
+            finally:
+                self._shard(name)
+            if done.returncode != 0:
+                raise StoreUnavailable(f"edge optimize {name!r}: {done.stderr.strip()[-300:]}")
+            self._written[name] = 0
+            return done.stdout.strip().endswith("1")
+
+    def optimize_if_due(self) -> bool:
+        """Optimise each collection with `optimize_after_points` writes since its last one."""
+        with self._lock:
+            due = [n for n, count in self._written.items() if count >= self.optimize_after_points]
+        for name in due:
+            n = len(self.prefix)
+            self.optimize(name[n:] if name.startswith(self.prefix) else name)
+        return bool(due)
+
+    def flush(self) -> None:
+        with self._lock, translated("flush"):
+            for shard in self._shards.values():
+                shard.flush()
