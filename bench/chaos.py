@@ -12,7 +12,7 @@ What it does (research/reliability.md §6 and §8 scenarios 1 and 6):
   fails is retried with backoff, never dropped: publishing is the application's job;
 - mixes in a poison share (`--poison-share`, default 2 % of the messages): foreign entries pushed
   raw on the queue list, lone surrogates, NUL and trailing newlines in fields, a document at
-  version 2**63-1 then a version-less event for it, a 100-character task id, 200 levels of
+  the largest version then a version-less event for it, a 100-character task id, 200 levels of
   metadata. They must become rejections or documents of their own and hold nothing else up;
 - SIGKILLs the worker every 2-6 s (seeded) and restarts it at once, while events are being
   published or the backlog is not empty; restarts Redis once mid-run (SIGTERM, then the same port
@@ -59,6 +59,7 @@ from bench.common import (
     temp_database,
     wait_for,
 )
+from worker.events import MAX_VERSION
 
 COLLECTION = "chaos"
 MODEL = "text-embedding-v4"
@@ -209,7 +210,7 @@ def poison_message(kind: str, n: int) -> Message:
     elif kind == "newline_collection":
         event["collection"] = COLLECTION + "\n"
     elif kind == "max_version_then_none":
-        top = {**event, "version": 2**63 - 1}
+        top = {**event, "version": MAX_VERSION}
         return Message("sidecar.ingest_many", [top, event], poison=kind)
     elif kind == "long_task_id":
         return Message("sidecar.ingest", event, task_id="t" * 100 + f"-{n}", poison=kind)

@@ -34,13 +34,14 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from tests.fixtures.worker_process import SidecarWorker
+from worker import events
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 QUEUE = "celery"  # the worker consumes Celery's default queue
 FIELDS = ("op", "doc_id", "collection", "version", "text", "metadata", "tenant", "event_id")
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-MAX_VERSION = 2**63 - 1
+MAX_VERSION = events.MAX_VERSION
 MAX_METADATA_BYTES = 16 << 10
 SETTLE_S = 30.0
 GOOD_TEXT = "good note about tea and lanterns"  # must never reach the worker's log

@@ -138,6 +138,37 @@ def test_a_document_the_store_refuses_is_dead_lettered_alone(make_runtime):
     assert rt.store.count("documents") == 4
 
 
+class _FailsFor:
+    """A store whose writes of one document raise an error outside the error tree, as an adapter
+    bug or an untranslated library error would."""
+
+    def __init__(self, store: object, doc_id: str) -> None:
+        self.store, self.doc_id = store, doc_id
+
+    def write_document(self, collection, tenant, doc_id, *args, **kwargs):
+        if doc_id == self.doc_id:
+            raise TypeError("not a payload this store can take")
+        return self.store.write_document(collection, tenant, doc_id, *args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.store, name)
+
+
+def test_an_untranslated_store_error_gives_up_on_that_document_only(make_runtime):
+    rt = make_runtime()
+    ingest_events(rt, [upsert(f"d{i}", f"text {i}") for i in range(5)])
+    rt.store = _FailsFor(rt.store, "d3")
+    drain(rt)
+    with rt.sessions() as session:
+        statuses = dict(session.execute(sa.select(Document.doc_id, Document.status)).all())
+        last_error = session.execute(
+            sa.select(Document.last_error).where(Document.doc_id == "d3")
+        ).scalar_one()
+    assert statuses.pop("d3") == "dead"
+    assert set(statuses.values()) == {"indexed"}
+    assert "TypeError" in last_error and "payload" not in last_error
+
+
 def test_provider_errors_retry_and_never_reach_the_store(make_runtime, emulator):
     rt = make_runtime()
     emulator.configure(error_rate=1.0)

@@ -57,7 +57,7 @@ def make_machine(rt, emulator):
                     session.execute(table.delete())
             for collection in rt.store.client.get_collections().collections:
                 rt.store.client.delete_collection(collection.name)
-            rt.store._ready.clear()  # the store caches which collections exist
+            rt.store.forget_collections()  # the store caches which collections exist
             emulator.reset()
             self.model: dict[str, tuple[int, str | None]] = {}
             self.sent: list[dict] = []

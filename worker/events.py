@@ -20,7 +20,10 @@ if TYPE_CHECKING:
 
 NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"  # collection and tenant; always matched in full
 FIELDS = frozenset({"op", "doc_id", "collection", "version", "text", "metadata", "tenant", "event_id"})
-MAX_VERSION = 2**63 - 2  # version + 1, the next version-less event's, still fits a BIGINT
+# Vector stores compare payload versions as doubles (Qdrant's range filters), exact up to 2**53:
+# above that a version guard could let a stale chunk stand. version + 1 (the next version-less
+# event's) stays within the exact range too.
+MAX_VERSION = 2**53 - 2
 MAX_DOC_ID_CHARS = 512
 MAX_EVENT_ID_CHARS = 256
 MAX_METADATA_DEPTH = 32

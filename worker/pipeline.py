@@ -143,6 +143,9 @@ def apply_delete(rt: Runtime, doc: documents.Claimed, cycle: Cycle) -> None:
     except SidecarError as exc:  # refused for good (GiveUp), or a collection that cannot work
         _give_up(rt, doc, f"the vector store refused the delete: {exc}", cycle)
         return
+    except Exception as exc:  # an adapter let a library error through: this document only
+        _give_up(rt, doc, f"the vector store failed the delete: {type(exc).__name__}", cycle)
+        return
     with rt.sessions.begin() as session:
         if documents.mark_deleted(session, doc, owner=rt.owner):
             cycle.deleted += 1
@@ -336,6 +339,9 @@ def write_document(rt: Runtime, work: _Work, doc: documents.Claimed, cycle: Cycl
         return
     except SidecarError as exc:  # refused for good (GiveUp), or a collection that cannot work
         _give_up(rt, doc, f"the vector store refused the write: {exc}", cycle)
+        return
+    except Exception as exc:  # an adapter let a library error through: this document only
+        _give_up(rt, doc, f"the vector store failed the write: {type(exc).__name__}", cycle)
         return
     rt.faults.reach("after_store_write")
     if not written:  # the store holds a newer version or a delete: SQL will catch up or give up

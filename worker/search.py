@@ -109,6 +109,8 @@ def check_filter(meta: dict[str, Any] | None) -> None:
             raise InvalidQuery("filter", f"keys must match {META_KEY_PATTERN}")
         if not isinstance(value, str | int | bool):  # what an exact match can compare (bool is an int)
             raise InvalidQuery("filter", f"value of {key!r} must be a string, an integer or a boolean")
+        if isinstance(value, int) and not -(2**63) <= value < 2**63:
+            raise InvalidQuery("filter", f"value of {key!r} must fit in 64 bits")
 
 
 class Searcher:

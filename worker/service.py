@@ -38,7 +38,8 @@ class EmbedService:
     def start(self) -> None:
         for thread in self._threads:
             thread.start()
-        log.info("embed.started threads=%d", len(self._threads))
+        embedding = sum(t.name.startswith("sidecar-embed-") for t in self._threads)
+        log.info("embed.started threads=%d reconciler=%s", embedding, len(self._threads) > embedding)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         self._stop.set()

@@ -18,14 +18,14 @@ from sqlalchemy.orm import Session
 
 from worker import chunking, tokens
 from worker.errors import InvalidEvent
-from worker.events import MAX_EVENT_ID_CHARS, Event, escape_unstorable
+from worker.events import MAX_EVENT_ID_CHARS, MAX_VERSION, Event, escape_unstorable
 from worker.sql.engines import changed_rows, insert_ignore
 from worker.sql.models import Document, RejectedEvent, SeenEvent, fitted_key, utcnow
 
 Outcome = Literal["accepted", "stale", "duplicate"]
 REJECTED_EVENT_MAX_CHARS = 4096  # of the event's JSON, escaped
 MAX_REASON_CHARS = 2000
-MAX_STORED_VERSION = 2**63 - 1  # BIGINT
+MAX_STORED_VERSION = MAX_VERSION + 1  # the largest version the vector store compares exactly
 
 
 def text_hash(text: str) -> str:

@@ -18,8 +18,9 @@ all. Metadata nested deeper than `MAX_META_DEPTH` is refused before it is writte
 accepts it but cannot replay it from its WAL, so the shard would not open again.
 
 `optimize()` merges segments and builds the HNSW index. Edge holds the GIL while it optimises
-(measured: no other thread runs), so it runs in a child process on the closed shard; meanwhile
-this collection's calls wait (one already running on the shard fails as StoreUnavailable).
+(measured: no other thread runs), so it runs in a child process on the closed shard (killed after
+OPTIMIZE_TIMEOUT_S); meanwhile every write of this store waits (it holds the store's lock), and a
+read already running on that shard fails as StoreUnavailable.
 `optimize_if_due` does it once `optimize_after_points` points were written since, and the
 embedding service calls it only when idle (worker/service.py).
 """
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from worker.settings import Settings
 
 MAX_META_DEPTH = 64
+OPTIMIZE_TIMEOUT_S = 3600.0  # an optimisation that takes longer is killed; the shard reopens as it was
 _INDEXES: dict[str, qe.PayloadSchemaType] = {
     "tenant": qe.PayloadSchemaType.Keyword,
     "doc_id": qe.PayloadSchemaType.Keyword,
@@ -152,6 +154,7 @@ class EdgeStore(EdgeReads):
             if shard is not None:
                 shard.close()
             self._ready.pop(name, None)
+            self._written.pop(name, None)
             shutil.rmtree(self._path(name), ignore_errors=True)
 
     # --- writes ---------------------------------------------------------------------------
@@ -178,7 +181,8 @@ class EdgeStore(EdgeReads):
             raise StoreRejected(f"edge write_document: metadata nests deeper than {MAX_META_DEPTH} levels")
         self.ensure_collection(collection, dimensions, sparse=any(c.sparse for c in chunks))
         stamp = {"model": model, "dimensions": dimensions, "meta": meta}
-        points = self._points(collection, tenant, doc_id, version, chunks, stamp)
+        with translated("write_document", rejecting=True):  # a payload Edge cannot take
+            points = self._points(collection, tenant, doc_id, version, chunks, stamp)
         with self._lock:
             try:
                 with translated("write_document", rejecting=True):
@@ -330,18 +334,21 @@ class EdgeStore(EdgeReads):
             shard = self._shards.pop(name, None)
             if shard is not None:
                 shard.close()
+            self._written[name] = 0  # a failed run is not retried on every idle tick
             try:
                 done = subprocess.run(
                     [sys.executable, "-c", _OPTIMIZE, str(self._path(name))],
                     capture_output=True,
                     text=True,
                     check=False,
+                    timeout=OPTIMIZE_TIMEOUT_S,
                 )
+            except subprocess.TimeoutExpired as exc:
+                raise StoreUnavailable(f"edge optimize {name!r}: over {OPTIMIZE_TIMEOUT_S:.0f} s") from exc
             finally:
                 self._shard(name)
             if done.returncode != 0:
                 raise StoreUnavailable(f"edge optimize {name!r}: {done.stderr.strip()[-300:]}")
-            self._written[name] = 0
             return done.stdout.strip().endswith("1")
 
     def optimize_if_due(self) -> bool:

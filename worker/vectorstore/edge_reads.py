@@ -43,6 +43,7 @@ from worker.vectorstore.base import (
 )
 
 SCROLL_PAGE = 512
+MAX_FLAG_WINDOW = 10_000  # candidates a boolean meta filter looks through at most
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 # Messages of failures that say nothing about the input: try again later.
 _UNAVAILABLE = re.compile(
@@ -334,7 +335,7 @@ class EdgeReads:
         shard: qe.EdgeShard, query: qe.Query, where: qe.Filter | None, flags: dict[str, bool], limit: int
     ) -> list[Hit]:
         """The best `limit` chunks; boolean `flags` on `meta` checked here, widening the window
-        until enough pass or the candidates run out."""
+        until enough pass, the candidates run out, or MAX_FLAG_WINDOW candidates were looked at."""
         window = limit if not flags else limit * 4
         while True:
             request = qe.QueryRequest(
@@ -348,9 +349,9 @@ class EdgeReads:
                 and not p.payload.get("deleted")
                 and all((p.payload.get("meta") or {}).get(k) is v for k, v in flags.items())
             ]
-            if len(hits) >= limit or len(found) < window:
+            if len(hits) >= limit or len(found) < window or window >= MAX_FLAG_WINDOW:
                 return hits[:limit]
-            window *= 4
+            window = min(window * 4, MAX_FLAG_WINDOW)
 
     def close(self) -> None:
         with self._lock:
