@@ -12,6 +12,7 @@ import json
 import threading
 import uuid
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 NAMESPACE = uuid.UUID("1bae0afb-c502-4426-85c8-38c2ad0ba6eb")  # fixed forever: ids depend on it
@@ -22,6 +23,37 @@ RRF_K = 60
 
 # Exact matches on payload `meta.<key>` a search narrows to.
 MetaFilter = dict[str, str | int | bool]
+
+
+def chunk_payloads(
+    tenant: str,
+    doc_id: str,
+    version: int,
+    chunks: list[ChunkVector],
+    stamp: dict[str, Any],
+    *,
+    store_text: bool,
+) -> list[dict[str, Any]]:
+    """The payload of each chunk point of one document version: the collection contract readers
+    rely on (README "Migration notes" has its one addition, the tombstone). `stamp` holds the
+    document's `meta` and the `model` and `dimensions` that embedded it."""
+    embedded_at = datetime.now(UTC).isoformat(timespec="milliseconds")
+    return [
+        {
+            "doc_id": doc_id,
+            "tenant": tenant,
+            "chunk_index": chunk.chunk_index,
+            "chunk_count": len(chunks),
+            "version": version,
+            "content_hash": chunk.content_hash,
+            **({"text": chunk.text} if store_text else {}),
+            "meta": dict(stamp["meta"]),
+            "model": stamp["model"],
+            "dimensions": stamp["dimensions"],
+            "embedded_at": embedded_at,
+        }
+        for chunk in chunks
+    ]
 
 
 def point_id(tenant: str, collection: str, doc_id: str, chunk_index: int) -> str:

@@ -29,14 +29,21 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import qdrant_edge as qe
 
 from worker.errors import ConfigError, StoreRejected, StoreUnavailable
-from worker.vectorstore.base import DENSE, SPARSE, TOMBSTONE_INDEX, ChunkVector, point_id, tombstone_id
+from worker.vectorstore.base import (
+    DENSE,
+    SPARSE,
+    TOMBSTONE_INDEX,
+    ChunkVector,
+    chunk_payloads,
+    point_id,
+    tombstone_id,
+)
 from worker.vectorstore.edge_reads import EdgeReads, match, translated
 
 if TYPE_CHECKING:
@@ -209,26 +216,10 @@ class EdgeStore(EdgeReads):
         chunks: list[ChunkVector],
         stamp: dict[str, Any],
     ) -> list[qe.Point]:
-        embedded_at = datetime.now(UTC).isoformat(timespec="milliseconds")
+        payloads = chunk_payloads(tenant, doc_id, version, chunks, stamp, store_text=self.store_text)
         return [
-            qe.Point(
-                point_id(tenant, collection, doc_id, chunk.chunk_index),
-                self._vectors(chunk),
-                {
-                    "doc_id": doc_id,
-                    "tenant": tenant,
-                    "chunk_index": chunk.chunk_index,
-                    "chunk_count": len(chunks),
-                    "version": version,
-                    "content_hash": chunk.content_hash,
-                    **({"text": chunk.text} if self.store_text else {}),
-                    "meta": dict(stamp["meta"]),
-                    "model": stamp["model"],
-                    "dimensions": stamp["dimensions"],
-                    "embedded_at": embedded_at,
-                },
-            )
-            for chunk in chunks
+            qe.Point(point_id(tenant, collection, doc_id, chunk.chunk_index), self._vectors(chunk), payload)
+            for chunk, payload in zip(chunks, payloads, strict=True)
         ]
 
     def _write_points(

@@ -34,14 +34,21 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import UnexpectedResponse
 
 from worker.errors import ConfigError, GiveUp, RetryLater, StoreRejected
-from worker.vectorstore.base import DENSE, SPARSE, TOMBSTONE_INDEX, ChunkVector, point_id, tombstone_id
+from worker.vectorstore.base import (
+    DENSE,
+    SPARSE,
+    TOMBSTONE_INDEX,
+    ChunkVector,
+    chunk_payloads,
+    point_id,
+    tombstone_id,
+)
 from worker.vectorstore.qdrant_reads import QdrantReads, match, translated
 
 if TYPE_CHECKING:
@@ -187,26 +194,14 @@ class QdrantStore(QdrantReads):
         chunks: list[ChunkVector],
         stamp: dict[str, Any],
     ) -> list[models.PointStruct]:
-        embedded_at = datetime.now(UTC).isoformat(timespec="milliseconds")
+        payloads = chunk_payloads(tenant, doc_id, version, chunks, stamp, store_text=self.store_text)
         return [
             models.PointStruct(
                 id=point_id(tenant, collection, doc_id, chunk.chunk_index),
                 vector=self._vectors(chunk),
-                payload={
-                    "doc_id": doc_id,
-                    "tenant": tenant,
-                    "chunk_index": chunk.chunk_index,
-                    "chunk_count": len(chunks),
-                    "version": version,
-                    "content_hash": chunk.content_hash,
-                    **({"text": chunk.text} if self.store_text else {}),
-                    "meta": dict(stamp["meta"]),
-                    "model": stamp["model"],
-                    "dimensions": stamp["dimensions"],
-                    "embedded_at": embedded_at,
-                },
+                payload=payload,
             )
-            for chunk in chunks
+            for chunk, payload in zip(chunks, payloads, strict=True)
         ]
 
     def _write_points(
