@@ -18,7 +18,7 @@ from qdrant_client import QdrantClient, models
 
 from tests.fixtures.services import QDRANT_URL, missing_service
 from worker.errors import ConfigError, StoreRejected, StoreUnavailable
-from worker.runtime import build_store
+from worker.runtime import build_runtime, build_store
 from worker.settings import Settings
 from worker.vectorstore.base import ChunkVector, Hit, SerializedStore, point_id, rrf
 from worker.vectorstore.edge import EdgeStore
@@ -331,6 +331,14 @@ def test_build_store_picks_edge_by_default_local_mode_only_when_a_path_is_set(tm
         store.close()
     settings = Settings(_env_file=None, data_dir=tmp_path, edge_path=tmp_path / "e2")
     assert settings.resolved_edge_path() == tmp_path / "e2"
+
+
+def test_a_runtime_that_fails_to_build_leaves_the_embedded_store_unlocked(tmp_path):
+    settings = Settings(_env_file=None, data_dir=tmp_path, qdrant_url=None, dashscope_api_key=None)
+    with pytest.raises(ConfigError, match="DASHSCOPE_API_KEY"):
+        build_runtime(settings)  # the store opens, then the embedder cannot be built
+    store = build_store(settings)  # not "open in another process": the failed build closed it
+    store.close()
 
 
 def test_from_settings_uses_local_mode_when_its_path_is_set(tmp_path):

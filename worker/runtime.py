@@ -9,6 +9,7 @@ import os
 import socket
 import threading
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 from sqlalchemy.engine import Engine
@@ -85,9 +86,14 @@ class Runtime:
         )
 
     def close(self) -> None:
-        self.embedder.close()
-        self.store.close()
-        self.engine.dispose()
+        """Close every part, even when one of them fails to (the store unlocks its files)."""
+        try:
+            self.embedder.close()
+        finally:
+            try:
+                self.store.close()
+            finally:
+                self.engine.dispose()
 
 
 def build_store(settings: Settings) -> VectorStore:
@@ -124,17 +130,29 @@ def build_limiter(settings: Settings) -> RateLimiter:
 def build_runtime(
     settings: Settings, *, store: VectorStore | None = None, embedder: Embedder | None = None
 ) -> Runtime:
+    """Everything a process needs, or nothing: a part that fails to build closes the ones built
+    before it (an embedded store would otherwise stay locked by this very process)."""
     spec = settings.model_spec()  # a configuration the model cannot serve stops here
-    engine = engines.make_engine(settings.resolved_database_url())
-    return Runtime(
-        settings=settings,
-        engine=engine,
-        sessions=engines.make_sessionmaker(engine),
-        budget_check=budget.pipeline_check(spec, settings),
-        store=store or build_store(settings),
-        embedder=embedder or build_embedder(settings),
-        limiter=build_limiter(settings),
-        spec=spec,
-        process=f"{socket.gethostname()}:{os.getpid()}",
-        chunk_max_tokens=chunking.token_limit(settings.chunk_max_tokens, spec.max_tokens_per_row),
-    )
+    with ExitStack() as built:
+        engine = engines.make_engine(settings.resolved_database_url())
+        built.callback(engine.dispose)
+        if store is None:
+            store = build_store(settings)
+            built.callback(store.close)
+        if embedder is None:
+            embedder = build_embedder(settings)
+            built.callback(embedder.close)
+        runtime = Runtime(
+            settings=settings,
+            engine=engine,
+            sessions=engines.make_sessionmaker(engine),
+            budget_check=budget.pipeline_check(spec, settings),
+            store=store,
+            embedder=embedder,
+            limiter=build_limiter(settings),
+            spec=spec,
+            process=f"{socket.gethostname()}:{os.getpid()}",
+            chunk_max_tokens=chunking.token_limit(settings.chunk_max_tokens, spec.max_tokens_per_row),
+        )
+        built.pop_all()  # built whole: the runtime's close() owns the parts now
+    return runtime
