@@ -49,6 +49,21 @@ class SearchResult:
     request_id: str | None  # the ledger row of the embedding call; None when served from the cache
     cached: bool
 
+    def as_json(self) -> dict[str, Any]:
+        """The answer of GET /v1/search and `sidecar search --json`."""
+        hits = [
+            {
+                "doc_id": h.doc_id,
+                "chunk_index": h.chunk_index,
+                "score": h.score,
+                "version": h.version,
+                "text": h.text,
+                "meta": h.meta,
+            }
+            for h in self.hits
+        ]
+        return {"hits": hits, "request_id": self.request_id, "cached": self.cached}
+
 
 class QueryCache:
     """A bounded LRU of query embeddings, shared by the threads of one process."""

@@ -40,8 +40,8 @@ def add_worker_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--pool",
         choices=("threads", "prefork", "solo"),
         default="threads",
-        help="Celery pool; local-mode Qdrant (no SIDECAR_QDRANT_URL) needs threads or solo "
-        "(default: threads)",
+        help="Celery pool; the embedded stores (no SIDECAR_QDRANT_URL) serve one process, so they "
+        "need threads or solo (default: threads)",
     )
     p.add_argument(
         "--concurrency",

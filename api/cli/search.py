@@ -87,18 +87,7 @@ def search_here(settings: Settings, params: dict[str, Any], meta: dict[str, Any]
         )
     finally:
         rt.close()
-    hits = [
-        {
-            "doc_id": h.doc_id,
-            "chunk_index": h.chunk_index,
-            "score": h.score,
-            "version": h.version,
-            "text": h.text,
-            "meta": h.meta,
-        }
-        for h in result.hits
-    ]
-    return {"hits": hits, "request_id": result.request_id, "cached": result.cached}
+    return result.as_json()
 
 
 def search_over_http(

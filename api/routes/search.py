@@ -116,18 +116,4 @@ def get_search(
         result = searcher.search(name, q, limit=limit, tenant=tenant, meta=meta)
     except SidecarError as exc:
         raise refusal(exc) from exc
-    return {
-        "hits": [
-            {
-                "doc_id": h.doc_id,
-                "chunk_index": h.chunk_index,
-                "score": h.score,
-                "version": h.version,
-                "text": h.text,
-                "meta": h.meta,
-            }
-            for h in result.hits
-        ],
-        "request_id": result.request_id,
-        "cached": result.cached,
-    }
+    return result.as_json()

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from worker.errors import StoreRejected
+
 NAMESPACE = uuid.UUID("1bae0afb-c502-4426-85c8-38c2ad0ba6eb")  # fixed forever: ids depend on it
 DENSE = "dense"
 SPARSE = "sparse"
@@ -23,6 +25,15 @@ RRF_K = 60
 
 # Exact matches on payload `meta.<key>` a search narrows to.
 MetaFilter = dict[str, str | int | bool]
+
+
+def check_dimensions(chunks: list[ChunkVector], dimensions: int) -> None:
+    """Refuse (StoreRejected) a chunk whose vector is not of the collection's size."""
+    for chunk in chunks:
+        if len(chunk.vector) != dimensions:
+            raise StoreRejected(
+                f"chunk {chunk.chunk_index}: vector has {len(chunk.vector)} dimensions, not {dimensions}"
+            )
 
 
 def chunk_payloads(

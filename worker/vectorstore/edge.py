@@ -40,6 +40,7 @@ from worker.vectorstore.base import (
     SPARSE,
     TOMBSTONE_INDEX,
     ChunkVector,
+    check_dimensions,
     chunk_payloads,
     point_id,
     tombstone_id,
@@ -179,11 +180,7 @@ class EdgeStore(EdgeReads):
         dimensions: int,
     ) -> bool:
         """Write version `version`; False if a newer version or a delete supersedes it."""
-        for chunk in chunks:
-            if len(chunk.vector) != dimensions:
-                raise StoreRejected(
-                    f"chunk {chunk.chunk_index}: vector has {len(chunk.vector)} dimensions, not {dimensions}"
-                )
+        check_dimensions(chunks, dimensions)
         if _depth(meta) > MAX_META_DEPTH:
             raise StoreRejected(f"edge write_document: metadata nests deeper than {MAX_META_DEPTH} levels")
         self.ensure_collection(collection, dimensions, sparse=any(c.sparse for c in chunks))

@@ -45,6 +45,7 @@ from worker.vectorstore.base import (
     SPARSE,
     TOMBSTONE_INDEX,
     ChunkVector,
+    check_dimensions,
     chunk_payloads,
     point_id,
     tombstone_id,
@@ -161,11 +162,7 @@ class QdrantStore(QdrantReads):
         dimensions: int,
     ) -> bool:
         """Write version `version`; False if a newer version or a delete supersedes it."""
-        for chunk in chunks:
-            if len(chunk.vector) != dimensions:
-                raise StoreRejected(
-                    f"chunk {chunk.chunk_index}: vector has {len(chunk.vector)} dimensions, not {dimensions}"
-                )
+        check_dimensions(chunks, dimensions)
         self.ensure_collection(collection, dimensions, sparse=any(c.sparse for c in chunks))
         stamp = {"model": model, "dimensions": dimensions, "meta": meta}
         try:
