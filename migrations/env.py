@@ -5,7 +5,7 @@ from __future__ import annotations
 from alembic import context
 
 from worker.sql.engines import make_engine
-from worker.sql.models import Base
+from worker.sql.tables import Base
 
 config = context.config
 target_metadata = Base.metadata

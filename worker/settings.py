@@ -94,6 +94,12 @@ class Settings(BaseSettings):
     retention_attempts_days: float = 2.0  # message_attempts rows of finished or abandoned messages
     retention_cache_days: float = 90.0  # embedding cache entries not used for this long
 
+    # --- change capture (SIDECAR_CAPTURE_*; worker/capture/) ---
+
+    # --- batch lane and re-embedding (SIDECAR_BATCH_*, SIDECAR_REEMBED_*) ---
+
+    # --- console and telemetry (SIDECAR_CONSOLE_*, OTEL_*) ---
+
     @field_validator("api_tokens", "api_read_tokens", mode="before")
     @classmethod
     def _split_tokens(cls, value: object) -> object:

@@ -1,0 +1,3 @@
+"""Tables of the batch lane: batch jobs and their lines."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""Tables of aliases and re-embedding: collection migrations."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""Tables of change capture (worker/capture/): per-source state."""
+
+from __future__ import annotations
