@@ -19,7 +19,10 @@ if TYPE_CHECKING:
     from worker.settings import Settings
 
 NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"  # collection and tenant; always matched in full
-FIELDS = frozenset({"op", "doc_id", "collection", "version", "text", "metadata", "tenant", "event_id"})
+FIELDS = frozenset(
+    {"op", "doc_id", "collection", "version", "text", "metadata", "tenant", "event_id", "lane"}
+)
+LANES = ("realtime", "batch")  # DESIGN.md §7: the Batch API at half price, or the real-time API
 # Vector stores compare payload versions as doubles (Qdrant's range filters), exact up to 2**53:
 # above that a version guard could let a stale chunk stand. version + 1 (the next version-less
 # event's) stays within the exact range too.
@@ -41,6 +44,7 @@ class Event:
     text: str | None
     metadata: dict[str, Any] | None
     event_id: str | None
+    lane: Literal["realtime", "batch"] = "realtime"
 
 
 def parse_event(
@@ -65,6 +69,7 @@ def parse_event(
         text=_text(raw, op, max_text_bytes),
         metadata=_metadata(raw, max_metadata_bytes),
         event_id=_event_id(raw),
+        lane=_lane(raw),
     )
 
 
@@ -184,6 +189,15 @@ def _event_id(raw: dict[str, Any]) -> str | None:
         raise InvalidEvent("event_id", f"a string of 1 to {MAX_EVENT_ID_CHARS} characters")
     _storable("event_id", event_id)
     return event_id
+
+
+def _lane(raw: dict[str, Any]) -> Literal["realtime", "batch"]:
+    lane = raw.get("lane")
+    if lane is None or lane == "realtime":
+        return "realtime"
+    if lane == "batch":
+        return "batch"
+    raise InvalidEvent("lane", 'must be "realtime" or "batch"')
 
 
 def _storable(field: str, value: str) -> None:
