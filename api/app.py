@@ -9,6 +9,9 @@
     GET  /v1/deadletters, POST …/{id}/retry            dead letters
     GET  /healthz, /readyz              open          alive; ready (a token also sees why not)
     GET  /metrics                       read token    Prometheus text, from SQL at scrape time
+    GET  /v1/sources                    read token    change-capture sources: position, lag, errors
+    GET  /v1/status, /v1/activity       read token    `sidecar status --json`; backlog and throughput
+    GET  /console                       sign-in       the web console (api/console/): a cookie-held token
 
 Every request body is capped (SIDECAR_API_MAX_BODY_BYTES) before auth or any read. Engines and
 the Celery app are built in the lifespan, never at import time. Search needs the vector store:
@@ -25,8 +28,10 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from api.console import router as console
+from api.console.session import ConsoleCookieAuth
 from api.middleware import BodySizeLimit
-from api.routes import events, probes, search, spend
+from api.routes import console_data, events, probes, search, sources, spend
 from worker import search as searching
 from worker.errors import SidecarError
 from worker.runtime import Runtime, build_runtime
@@ -53,8 +58,9 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
 
     app = FastAPI(title="vector-sidecar", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
+    app.add_middleware(ConsoleCookieAuth)
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.api_max_body_bytes)
-    for module in (events, spend, probes):
+    for module in (events, spend, probes, console_data, console, sources):
         app.include_router(module.router)
     # Documented only where it can answer: without a runtime or a Qdrant server it answers 503.
     app.include_router(search.router, include_in_schema=runtime is not None or bool(settings.qdrant_url))

@@ -1,4 +1,11 @@
-"""GET /metrics: Prometheus text format, computed from SQL at scrape time (so every process agrees)."""
+"""GET /metrics: Prometheus text format, computed from SQL at scrape time (so every process agrees).
+
+A scrape costs O(roll-up rows), never O(ledger rows): provider requests come from the totals the
+database keeps beside the ledger (worker/ledger/rollups.py), events and tokens avoided from the
+hourly counters (worker/ledger/counters.py). Documents are counted by status (an index); the
+budget gauges, with caps set, sum their window's spend (worker/ledger/budget.py).
+Names follow Prometheus conventions: base units (`_seconds`), `_total` for counters.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +14,15 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from worker.capture import exposition as capture
 from worker.catalog import cny_str
-from worker.ledger import budget
+from worker.ledger import budget, rollups
 from worker.ledger.counters import AVOIDED_PREFIX, EVENT_PREFIX
 from worker.settings import Settings
-from worker.sql import documents
-from worker.sql.models import HourlyCounter, ProviderRequest
+from worker.sql import documents, pauses
+from worker.sql.models import HourlyCounter
 
-LATENCY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+LATENCY_BUCKETS_S = rollups.LATENCY_BUCKETS_S
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -46,7 +54,9 @@ def _number(value: Any) -> str:
 
 
 def render(session: Session, settings: Settings) -> str:
-    """Every metric family, from the SQL state now."""
+    """Every metric family, from the SQL state now. Folds the ledger's pending roll-up deltas
+    first (PostgreSQL, in a transaction of its own), so they stay few."""
+    rollups.fold_apart(session)
     out = Exposition()
     counters = dict(
         session.execute(
@@ -56,10 +66,14 @@ def render(session: Session, settings: Settings) -> str:
     docs = documents.document_counts(session)
     _events(out, counters, rejected=docs["rejected"])
     _documents(session, out, docs)
-    _requests(session, out)
+    totals = rollups.request_totals(session)
+    _requests(out, totals)
     _avoided(out, counters)
-    _latency(session, out)
+    _latency(out, totals)
     _budget(out, budget.budget_state(session, settings))
+    out.family("provider_paused", "gauge", "1 while an account-level provider error pauses embedding.")
+    out.sample("provider_paused", pauses.active(session) is not None)
+    capture.write_metrics(out, session)  # sidecar_source_*: change capture (worker/capture/)
     return out.text()
 
 
@@ -89,40 +103,32 @@ def _documents(session: Session, out: Exposition, docs: dict[str, int]) -> None:
     out.sample("oldest_pending_age_seconds", round(age or 0.0, 3))
 
 
-_PER_MODEL = (  # (family, help); the sums of `_requests`'s query in this order
-    ("rows_embedded_total", "Rows (texts) embedded by succeeded requests."),
-    ("tokens_total", "Provider-billed tokens."),
-    ("cost_cny_total", "Cost in CNY at the model's real-time price."),
-    ("provider_throttled_total", "Provider answers with HTTP 429."),
-)
-
-
-def _requests(session: Session, out: Exposition) -> None:
-    pr = ProviderRequest
-    per_status = session.execute(
-        sa.select(
-            pr.model,
-            pr.status,
-            sa.func.count(),
-            sa.func.sum(sa.case((pr.status == "succeeded", pr.rows), else_=0)),
-            sa.func.sum(sa.func.coalesce(pr.billed_tokens, 0)),
-            sa.func.sum(sa.func.coalesce(pr.cost_nano_cny, 0)),
-            sa.func.sum(sa.case((pr.http_status == 429, 1), else_=0)),
-        )
-        .group_by(pr.model, pr.status)
-        .order_by(pr.model, pr.status)
-    ).all()
-    out.family("requests_total", "counter", "Provider requests by model and ledger status.")
-    totals: dict[str, list[int]] = {}
-    for model, status, n, *sums in per_status:
-        out.sample("requests_total", n, model=model, status=status)
-        model_totals = totals.setdefault(model, [0] * len(_PER_MODEL))
-        for i, value in enumerate(sums):
-            model_totals[i] += int(value or 0)
-    for i, (name, help_) in enumerate(_PER_MODEL):
+def _requests(out: Exposition, totals: dict[str, rollups.ModelTotals]) -> None:
+    out.family(
+        "provider_requests_total", "counter", "Finished provider requests by model, lane and ledger status."
+    )
+    out.family("provider_requests_in_flight", "gauge", "Provider requests sent and not finished yet.")
+    for model, t in totals.items():
+        for (lane, status), n in sorted(t.requests.items()):
+            if status in rollups.TERMINAL:
+                out.sample("provider_requests_total", n, model=model, lane=lane, status=status)
+        for lane in sorted({lane for lane, _ in t.requests}):
+            n = t.requests.get((lane, "sent"), 0)
+            out.sample("provider_requests_in_flight", n, model=model, lane=lane)
+    for name, help_, value in (
+        ("rows_embedded_total", "Rows (texts) embedded by succeeded requests.", "rows_embedded"),
+        (
+            "tokens_total",
+            "Provider-billed tokens (estimates for requests of unknown outcome).",
+            "billed_tokens",
+        ),
+        ("cost_cny_total", "Cost in CNY at the model's price (estimates for unknown outcomes).", "cost"),
+        ("provider_throttled_total", "Provider answers with HTTP 429.", "throttled"),
+    ):
         out.family(name, "counter", help_)
-        for model, sums in sorted(totals.items()):
-            out.sample(name, cny_str(sums[i]) if name == "cost_cny_total" else sums[i], model=model)
+        for model, t in totals.items():
+            v = cny_str(t.cost_nano_cny) if value == "cost" else getattr(t, value)
+            out.sample(name, v, model=model)
 
 
 def _avoided(out: Exposition, counters: dict[str, Any]) -> None:
@@ -150,19 +156,12 @@ def _budget(out: Exposition, state: dict[str, Any]) -> None:
             out.sample(name, cap[key], collection=cap["collection"] or "*", period=cap["period"])
 
 
-def _latency(session: Session, out: Exposition) -> None:
-    pr = ProviderRequest
-    columns = [sa.func.sum(sa.case((pr.latency_ms <= b * 1000, 1), else_=0)) for b in LATENCY_BUCKETS_S]
-    rows = session.execute(
-        sa.select(pr.model, sa.func.count(), sa.func.sum(pr.latency_ms), *columns)
-        .where(pr.latency_ms.is_not(None))
-        .group_by(pr.model)
-        .order_by(pr.model)
-    ).all()
+def _latency(out: Exposition, totals: dict[str, rollups.ModelTotals]) -> None:
     out.family("provider_latency_seconds", "histogram", "Provider request latency.")
-    for model, count, total_ms, *cumulative in rows:
-        for bound, n in zip(LATENCY_BUCKETS_S, cumulative, strict=True):
-            out.sample("provider_latency_seconds_bucket", int(n or 0), model=model, le=f"{bound:g}")
-        out.sample("provider_latency_seconds_bucket", count, model=model, le="+Inf")
-        out.sample("provider_latency_seconds_sum", round((total_ms or 0.0) / 1000, 6), model=model)
-        out.sample("provider_latency_seconds_count", count, model=model)
+    for model, t in totals.items():
+        if not t.latency_count:
+            continue
+        for le, n in t.cumulative_latency():
+            out.sample("provider_latency_seconds_bucket", n, model=model, le=le)
+        out.sample("provider_latency_seconds_sum", round(t.latency_ms_sum / 1000, 6), model=model)
+        out.sample("provider_latency_seconds_count", t.latency_count, model=model)

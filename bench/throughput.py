@@ -3,6 +3,11 @@
     python -m bench.throughput --events 2000                       # quick: about 2 minutes
     python -m bench.throughput --rpm 600 --tpm 300000 --latency-ms 50 --workers 3 --events 10000
     python -m bench.throughput --overhead --events 5000            # pipeline vs a bare Celery task
+    python -m bench.throughput --overhead --events 5000 --events-per-message 1
+    python -m bench.throughput --overhead --events 5000 --embedded # SQLite broker and database
+    python -m bench.throughput --latency --events 60               # 2 events/s, one per message
+    python -m bench.throughput --rpm 6000 --tpm 24000000 --latency-ms 50 --workers 2 \
+        --model text-embedding-v3 --region singapore --short-texts --naive-s 0 --events 20000
 
 Limits mode: the emulator (its own process) enforces --rpm/--tpm with --latency-ms per answer;
 --workers `sidecar worker` processes consume from Redis (db 12, flushed) with PostgreSQL (a fresh
@@ -14,7 +19,17 @@ emulator (reset) and a fresh database: one document per claim (one row per reque
 per-process limiter set to the full limits, retries on 429; it runs for --naive-s at most.
 
 Overhead mode: the emulator without limits or latency; end-to-end events/s next to the rate of a
-bare Celery no-op task (one INCR on Redis) on the same broker, pool and worker count.
+bare Celery no-op task (one INCR on Redis) on the same broker, pool and worker count; and the SQL
+commits per event (PostgreSQL's `pg_stat_database.xact_commit` over the run, the bench's own
+polling subtracted). `--events-per-message` sets how many events each message carries (50 by
+default; 1 is the most common case in production).
+
+Latency mode: one event per message at `--rate` events/s (2 by default), emulator without
+limits; publish → indexed (the point's `embedded_at` in Qdrant) percentiles.
+
+`--embedded` runs any mode on the embedded default instead: the SQLite broker and an SQLite
+database (one worker process, as the embedded default runs); the vector store stays a local
+Qdrant path in both, so the two differ by broker and database only.
 
 The figures' definitions are printed under the table; the last line is one JSON object.
 """
@@ -29,6 +44,8 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +82,7 @@ UNLIMITED_TPM = 10_000_000_000
 # longer notes. About 38 tokens per event on average, so at 600 rpm × 10 rows and 300k tpm the
 # request limit binds (6,000 rows/min) with the token limit three quarters used.
 SIZE_MIX = ((0.65, 6, 28), (0.28, 28, 78), (0.07, 78, 190))
+SHORT_MIX = ((1.0, 6, 28),)  # --short-texts: titles and messages only (about 16 tokens)
 WORDS = (
     "order shipping return refund invoice customer account password delivery warehouse parcel "
     "tracking address payment card discount coupon subscription renewal cancel upgrade support ticket "
@@ -84,15 +102,16 @@ class BenchEvent:
     tokens: int  # as the provider (and the emulator) counts them
 
 
-def make_events(count: int, *, seed: int = 7, prefix: str = "doc") -> list[BenchEvent]:
-    """`count` deterministic events of mixed sizes, each text unique (no cache hits)."""
+def make_events(count: int, *, seed: int = 7, prefix: str = "doc", short: bool = False) -> list[BenchEvent]:
+    """`count` deterministic events of mixed sizes (or short ones), each text unique (no cache hits)."""
     from worker.tokens import count_tokens
 
     rng = random.Random(seed)
-    shares = [share for share, _, _ in SIZE_MIX]
+    mix = SHORT_MIX if short else SIZE_MIX
+    shares = [share for share, _, _ in mix]
     events = []
     for i in range(count):
-        _, low, high = rng.choices(SIZE_MIX, weights=shares)[0]
+        _, low, high = rng.choices(mix, weights=shares)[0]
         words = rng.choices(WORDS, k=rng.randint(low, high))
         text = f"{prefix} {i}: " + " ".join(words) + "."
         events.append(BenchEvent(f"{prefix}-{i}", text, count_tokens(text)))
@@ -109,17 +128,27 @@ def as_message(event: BenchEvent) -> dict[str, Any]:
     }
 
 
-def publish(broker_url: str, events: list[BenchEvent]) -> dict[str, float]:
-    """Send every event through Celery in batches; the unix time each doc's batch was sent."""
+def publish(
+    broker_url: str, events: list[BenchEvent], *, per_message: int = PUBLISH_BATCH, rate: float | None = None
+) -> dict[str, float]:
+    """Send every event through Celery, `per_message` to a message (`sidecar.ingest` for one,
+    `sidecar.ingest_many` for more), as fast as Celery takes them or at `rate` messages/s;
+    returns the unix time each doc's message was sent."""
     from worker.settings import Settings
     from worker.tasks import create_celery
 
     app = create_celery(Settings(_env_file=None, broker_url=broker_url))
     published: dict[str, float] = {}
+    started = time.monotonic()
     with app.producer_or_acquire() as producer:
-        for start in range(0, len(events), PUBLISH_BATCH):
-            batch = events[start : start + PUBLISH_BATCH]
-            app.send_task("sidecar.ingest_many", args=[[as_message(e) for e in batch]], producer=producer)
+        for n, start in enumerate(range(0, len(events), per_message)):
+            if rate is not None:
+                time.sleep(max(0.0, started + n / rate - time.monotonic()))
+            batch = events[start : start + per_message]
+            if per_message == 1:
+                app.send_task("sidecar.ingest", args=[as_message(batch[0])], producer=producer)
+            else:
+                app.send_task("sidecar.ingest_many", args=[[as_message(e) for e in batch]], producer=producer)
             sent_at = time.time()
             published.update((e.doc_id, sent_at) for e in batch)
     return published
@@ -135,6 +164,26 @@ class Services:
     limiter_url: str
     emulator: EmulatorProcess
     workdir: Path
+    embedded: bool = False  # SQLite broker and database (the embedded default) instead
+    model: str = MODEL
+    region: str = "beijing"
+    store: str = "local"  # each worker's own store: qdrant-client local mode, or Qdrant Edge
+
+    def run_broker(self, name: str) -> str:
+        """A fresh broker for one run: the Redis db flushed, or a new SQLite broker file."""
+        if self.embedded:
+            return f"sqla+sqlite:///{self.workdir / f'{name}-broker.sqlite'}"
+        flush_redis(self.broker_url)
+        return self.broker_url
+
+    @contextmanager
+    def run_database(self, name: str) -> Iterator[str]:
+        """A fresh database for one run: PostgreSQL (created, then dropped) or an SQLite file."""
+        if self.embedded:
+            yield f"sqlite:///{self.workdir / f'{name}-sidecar.sqlite'}"
+            return
+        with temp_database(self.postgres_url, prefix=f"bench_{name}") as url:
+            yield url
 
 
 @dataclass
@@ -154,23 +203,33 @@ class RunResult:
     peak_rss_mb: float
     limiter_keys: int  # keys the workers left in the shared limiter's Redis db
     cutoff: float | None = None  # unix time the run was cut at (naive baseline)
+    commits: int | None = None  # PostgreSQL transactions committed from workers ready to drained
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 def worker_env(
-    svc: Services, database_url: str, index: int, *, rpm: int, tpm: int, shared_limiter: bool, **settings: str
+    svc: Services,
+    broker_url: str,
+    database_url: str,
+    index: int,
+    *,
+    rpm: int,
+    tpm: int,
+    shared_limiter: bool,
+    **settings: str,
 ) -> dict[str, str]:
     home = svc.workdir / f"worker-{index}"
     home.mkdir(parents=True, exist_ok=True)
     return clean_env(
         SIDECAR_DATA_DIR=str(home),
         SIDECAR_QDRANT_PATH=str(home / "qdrant"),
-        SIDECAR_BROKER_URL=svc.broker_url,
+        SIDECAR_BROKER_URL=broker_url,
         SIDECAR_DATABASE_URL=database_url,
         SIDECAR_REDIS_URL=svc.limiter_url if shared_limiter else None,
         DASHSCOPE_API_KEY="sk-emulator",
         SIDECAR_DASHSCOPE_URL=svc.emulator.url,
-        SIDECAR_EMBEDDING_MODEL=MODEL,
+        SIDECAR_EMBEDDING_MODEL=svc.model,
+        SIDECAR_REGION=svc.region,
         SIDECAR_REQUESTS_PER_MINUTE=str(rpm),
         SIDECAR_TOKENS_PER_MINUTE=str(tpm),
         # The reconciler compares SQL with *its* Qdrant; with one local path per worker it would
@@ -193,40 +252,36 @@ def run_pipeline(
     timeout_s: float,
     run_for_s: float | None = None,
     settings: dict[str, str] | None = None,
+    per_message: int = PUBLISH_BATCH,
+    rate: float | None = None,
 ) -> RunResult:
     """Workers up, events published, wait until every doc is indexed (or `run_for_s` passed),
     workers stopped; then the emulator's log, the ledger and each worker's Qdrant are read."""
     import sqlalchemy as sa
 
     svc.emulator.reset()
-    flush_redis(svc.broker_url)
+    broker_url = svc.run_broker(name)
     flush_redis(svc.limiter_url)
-    with temp_database(svc.postgres_url, prefix=f"bench_{name}") as database_url:
-        base_env = worker_env(svc, database_url, 0, rpm=rpm, tpm=tpm, shared_limiter=shared_limiter)
-        migrate = start_process(["-m", "api.cli", "migrate"], base_env, svc.workdir / f"{name}-migrate.log")
+    with svc.run_database(name) as database_url:
+        env_of = lambda i, **extra: worker_env(  # noqa: E731
+            svc, broker_url, database_url, i, rpm=rpm, tpm=tpm, shared_limiter=shared_limiter, **extra
+        )
+        migrate = start_process(["-m", "api.cli", "migrate"], env_of(0), svc.workdir / f"{name}-migrate.log")
         if migrate.wait() != 0:
             raise RuntimeError(f"sidecar migrate failed:\n{tail(svc.workdir / f'{name}-migrate.log')}")
 
         procs = []
         for i in range(workers):
-            env = worker_env(
-                svc, database_url, i, rpm=rpm, tpm=tpm, shared_limiter=shared_limiter, **(settings or {})
-            )
-            env["SIDECAR_QDRANT_PATH"] = str(svc.workdir / f"{name}-qdrant-{i}")
+            env = env_of(i, **(settings or {}))
+            store_path = str(svc.workdir / f"{name}-qdrant-{i}")
+            env["SIDECAR_QDRANT_PATH" if svc.store == "local" else "SIDECAR_EDGE_PATH"] = store_path
+            if svc.store == "edge":
+                env.pop("SIDECAR_QDRANT_PATH", None)
             log_path = svc.workdir / f"{name}-worker-{i}.log"
-            argv = [
-                "-m",
-                "api.cli",
-                "worker",
-                "--pool",
-                "threads",
-                "--embed-threads",
-                str(embed_threads),
-                "--loglevel",
-                "INFO",
-            ]
-            procs.append((start_process(argv, env, log_path), log_path))
-        engine = sa.create_engine(database_url)
+            argv = ["-m", "api.cli", "worker", "--pool", "threads", "--embed-threads", str(embed_threads)]
+            procs.append((start_process([*argv, "--loglevel", "INFO"], env, log_path), log_path))
+        engine = sa.create_engine(database_url, poolclass=sa.pool.NullPool)
+        commits = CommitCounter(engine)
         try:
             wait_for(
                 lambda: all("embed.started" in tail(p, 10**7) for _, p in procs),
@@ -236,9 +291,10 @@ def run_pipeline(
                 interval_s=0.2,
             )
             ready = [proc_usage(proc.pid) for proc, _ in procs]
+            commits.start()
 
             started = time.time()
-            publish_times = publish(svc.broker_url, events)
+            publish_times = publish(broker_url, events, per_message=per_message, rate=rate)
             progress = Progress(name, len(events), started)
 
             def settled() -> dict[str, int] | None:
@@ -246,6 +302,8 @@ def run_pipeline(
                     counts = dict(
                         conn.execute(sa.text("select status, count(*) from documents group by status")).all()
                     )
+                    conn.commit()
+                commits.own += 1
                 progress.show(counts)
                 done = counts.get("indexed", 0) + counts.get("dead", 0) >= len(events)
                 over = run_for_s is not None and time.time() - started >= run_for_s
@@ -256,29 +314,19 @@ def run_pipeline(
                 timeout_s=timeout_s,
                 what=f"{len(events)} documents indexed",
                 procs=procs,
-                interval_s=0.25,
+                interval_s=0.25 if rate is None else 0.05,
             )
             finished = time.time()
             progress.close()
             drained = counts.get("indexed", 0) + counts.get("dead", 0) >= len(events)
             end = [proc_usage(proc.pid) for proc, _ in procs]
+            committed = commits.stop()
         finally:
             for proc, _ in procs:  # a cut-off run has nothing left worth a graceful stop
                 stop_process(proc, grace_s=30.0 if run_for_s is None else 3.0)
             engine.dispose()
-        with sa.create_engine(database_url).connect() as conn:
-            ledger = (
-                conn.execute(
-                    sa.text(
-                        "select count(*) filter (where status = 'succeeded') as succeeded, "
-                        "count(*) filter (where status <> 'succeeded') as failed, "
-                        "coalesce(sum(rows) filter (where status = 'succeeded'), 0) as rows, "
-                        "coalesce(sum(billed_tokens), 0) as tokens from provider_requests"
-                    )
-                )
-                .mappings()
-                .one()
-            )
+        with sa.create_engine(database_url, poolclass=sa.pool.NullPool).connect() as conn:
+            ledger = conn.execute(sa.text(LEDGER_SQL)).mappings().one()
     log = svc.emulator.log()
     return RunResult(
         events=len(events),
@@ -288,8 +336,8 @@ def run_pipeline(
         published_at=started,
         finished_at=finished,
         log=log,
-        ledger=dict(ledger),
-        searchable_at=read_searchable([svc.workdir / f"{name}-qdrant-{i}" for i in range(workers)])
+        ledger={k: int(v) for k, v in ledger.items()},
+        searchable_at=read_searchable([svc.workdir / f"{name}-qdrant-{i}" for i in range(workers)], svc.store)
         if run_for_s is None
         else {},
         publish_times=publish_times,
@@ -298,7 +346,51 @@ def run_pipeline(
         peak_rss_mb=max(e.peak_rss_mb for e in end),
         limiter_keys=redis_keys(svc.limiter_url),
         cutoff=None if drained else finished,
+        commits=committed,
     )
+
+
+LEDGER_SQL = (
+    "select count(case when status = 'succeeded' then 1 end) as succeeded, "
+    "count(case when status <> 'succeeded' then 1 end) as failed, "
+    "coalesce(sum(case when status = 'succeeded' then rows end), 0) as rows, "
+    "coalesce(sum(billed_tokens), 0) as tokens from provider_requests"
+)
+
+
+class CommitCounter:
+    """Transactions committed in the run's PostgreSQL database between `start` and `stop`
+    (`pg_stat_database.xact_commit`), less the bench's own (`own`, and its reads of the counter).
+    None on SQLite, which keeps no such counter."""
+
+    SQL = "select xact_commit from pg_stat_database where datname = current_database()"
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.postgres = engine.dialect.name == "postgresql"
+        self.own = 0
+        self.first = 0
+
+    def _read(self) -> int:
+        import sqlalchemy as sa
+
+        with self.engine.connect() as conn:
+            conn.execute(sa.text("select pg_stat_clear_snapshot()"))
+            value = int(conn.execute(sa.text(self.SQL)).scalar_one())
+            conn.commit()
+        return value
+
+    def start(self) -> None:
+        if self.postgres:
+            time.sleep(1.1)  # backends report their counts at most once a second
+            self.first = self._read()
+            self.own = 0
+
+    def stop(self) -> int | None:
+        if not self.postgres:
+            return None
+        time.sleep(1.1)
+        return self._read() - self.first - self.own - 1
 
 
 class Progress:
@@ -324,11 +416,13 @@ class Progress:
             print(file=sys.stderr)
 
 
-def read_searchable(paths: list[Path]) -> dict[str, float]:
+def read_searchable(paths: list[Path], store: str = "local") -> dict[str, float]:
     """doc_id -> the earliest `embedded_at` of its points, over every worker's local Qdrant."""
     from qdrant_client import QdrantClient
 
     found: dict[str, float] = {}
+    if store == "edge":
+        return read_searchable_edge(paths)
     for path in paths:
         if not path.exists():
             continue
@@ -355,6 +449,27 @@ def read_searchable(paths: list[Path]) -> dict[str, float]:
                     break
         finally:
             client.close()
+    return found
+
+
+def read_searchable_edge(paths: list[Path]) -> dict[str, float]:
+    """read_searchable over Qdrant Edge directories."""
+    from worker.vectorstore.edge_reads import EdgeReads
+
+    found: dict[str, float] = {}
+    for path in paths:
+        if not path.exists():
+            continue
+        reads = EdgeReads(path)
+        try:
+            for record in reads.scroll(COLLECTION):
+                payload = record.payload or {}
+                if "embedded_at" in payload:
+                    at = dt.datetime.fromisoformat(payload["embedded_at"]).timestamp()
+                    doc = payload["doc_id"]
+                    found[doc] = min(at, found.get(doc, at))
+        finally:
+            reads.close()
     return found
 
 
@@ -442,8 +557,8 @@ def table(rows: list[tuple[str, Any, str]]) -> str:
 def limits_mode(args: argparse.Namespace, svc: Services) -> dict[str, Any]:
     from worker.catalog import MODELS
 
-    max_rows = MODELS[MODEL].max_rows
-    events = make_events(args.events)
+    max_rows = MODELS[args.model].max_rows
+    events = make_events(args.events, short=args.short_texts)
     mean_tokens = sum(e.tokens for e in events) / len(events)
     ceiling = ceiling_rows_per_min(args.rpm, args.tpm, max_rows, mean_tokens)
     expected_s = args.events / ceiling * 60
@@ -481,7 +596,7 @@ def limits_mode(args: argparse.Namespace, svc: Services) -> dict[str, Any]:
             "per-process limiters",
             file=sys.stderr,
         )
-        base = make_events(n, prefix="naive")
+        base = make_events(n, prefix="naive", short=args.short_texts)
         naive_run = run_pipeline(
             svc,
             base,
@@ -514,6 +629,9 @@ def limits_mode(args: argparse.Namespace, svc: Services) -> dict[str, Any]:
         "rpm": args.rpm,
         "tpm": args.tpm,
         "latency_ms": args.latency_ms,
+        "model": args.model,
+        "region": args.region,
+        "database": "sqlite" if args.embedded else "postgresql",
         "max_rows": max_rows,
         "mean_tokens_per_row": mean_tokens,
         "ceiling_rows_per_min": ceiling,
@@ -558,7 +676,11 @@ def limits_mode(args: argparse.Namespace, svc: Services) -> dict[str, Any]:
     print(
         table(
             [
-                ("events (mixed sizes)", args.events, f"mean {mean_tokens:.1f} tokens, 1 row each"),
+                (
+                    "events (short texts)" if args.short_texts else "events (mixed sizes)",
+                    args.events,
+                    f"mean {mean_tokens:.1f} tokens, 1 row each; {args.model} in {args.region}",
+                ),
                 (
                     "workers × embed threads",
                     f"{args.workers} × {args.embed_threads}",
@@ -630,8 +752,13 @@ def limits_mode(args: argparse.Namespace, svc: Services) -> dict[str, Any]:
 
 
 def overhead_mode(args: argparse.Namespace, svc: Services) -> dict[str, Any]:
-    events = make_events(args.events)
-    print(f"overhead: {args.events} events, no limits or latency; {args.workers} workers", file=sys.stderr)
+    events = make_events(args.events, short=args.short_texts)
+    where = "SQLite broker and database" if svc.embedded else "Redis broker, PostgreSQL"
+    print(
+        f"overhead: {args.events} events, {args.events_per_message} per message, no limits or latency; "
+        f"{args.workers} workers; {where}",
+        file=sys.stderr,
+    )
     run = run_pipeline(
         svc,
         events,
@@ -641,7 +768,8 @@ def overhead_mode(args: argparse.Namespace, svc: Services) -> dict[str, Any]:
         rpm=UNLIMITED_RPM,
         tpm=UNLIMITED_TPM,
         shared_limiter=True,
-        timeout_s=args.timeout_s or 600,
+        timeout_s=args.timeout_s or 900,
+        per_message=args.events_per_message,
     )
     last = max(run.searchable_at.values()) if run.searchable_at else run.finished_at
     pipeline_rate = args.events / (last - run.published_at)
@@ -650,9 +778,14 @@ def overhead_mode(args: argparse.Namespace, svc: Services) -> dict[str, Any]:
         svc, args.events, workers=args.workers, concurrency=args.concurrency
     )
     lat = latency_figures(run)
+    cpu_per_1k = run.worker_cpu_s / args.events * 1000
+    cpu_target = 1.5 if args.events_per_message > 1 else 2.5
     result = {
         "mode": "overhead",
+        "database": "sqlite" if svc.embedded else "postgresql",
+        "broker": "sqlite" if svc.embedded else "redis",
         "events": args.events,
+        "events_per_message": args.events_per_message,
         "workers": args.workers,
         "embed_threads": args.embed_threads,
         "events_per_s": pipeline_rate,
@@ -661,31 +794,124 @@ def overhead_mode(args: argparse.Namespace, svc: Services) -> dict[str, Any]:
         "rows_per_request": figures["rows_per_request"],
         "latency_p50_s": lat["latency_p50_s"],
         "latency_p99_s": lat["latency_p99_s"],
-        "cpu_s_per_1k_events": run.worker_cpu_s / args.events * 1000,
+        "cpu_s_per_1k_events": cpu_per_1k,
         "noop_cpu_s_per_1k_tasks": noop_cpu_s / args.events * 1000,
+        "commits_per_event": run.commits / args.events if run.commits is not None else None,
         "peak_rss_mb": run.peak_rss_mb,
         "indexed": run.indexed,
         "searchable_docs": lat["searchable_docs"],
         "emulator_cpu_s": svc.emulator.usage().cpu_s,
     }
+    result["targets_met"] = {
+        "cpu_s_per_1k_events": cpu_per_1k <= cpu_target,
+        "events_per_noop_task": (result["events_per_noop_task"] or 0) >= 0.5,
+    }
+    met = result["targets_met"]
+    commits = result["commits_per_event"]
     print(
         table(
             [
-                ("events", args.events, f"{args.workers} workers × {args.embed_threads} embed threads"),
+                (
+                    "events",
+                    args.events,
+                    f"{args.workers} workers × {args.embed_threads} embed threads; {where}",
+                ),
                 ("pipeline events/s", pipeline_rate, "first publish → last embedded_at in Qdrant"),
                 ("bare Celery no-op tasks/s", noop_rate, f"{args.events} tasks, one per message, same pool"),
                 (
                     "pipeline ÷ no-op",
                     result["events_per_noop_task"],
-                    f"pipeline publishes {PUBLISH_BATCH} events per message",
+                    f"≥ 0.5  {'met' if met['events_per_noop_task'] else 'MISSED'}; "
+                    f"{args.events_per_message} events per message",
                 ),
                 ("rows per request", figures["rows_per_request"], ""),
                 ("latency p50 s", lat["latency_p50_s"], "published → embedded_at in Qdrant"),
                 ("latency p99 s", lat["latency_p99_s"], ""),
-                ("worker CPU s / 1k events", result["cpu_s_per_1k_events"], "ready → stop"),
+                (
+                    "worker CPU s / 1k events",
+                    cpu_per_1k,
+                    f"≤ {cpu_target}  {'met' if met['cpu_s_per_1k_events'] else 'MISSED'}; ready → stop",
+                ),
                 ("no-op CPU s / 1k tasks", result["noop_cpu_s_per_1k_tasks"], ""),
+                (
+                    "SQL commits per event",
+                    commits,
+                    "PostgreSQL xact_commit, ready → drained"
+                    if commits is not None
+                    else "SQLite: not counted",
+                ),
                 ("peak RSS MB", run.peak_rss_mb, "max VmHWM over worker processes"),
                 ("emulator CPU s", result["emulator_cpu_s"], "its own process"),
+            ]
+        )
+    )
+    return result
+
+
+def latency_mode(args: argparse.Namespace, svc: Services) -> dict[str, Any]:
+    """Light load: one event per message at `--rate` events/s; publish → indexed percentiles."""
+    events = make_events(args.events, short=args.short_texts)
+    where = "SQLite broker and database" if svc.embedded else "Redis broker, PostgreSQL"
+    print(f"latency: {args.events} events at {args.rate:g}/s, one per message; {where}", file=sys.stderr)
+    run = run_pipeline(
+        svc,
+        events,
+        name="latency",
+        workers=args.workers,
+        embed_threads=args.embed_threads,
+        rpm=UNLIMITED_RPM,
+        tpm=UNLIMITED_TPM,
+        shared_limiter=True,
+        timeout_s=args.timeout_s or args.events / args.rate + 120,
+        per_message=1,
+        rate=args.rate,
+    )
+    lat = latency_figures(run)
+    p50_target = 0.150 if svc.embedded else 0.100
+    p50, p99 = lat["latency_p50_s"], lat["latency_p99_s"]
+    result = {
+        "mode": "latency",
+        "database": "sqlite" if svc.embedded else "postgresql",
+        "broker": "sqlite" if svc.embedded else "redis",
+        "events": args.events,
+        "rate_per_s": args.rate,
+        "workers": args.workers,
+        "emulator_latency_ms": args.latency_ms,
+        "latency_p50_s": p50,
+        "latency_p90_s": percentile(
+            [run.searchable_at[d] - t for d, t in run.publish_times.items() if d in run.searchable_at], 90
+        ),
+        "latency_p99_s": p99,
+        "latency_max_s": lat["latency_max_s"],
+        "searchable_docs": lat["searchable_docs"],
+        "cpu_s_per_1k_events": run.worker_cpu_s / args.events * 1000,
+        "commits_per_event": run.commits / args.events if run.commits is not None else None,
+    }
+    result["targets_met"] = {
+        "latency_p50_s": p50 is not None and p50 <= p50_target,
+        "latency_p99_s": p99 is not None and p99 <= 0.300,
+    }
+    met = result["targets_met"]
+    print(
+        table(
+            [
+                ("events", args.events, f"{args.rate:g}/s, one per message; {args.workers} workers; {where}"),
+                ("emulator latency ms", args.latency_ms, "added to every answer"),
+                (
+                    "latency p50 s",
+                    p50,
+                    f"≤ {p50_target}  {'met' if met['latency_p50_s'] else 'MISSED'}; published → embedded_at",
+                ),
+                ("latency p90 s", result["latency_p90_s"], ""),
+                ("latency p99 s", p99, f"≤ 0.3  {'met' if met['latency_p99_s'] else 'MISSED'}"),
+                ("latency max s", lat["latency_max_s"], ""),
+                ("searchable docs", lat["searchable_docs"], ""),
+                (
+                    "worker CPU s / 1k events",
+                    result["cpu_s_per_1k_events"],
+                    "ready → stop, idle polling included",
+                ),
+                ("SQL commits per event", result["commits_per_event"], "idle polling included"),
             ]
         )
     )
@@ -699,7 +925,7 @@ def noop_rate_per_s(svc: Services, count: int, *, workers: int, concurrency: int
     from worker.settings import Settings
     from worker.tasks import create_celery
 
-    flush_redis(svc.broker_url)
+    broker_url = svc.run_broker("noop")
     flush_redis(svc.limiter_url)
     counter = redis.Redis.from_url(svc.limiter_url)
     procs = []
@@ -710,7 +936,7 @@ def noop_rate_per_s(svc: Services, count: int, *, workers: int, concurrency: int
             "bench.throughput",
             "--serve-noop",
             "--broker",
-            svc.broker_url,
+            broker_url,
             "--counter",
             svc.limiter_url,
             "--concurrency",
@@ -727,7 +953,7 @@ def noop_rate_per_s(svc: Services, count: int, *, workers: int, concurrency: int
             procs=procs,
         )
         ready = [proc_usage(p.pid) for p, _ in procs]
-        app = create_celery(Settings(_env_file=None, broker_url=svc.broker_url))
+        app = create_celery(Settings(_env_file=None, broker_url=broker_url))
         started = time.time()
         with app.producer_or_acquire() as producer:
             for _ in range(count):
@@ -790,11 +1016,47 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--rpm", type=int, default=600, help="requests per minute, emulator and workers (default 600)")
     add("--tpm", type=int, default=300_000, help="tokens per minute, emulator and workers (default 300000)")
-    add("--latency-ms", type=float, default=50.0, help="emulator latency per answer (default 50)")
-    add("--workers", type=int, default=3, help="worker processes (default 3)")
+    add(
+        "--latency-ms",
+        type=float,
+        default=None,
+        help="emulator latency per answer (default 50; 0 in --latency mode; none in --overhead)",
+    )
+    add(
+        "--workers",
+        type=int,
+        default=None,
+        help="worker processes (default 3; 1 with --embedded or --latency)",
+    )
     add("--embed-threads", type=int, default=2, help="embedding loops per worker (default 2)")
     add("--concurrency", type=int, default=4, help="ingest task slots per worker (default 4)")
-    add("--events", type=int, default=2000, help="events to publish (default 2000)")
+    add("--events", type=int, default=None, help="events to publish (default 2000; 60 in --latency mode)")
+    add(
+        "--events-per-message",
+        type=int,
+        default=PUBLISH_BATCH,
+        help=f"events per message (default {PUBLISH_BATCH}; 1: sidecar.ingest, more: sidecar.ingest_many)",
+    )
+    add(
+        "--latency",
+        action="store_true",
+        help="light load: one event per message at --rate events/s; publish → indexed percentiles",
+    )
+    add("--rate", type=float, default=2.0, help="--latency mode: events per second (default 2)")
+    add(
+        "--embedded",
+        action="store_true",
+        help="the embedded default: SQLite broker and SQLite database instead of Redis and PostgreSQL",
+    )
+    add("--model", default=MODEL, help=f"embedding model of the workers (default {MODEL})")
+    add("--region", default="beijing", choices=("beijing", "singapore"), help="region (default beijing)")
+    add(
+        "--store",
+        default="local",
+        choices=("local", "edge"),
+        help="each worker's vector store: qdrant-client local mode (default) or Qdrant Edge",
+    )
+    add("--short-texts", action="store_true", help="only short texts (6-28 words, about 16 tokens)")
     add(
         "--naive-s",
         type=float,
@@ -839,12 +1101,24 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.serve_noop:
         return serve_noop(args.broker, args.counter, args.concurrency, args.node)
-    if args.events < 1 or args.workers < 1 or args.rpm < 1 or args.tpm < 1:
-        print("bench.throughput: --events, --workers, --rpm and --tpm must be >= 1", file=sys.stderr)
+    args.events = args.events if args.events is not None else (60 if args.latency else 2000)
+    args.workers = args.workers if args.workers is not None else (1 if args.embedded or args.latency else 3)
+    if args.latency_ms is None:
+        args.latency_ms = 0.0 if args.latency else 50.0
+    if min(args.events, args.workers, args.rpm, args.tpm, args.events_per_message) < 1 or args.rate <= 0:
+        print(
+            "bench.throughput: --events, --workers, --rpm, --tpm and --events-per-message must be >= 1, "
+            "--rate > 0",
+            file=sys.stderr,
+        )
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="sidecar-bench-"))
     started = time.monotonic()
-    limits = {} if args.overhead else {"rpm": args.rpm, "tpm": args.tpm, "latency_ms": args.latency_ms}
+    limits: dict[str, float] = {"rpm": args.rpm, "tpm": args.tpm, "latency_ms": args.latency_ms}
+    if args.overhead:
+        limits = {}
+    elif args.latency:
+        limits = {"latency_ms": args.latency_ms}
     broker_url = redis_db_url(args.redis_url, args.broker_db)
     limiter_url = redis_db_url(args.redis_url, args.limiter_db)
     emulator = None
@@ -857,8 +1131,13 @@ def main(argv: list[str] | None = None) -> int:
                 limiter_url=limiter_url,
                 emulator=emulator,
                 workdir=workdir,
+                embedded=args.embedded,
+                model=args.model,
+                region=args.region,
+                store=args.store,
             )
-            result = overhead_mode(args, svc) if args.overhead else limits_mode(args, svc)
+            mode = overhead_mode if args.overhead else latency_mode if args.latency else limits_mode
+            result = mode(args, svc)
     except (RuntimeError, TimeoutError) as exc:
         print(f"bench.throughput: {exc}\nlogs kept in {workdir}", file=sys.stderr)
         args.keep = True

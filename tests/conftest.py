@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.fixtures.services",
     "tests.fixtures.emulator",
     "tests.fixtures.runtime",
+    "tests.fixtures.pgcluster",
 ]

@@ -15,14 +15,16 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-from worker import batching, chunking
+from worker import batching, chunking, telemetry
 from worker.errors import GiveUp, RetryLater, SidecarError, StoreConflict
+from worker.holdback import HeldBack as HeldBack  # the embedding loop keeps one (worker/service.py)
 from worker.ledger import calls, counters
+from worker.reembed import control, routes
 from worker.runtime import Runtime
-from worker.sql import cache, documents, pauses
+from worker.sql import cache, documents, pauses, settle
 from worker.sql.models import ProviderPause, utcnow
 from worker.vectorstore.base import ChunkVector
 
@@ -43,26 +45,6 @@ class Cycle:
     dead: int = 0
     idle: bool = False
     paused: str | None = None  # why embedding is paused for every process
-
-
-class HeldBack:
-    """When each document was first handed back to wait for a full batch; one per embedding
-    loop (its threads share it), so the wait is measured across cycles."""
-
-    LIMIT = 100_000  # documents finished elsewhere are never forgotten here: start afresh past this
-
-    def __init__(self) -> None:
-        self._since: dict[int, float] = {}
-
-    def waited_s(self, doc_ids: list[int]) -> float:
-        """How long the longest-waiting of these documents has been held back (0 the first time)."""
-        now = time.monotonic()
-        if len(self._since) > self.LIMIT:
-            self._since.clear()
-        return max(now - self._since.setdefault(doc_id, now) for doc_id in doc_ids)
-
-    def done(self, doc_id: int) -> None:
-        self._since.pop(doc_id, None)
 
 
 @dataclass
@@ -86,13 +68,21 @@ def run_cycle(rt: Runtime, held: HeldBack | None = None) -> Cycle:
     """One pass over a claim of pending documents. `held` remembers held-back rows across
     cycles (the embedding loop passes its own); without it a partial batch never times out."""
     limit = rt.settings.claim_docs
+    if held is not None:  # lone events streaming in: let a few more arrive first (worker/holdback.py)
+        held.linger(rt.settings.batch_max_delay_s / 4)
     with rt.sessions.begin() as session:
         pause = session.get(ProviderPause, pauses.PROVIDER)
         if pause is not None and pause.until > utcnow():
             return Cycle(idle=True, paused=pause.reason)
-        docs = documents.claim(session, owner=rt.owner, limit=limit, lease_s=rt.settings.lease_s)
+        docs = telemetry.claimed(
+            documents.claim, session, owner=rt.owner, limit=limit, lease_s=rt.settings.lease_s
+        )
+    control.step(rt)  # re-embeds under way: one step each (worker/reembed/control.py)
+    if held is not None:
+        held.noted(len(docs), full=rt.spec.max_rows)
     if not docs:
         return Cycle(idle=True)
+    rt, docs = routes.for_cycle(rt, docs)  # this cycle's model; each collection's physical collection
     cycle = Cycle(claimed=len(docs))
     live = []
     for doc in docs:
@@ -152,7 +142,7 @@ def apply_delete(rt: Runtime, doc: documents.Claimed, cycle: Cycle) -> None:
 
 
 def ensure_collection(rt: Runtime, collection: str) -> None:
-    rt.store.ensure_collection(collection, rt.embedder.dimensions, sparse=rt.settings.sparse_vectors)
+    routes.ensure_collection(rt, collection)  # its physical collection and alias (worker/reembed/)
 
 
 def plan_chunks(rt: Runtime, work: _Work) -> None:
@@ -222,7 +212,7 @@ def call_provider(
     cycle.requests += 1
     rt.faults.reach("before_call")
     try:
-        result = rt.embedder.embed([row.text for row in rows])
+        result = telemetry.embedded(rt.embedder, [row.text for row in rows], est_tokens, request_id)
     except SidecarError as exc:
         rt.limiter.settle(permit, 0)
         if exc.call is not None and exc.call.http_status == 429:
@@ -301,21 +291,31 @@ def record_failure(rt: Runtime, request_id: str, est_tokens: int, exc: SidecarEr
 
 
 def finish(rt: Runtime, work: _Work, cycle: Cycle) -> None:
-    """Write every document whose vectors are all there, one by one; the rest fail or wait."""
+    """Write every document whose vectors are all there, then mark them indexed in one statement
+    (hand back those waiting for a fuller batch in another); the rest fail."""
+    waiting, written = [], []
     for doc in work.docs:
         error = work.errors.get(doc.id)
         if error is not None:
             _failed(rt, doc, error, cycle)
         elif not all(key in work.vectors for key in work.keys[doc.id]):
-            with rt.sessions.begin() as session:
-                documents.release(session, doc, owner=rt.owner)
-            cycle.held_back += 1
-        else:
-            write_document(rt, work, doc, cycle)
+            waiting.append(doc)
+        elif write_document(rt, work, doc, cycle):
+            written.append((doc, len(work.chunks[doc.id])))
+    if not (waiting or written):
+        return
+    with rt.sessions.begin() as session:
+        indexed = settle.finish_many(session, written, waiting, owner=rt.owner)
+        saved: Counter[tuple[str, str]] = Counter()
+        for doc in indexed:
+            saved[(doc.collection, doc.tenant)] += _saved_tokens(work, doc)
+        counters.record_avoided(session, "dedup", saved, model=rt.embedder.model)
+    cycle.indexed += len(indexed)
+    cycle.held_back += len(waiting)
 
 
-def write_document(rt: Runtime, work: _Work, doc: documents.Claimed, cycle: Cycle) -> None:
-    """Write one document's points; a refusal gives up on this document only."""
+def write_document(rt: Runtime, work: _Work, doc: documents.Claimed, cycle: Cycle) -> bool:
+    """Write one document's points (True when written); a refusal gives up on this document only."""
     chunks = [
         ChunkVector(
             chunk.index, chunk.text, chunk.content_hash, work.vectors[key].vector, work.vectors[key].sparse
@@ -324,37 +324,32 @@ def write_document(rt: Runtime, work: _Work, doc: documents.Claimed, cycle: Cycl
     ]
     try:
         ensure_collection(rt, doc.collection)
-        written = rt.store.write_document(
-            doc.collection,
-            doc.tenant,
-            doc.doc_id,
-            doc.version,
-            chunks,
-            meta=doc.meta or {},
-            model=rt.embedder.model,
-            dimensions=rt.embedder.dimensions,
-        )
+        with telemetry.store_span(doc.collection, len(chunks)):
+            written = rt.store.write_document(
+                doc.collection,
+                doc.tenant,
+                doc.doc_id,
+                doc.version,
+                chunks,
+                meta=doc.meta or {},
+                model=rt.embedder.model,
+                dimensions=rt.embedder.dimensions,
+            )
     except RetryLater as exc:
         _retry(rt, doc, exc, cycle)
-        return
+        return False
     except SidecarError as exc:  # refused for good (GiveUp), or a collection that cannot work
         _give_up(rt, doc, f"the vector store refused the write: {exc}", cycle)
-        return
+        return False
     except Exception as exc:  # an adapter let a library error through: this document only
         _give_up(rt, doc, f"the vector store failed the write: {type(exc).__name__}", cycle)
-        return
+        return False
     rt.faults.reach("after_store_write")
     if not written:  # the store holds a newer version or a delete: SQL will catch up or give up
         _retry(rt, doc, StoreConflict(f"the store holds a newer state than version {doc.version}"), cycle)
-        return
+        return False
     work.held.done(doc.id)
-    with rt.sessions.begin() as session:
-        if documents.mark_indexed(session, doc, owner=rt.owner, chunk_count=len(chunks)):
-            cycle.indexed += 1
-            if saved := _saved_tokens(work, doc):
-                counters.record_avoided(
-                    session, "dedup", {(doc.collection, doc.tenant): saved}, model=rt.embedder.model
-                )
+    return True
 
 
 def _failed(rt: Runtime, doc: documents.Claimed, error: SidecarError, cycle: Cycle) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
-from worker.ledger import calls
+from worker.ledger import calls, rollups
 from worker.runtime import Runtime
 from worker.sql import engines, retention
 from worker.sql.models import Document, utcnow
@@ -56,8 +56,11 @@ def reconcile(rt: Runtime) -> Reconciled:
 
 
 def prune(rt: Runtime) -> dict[str, int]:
-    """Remove history past its retention; an error is logged (its type only) and skipped."""
+    """Fold the roll-up deltas, remove history past its retention; an error is logged (its type
+    only) and skipped."""
     try:
+        with rt.sessions.begin() as session:  # ledger roll-up deltas (PostgreSQL), so they never pile up
+            rollups.fold(session)
         with rt.sessions() as session:  # it runs a short transaction per batch of its own
             return retention.prune(session, rt.settings, utcnow())
     except Exception as exc:  # pruning is housekeeping: the repairs below must still run

@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -74,6 +75,9 @@ class Runtime:
     # Set when work is committed (an ingest, a reconciler repair): wakes the embedding threads.
     wake: threading.Event = field(default_factory=threading.Event)
     faults: Faults = field(default_factory=Faults)
+    # Runtimes of other models and the collection routes, built on first use (worker/reembed/);
+    # shared by every runtime derived from this one.
+    variants: dict[Any, Any] = field(default_factory=dict)
 
     @property
     def owner(self) -> str:
@@ -88,6 +92,9 @@ class Runtime:
     def close(self) -> None:
         """Close every part, even when one of them fails to (the store unlocks its files)."""
         try:
+            for variant in list(self.variants.values()):  # other models' embedders
+                if isinstance(variant, Runtime) and variant.embedder is not self.embedder:
+                    variant.embedder.close()
             self.embedder.close()
         finally:
             try:

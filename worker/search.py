@@ -24,6 +24,7 @@ from worker.embedding.base import TextType
 from worker.errors import InvalidQuery, NoSuchCollection, RetryLater, SidecarError
 from worker.events import NAME_PATTERN
 from worker.ledger import calls
+from worker.reembed import routes
 from worker.runtime import Runtime
 from worker.sql import pauses
 from worker.sql.cache import Embedded
@@ -150,21 +151,16 @@ class Searcher:
         (BudgetExceeded, throttled, provider or store unavailable) or GiveUp (text refused)."""
         started = time.monotonic()
         check_query(collection, text, limit=limit, tenant=tenant, meta=meta)
-        self._check_collection(collection)
+        rt = routes.for_search(self.rt, collection)  # the collection's model and physical collection
+        self._check_collection(rt, collection)
         text = tokens.normalize(text)
-        key: CacheKey = (
-            self.rt.embedder.model,
-            self.rt.embedder.dimensions,
-            self.rt.embedder.api,
-            QUERY,
-            text,
-        )
+        key: CacheKey = (rt.embedder.model, rt.embedder.dimensions, rt.embedder.api, QUERY, text)
         embedded, request_id = self.cache.get(key), None
         if embedded is None:
-            embedded, request_id = self._embed(collection, tenant, text)
+            embedded, request_id = self._embed(rt, collection, tenant, text)
             self.cache.put(key, embedded)
-        sparse = embedded.sparse if self.rt.settings.sparse_vectors else None
-        hits = self.rt.store.search(
+        sparse = embedded.sparse if rt.settings.sparse_vectors else None
+        hits = rt.store.search(
             collection, embedded.vector, limit=limit, tenant=tenant, meta=meta or None, sparse=sparse
         )
         log.info(
@@ -177,23 +173,22 @@ class Searcher:
         )
         return SearchResult(hits=hits, request_id=request_id, cached=request_id is None)
 
-    def _check_collection(self, collection: str) -> None:
+    def _check_collection(self, rt: Runtime, collection: str) -> None:
         """NoSuchCollection before anything is paid for, when the collection holds no chunk."""
         if collection in self._known:
             return
-        if self.rt.store.count(collection) == 0:
+        if rt.store.count(collection) == 0:
             raise NoSuchCollection(f"collection {collection!r} holds no indexed documents")
         self._known.add(collection)
 
-    def _embed(self, collection: str, tenant: str | None, text: str) -> tuple[Embedded, str]:
+    def _embed(self, rt: Runtime, collection: str, tenant: str | None, text: str) -> tuple[Embedded, str]:
         """One paid call for one query, through the limiter, the budget and the ledger."""
-        rt = self.rt
         est_tokens = tokens.count_tokens(text)
         if est_tokens > self.max_query_tokens:
             raise InvalidQuery("q", f"{est_tokens} tokens is over the cap of {self.max_query_tokens}")
         permit = rt.limiter.acquire(est_tokens, timeout_s=QUERY_WAIT_S)
         try:
-            request_id = self._open_request(collection, tenant, est_tokens)
+            request_id = self._open_request(rt, collection, tenant, est_tokens)
         except RetryLater:  # a budget cap or a provider pause: the slot was not used
             rt.limiter.settle(permit, 0)
             raise
@@ -211,9 +206,8 @@ class Searcher:
             calls.record_success(session, request_id, result, rt.spec.cost_nano_cny(result.billed_tokens))
         return Embedded(result.vectors[0], result.sparse[0] if result.sparse else None), request_id
 
-    def _open_request(self, collection: str, tenant: str | None, est_tokens: int) -> str:
+    def _open_request(self, rt: Runtime, collection: str, tenant: str | None, est_tokens: int) -> str:
         """The ledger's intent row, after the budget check in its transaction; our request id."""
-        rt = self.rt
         request_id = str(uuid.uuid4())
         with rt.sessions.begin() as session:
             pause = pauses.active(session)

@@ -11,6 +11,7 @@ import threading
 import time
 
 from worker import pipeline, reconciler
+from worker.batch.lane import BatchLane
 from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -38,11 +39,15 @@ class EmbedService:
     def start(self) -> None:
         for thread in self._threads:
             thread.start()
+        self._batch_lane = BatchLane(self.rt)  # documents of lane "batch" (worker/batch/)
+        self._batch_lane.start()
         embedding = sum(t.name.startswith("sidecar-embed-") for t in self._threads)
         log.info("embed.started threads=%d reconciler=%s", embedding, len(self._threads) > embedding)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         self._stop.set()
+        if getattr(self, "_batch_lane", None) is not None:
+            self._batch_lane.stop(timeout_s)
         self.rt.wake.set()
         for thread in self._threads:
             thread.join(timeout_s)

@@ -95,10 +95,31 @@ class Settings(BaseSettings):
     retention_cache_days: float = 90.0  # embedding cache entries not used for this long
 
     # --- change capture (SIDECAR_CAPTURE_*; worker/capture/) ---
+    capture_snapshot_lane: Literal["batch", "realtime"] = "batch"  # lane of snapshot and resync rows
+    capture_batch_rows: int = Field(default=500, ge=1)  # changes committed (and acknowledged) together
+    capture_max_lag_s: float = 300.0  # /readyz: a source further behind than this is not ready
+    capture_max_lag_bytes: int = 1 << 30  # /readyz: a slot holding more WAL than this is not ready
+    capture_claim_idle_s: float = 60.0  # debezium: take over entries another consumer held this long
+    capture_idle_s: float = 1.0  # how long an idle source waits for changes before looking again
 
     # --- batch lane and re-embedding (SIDECAR_BATCH_*, SIDECAR_REEMBED_*) ---
+    batch_enabled: bool = True  # false: documents sent with lane "batch" go the real-time way
+    batch_poll_interval_s: float = 60.0  # how often a batch job's status is asked for
+    batch_max_lines: int = 50_000  # lines per batch job (the provider's limit is 50,000)
+    batch_collect_s: float = 60.0  # the oldest waiting batch document waits this long for company
+    batch_completion_window: str = "24h"  # asked of the provider: 24h to 336h ("14d")
+    reembed_route_refresh_s: float = 1.0  # how stale a process's view of collection routes may be
+    reembed_settle_s: float = 3.0  # after a route changes, wait this long before the store follows
+    reembed_follow_interval_s: float = 2.0  # a caught-up migration is looked at again after this
 
     # --- console and telemetry (SIDECAR_CONSOLE_*, OTEL_*) ---
+    # Tracing (worker/telemetry.py): on when an OTLP/HTTP collector is named; the standard names.
+    otel_exporter_otlp_endpoint: str | None = Field(
+        default=None, validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_ENDPOINT")
+    )
+    otel_service_name: str = Field(
+        default="vector-sidecar", validation_alias=AliasChoices("OTEL_SERVICE_NAME")
+    )
 
     @field_validator("api_tokens", "api_read_tokens", mode="before")
     @classmethod

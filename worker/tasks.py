@@ -18,19 +18,15 @@ from __future__ import annotations
 import logging
 import random
 import threading
-from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-import redis
 from celery import Celery, signals
-from kombu.exceptions import OperationalError as BrokerError
 from kombu.transport import sqlalchemy as sqla_transport
-from sqlalchemy import exc as sql_errors
 
-from worker import logs
-from worker.errors import InvalidEvent, RetryLater
-from worker.events import FIELDS, escape_unstorable, parse_with
+from worker import logs, telemetry, tokens
+from worker.events import escape_unstorable
+from worker.intake import TRANSIENT, ingest_events
 from worker.ledger import counters
 from worker.runtime import Runtime, build_runtime
 from worker.settings import Settings
@@ -38,18 +34,6 @@ from worker.sql import attempts, documents, engines
 
 log = logging.getLogger(__name__)
 
-TRANSIENT = (
-    sql_errors.OperationalError,
-    sql_errors.InterfaceError,
-    sql_errors.DisconnectionError,
-    sql_errors.TimeoutError,
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-    BrokerError,
-    ConnectionError,
-    TimeoutError,
-    RetryLater,
-)
 MAX_RAW_CHARS = 4096
 EMBEDDED_PREFIX = "sqla+sqlite:"  # the embedded default broker: an SQLite file
 EMBEDDED_BROKER_POLL_S = 0.1  # how often the consumer polls it (a query on a local file)
@@ -84,52 +68,7 @@ def _app_settings() -> Settings:
     return _settings
 
 
-# --- recording events ---------------------------------------------------------------------------
-
-
-def ingest_events(
-    rt: Runtime, raw_events: list[Any], *, message_id: str | None = None, attempt_key: str | None = None
-) -> dict[str, int]:
-    """Validate and record each event in its own transaction; returns counts by outcome.
-
-    `message_id` (the broker message's id) makes a redelivered message's version-less events
-    duplicates instead of new versions; `attempt_key` is marked finished in the closing
-    transaction. A transient failure (TRANSIENT) propagates, so the message is retried."""
-    outcomes: Counter[str] = Counter()
-    coalesced: Counter[tuple[str, str]] = Counter()
-    for index, raw in enumerate(raw_events):
-        delivery_id = f"{message_id}:{index}" if message_id else None
-        outcomes[_ingest_one(rt, raw, coalesced, delivery_id)] += 1
-    with rt.sessions.begin() as session:
-        counters.record_outcomes(session, outcomes)
-        counters.record_avoided(session, "coalesced", coalesced, model=rt.embedder.model)
-        if attempt_key is not None:
-            attempts.message_finished(session, attempt_key)
-    if outcomes["accepted"]:
-        rt.wake.set()
-    return dict(outcomes)
-
-
-def _ingest_one(rt: Runtime, raw: Any, coalesced: Counter[tuple[str, str]], delivery_id: str | None) -> str:
-    """One event in its own transaction: its outcome, or "rejected" with the reason recorded."""
-    try:
-        event = parse_with(raw, rt.settings)
-        saved: Counter[tuple[str, str]] = Counter()
-        with rt.sessions.begin() as session:
-            outcome = documents.accept(session, event, saved, delivery_id=delivery_id)
-        coalesced.update(saved)
-        return outcome
-    except InvalidEvent as exc:
-        field, rule = exc.field, exc.rule
-    except TRANSIENT:
-        raise
-    except Exception as exc:  # a bug, or a value the database refused: this event only
-        field, rule = "event", type(exc).__name__
-    with rt.sessions.begin() as session:
-        documents.reject(session, raw, field, rule)
-    shown = field if field in FIELDS or field == "event" else "<unknown field>"
-    log.warning("event.rejected field=%s rule=%s", shown, rule)
-    return "rejected"
+# --- recording events (worker/intake.py) -------------------------------------------------------
 
 
 def record_undeliverable(rt: Runtime, description: Any, attempt_key: str | None = None) -> dict[str, int]:
@@ -156,6 +95,7 @@ def record_undeliverable(rt: Runtime, description: Any, attempt_key: str | None 
 def create_celery(settings: Settings) -> Celery:
     global _settings
     _settings = settings
+    telemetry.configure(settings)
     broker = settings.resolved_broker_url()
     app = _celery_app(broker)
     # Redis emulates acks with a visibility timeout (set it everywhere it is read): a message whose
@@ -175,6 +115,8 @@ def create_celery(settings: Settings) -> Celery:
         broker_transport_options=_transport_options(settings, redis_broker),
         visibility_timeout=settings.broker_visibility_timeout_s,
         worker_cancel_long_running_tasks_on_connection_loss=True,
+        worker_send_task_events=True,  # task events for Flower and celery-exporter
+        task_send_sent_event=True,
     )
     _register_tasks(app, max_retries=max(settings.ingest_retries, settings.max_attempts))
     _connect_signals()
@@ -218,19 +160,21 @@ def _register_tasks(app: Celery, *, max_retries: int) -> None:
     # Each takes *args/**kwargs so that a call of the wrong shape is recorded as rejected instead
     # of failing inside Celery before our code runs. Not shared: each app has its own tasks, so a
     # process with two apps (`sidecar serve`: the consumer's and the API's) registers each once.
-    @app.task(name="sidecar.ingest", bind=True, shared=False, max_retries=max_retries)  # type: ignore[untyped-decorator]
+    failing = {"throws": (telemetry.DeadLettered,)}  # a dead letter: failed for monitors, no traceback
+
+    @app.task(name="sidecar.ingest", bind=True, shared=False, max_retries=max_retries, **failing)  # type: ignore[untyped-decorator]
     def ingest(self: Any, *args: Any, **kwargs: Any) -> dict[str, int]:
         if len(args) == 1 and not kwargs:
-            return _run(self, _ingest_work(self, [args[0]]))
-        return _run(self, _bad_call(self, "sidecar.ingest takes one positional argument: an event object"))
+            return telemetry.reported(self, _run(self, _ingest_work(self, [args[0]])))
+        reason = "sidecar.ingest takes one positional argument: an event object"
+        return telemetry.reported(self, _run(self, _bad_call(self, reason)))
 
-    @app.task(name="sidecar.ingest_many", bind=True, shared=False, max_retries=max_retries)  # type: ignore[untyped-decorator]
+    @app.task(name="sidecar.ingest_many", bind=True, shared=False, max_retries=max_retries, **failing)  # type: ignore[untyped-decorator]
     def ingest_many(self: Any, *args: Any, **kwargs: Any) -> dict[str, int]:
         if len(args) == 1 and not kwargs and isinstance(args[0], list):
-            return _run(self, _ingest_work(self, args[0]))
-        return _run(
-            self, _bad_call(self, "sidecar.ingest_many takes one positional argument: a list of events")
-        )
+            return telemetry.reported(self, _run(self, _ingest_work(self, args[0])))
+        reason = "sidecar.ingest_many takes one positional argument: a list of events"
+        return telemetry.reported(self, _run(self, _bad_call(self, reason)))
 
     @app.task(name="sidecar.undeliverable", bind=True, shared=False, max_retries=max_retries)  # type: ignore[untyped-decorator]
     def undeliverable(self: Any, *args: Any, **kwargs: Any) -> dict[str, int]:
@@ -264,7 +208,8 @@ def _run(task: Any, work: Work) -> dict[str, int]:
                 "(it stops the worker each time): dead-lettered"
             )
             return _dead_letter(rt, task, key, "arguments", reason)
-        return work(rt, key)
+        with telemetry.span("sidecar.accept", **{"messaging.message.id": task.request.id}):
+            return work(rt, key)
     except TRANSIENT as exc:
         return _retry(task, exc, limit=settings.ingest_retries)
     except Exception as exc:  # a bug, or data SQL refused even as a rejection
@@ -316,6 +261,7 @@ def _dead_letter(rt: Runtime, task: Any, key: str | None, field: str, reason: st
         if key is not None:
             attempts.message_finished(session, key)
     log.warning("message.dead_lettered task=%s field=%s", task.name, field)
+    telemetry.mark_dead_lettered(task, reason)
     return {"rejected": 1}
 
 
@@ -367,6 +313,7 @@ def start_embedding(threads: int) -> None:
     """Start this process's embedding loop once the worker (or its pool child) is up."""
     from worker.service import EmbedService
 
+    tokens.encoding()  # the Qwen BPE (~0.85 CPU-s), loaded now rather than in the first cycle
     service = EmbedService(runtime(), threads=threads)
     service.start()
 

@@ -2,7 +2,7 @@
 
 The commands live in groups, each with its `add_parsers`: api/cli/run.py (worker, api, migrate),
 api/cli/ops.py (status, deadletters, reconcile), api/cli/spend.py (spend, bill, estimate),
-api/cli/search.py, api/cli/demo.py, and the emulator's own parser.
+api/cli/search.py, api/cli/demo.py, api/cli/capture.py (capture), and the emulator's own parser.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import argparse
 import sys
 
 from api import emulator
-from api.cli import demo, ops, run, search, spend, store
+from api.cli import backfill, capture, demo, ops, run, search, spend, store
+from api.cli import reembed as reembed_cli
 from worker.errors import ConfigError, SchemaOutdated
 
 
@@ -45,4 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     spend.add_parsers(sub)
     search.add_parser(sub)
     store.add_parsers(sub)
+    backfill.add_parser(sub)
+    capture.add_parser(sub)
+    reembed_cli.add_parser(sub)
     return parser

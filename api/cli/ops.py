@@ -67,10 +67,21 @@ def add_deadletters_parser(sub: argparse._SubParsersAction[argparse.ArgumentPars
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from worker.capture.exposition import sources_report
     from worker.ledger import reports
 
     settings = Settings()
-    print(render_status(run_report(settings, lambda s: reports.status(s, settings)), as_json=args.json))
+    from worker.reembed import control
+
+    report = run_report(
+        settings,
+        lambda s: {
+            **reports.status(s, settings),
+            "sources": sources_report(s),
+            "migrations": control.status(s),
+        },
+    )
+    print(render_status(report, as_json=args.json))
     return 0
 
 
@@ -83,8 +94,14 @@ def render_status(data: dict[str, Any], *, as_json: bool) -> str:
     age = data["oldest_pending_age_s"]
     lines.append(f"oldest pending: {'-' if age is None else f'{age:.1f}s'}")
     for key, value in data.items():  # anything else the report carries (pauses, budgets)
-        if key not in ("documents", "requests", "oldest_pending_age_s"):
+        if key not in ("documents", "requests", "oldest_pending_age_s", "sources", "migrations"):
             lines.append(f"{key}: {json.dumps(value)}")
+    from api.cli.capture import render_sources
+
+    lines += render_sources(data.get("sources") or [])
+    from api.cli.reembed import render_migrations
+
+    lines += render_migrations(data.get("migrations") or [])
     return "\n".join(lines)
 
 

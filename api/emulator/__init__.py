@@ -3,7 +3,8 @@
 Modules: `config` (EmulatorConfig and its rules), `vectors` (deterministic vectors), `errors` (the
 provider's error catalogue), `parsing` (requests of both APIs), `answers` (their success bodies),
 `limits` (rate windows), `state` (bill, log, RNG), `control` (the `/_emulator/` endpoints and
-their token), `server` (the ASGI app), `runner` (serve, or run on a thread) and `cli`.
+their token), `server` (the ASGI app), `runner` (serve, or run on a thread) and `cli`; the Batch
+File API in `batch` (files, jobs, life cycle), `batch_input` (its input rules) and `batch_routes`.
 """
 
 from __future__ import annotations

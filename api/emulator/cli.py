@@ -93,3 +93,15 @@ def _add_limit_and_fault_flags(parser: argparse.ArgumentParser) -> None:
     )
     add("--token-factor", type=float, help="scale counted tokens by this (simulates drift)")
     add("--seed", type=int, help="seed of the fault-injection random draws (default 0)")
+    add(
+        "--batch-duration-s",
+        type=float,
+        help="Batch API: a job's life cycle (validating to completed) in seconds (default 10)",
+    )
+    add("--batch-fail-rate", type=float, help="Batch API: share of lines that fail with a 500 (0..1)")
+    add(
+        "--batch-expire-rate",
+        type=float,
+        help="Batch API: share of jobs that expire with half their lines done (0..1)",
+    )
+    add("--batch-max-lines", type=int, help="Batch API: requests per job (default 50000)")

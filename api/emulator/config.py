@@ -19,6 +19,8 @@ REGIONS = tuple(REGION_URLS)
 MAX_LATENCY_MS = 600_000
 MAX_HANG_S = 3_600
 MAX_TOKEN_FACTOR = 1_000
+MAX_BATCH_DURATION_S = 14 * 86_400
+MAX_BATCH_LINES = 50_000
 SECRET_MASK = "***"
 
 
@@ -39,6 +41,10 @@ class EmulatorConfig:
     inspection_marker: str = "<<BLOCKED>>"
     token_factor: float = 1.0
     seed: int = 0
+    batch_duration_s: float = 10.0  # a batch job's whole life cycle, compressed (api/emulator/batch.py)
+    batch_fail_rate: float = 0.0  # share of batch lines answered 500 in the error file
+    batch_expire_rate: float = 0.0  # share of batch jobs that expire with half their lines done
+    batch_max_lines: int = 50_000  # requests per batch job
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -105,6 +111,11 @@ def _limit(value: object) -> str | None:
     return None if ok else "must be an integer >= 1 or null"
 
 
+def _lines(value: object) -> str | None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_BATCH_LINES
+    return None if ok else f"must be an integer within [1, {MAX_BATCH_LINES}]"
+
+
 def _integer(value: object) -> str | None:
     return None if isinstance(value, int) and not isinstance(value, bool) else "must be an integer"
 
@@ -139,4 +150,8 @@ RULES: dict[str, Rule] = {
     "inspection_marker": _marker,
     "token_factor": _finite_within(0, MAX_TOKEN_FACTOR, low_open=True),
     "seed": _integer,
+    "batch_duration_s": _finite_within(0, MAX_BATCH_DURATION_S),
+    "batch_fail_rate": _SHARE,
+    "batch_expire_rate": _SHARE,
+    "batch_max_lines": _lines,
 }

@@ -25,6 +25,7 @@ from starlette.routing import Route
 
 from api.emulator import errors
 from api.emulator.answers import answer_body
+from api.emulator.batch_routes import batch_routes
 from api.emulator.config import EmulatorConfig
 from api.emulator.control import bearer, control_routes
 from api.emulator.parsing import EmbedCall, describe, parse
@@ -46,6 +47,7 @@ def create_app(config: EmulatorConfig, control_token: str | None = None) -> Star
         routes=[
             Route(COMPATIBLE_PATH, compatible, methods=["POST"]),
             Route(NATIVE_PATH, native, methods=["POST"]),
+            *batch_routes(state),
             *control_routes(state, control_token),
         ]
     )

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from api.emulator.batch import BatchStore
 from api.emulator.config import EmulatorConfig
 from api.emulator.errors import ProviderError
 from api.emulator.limits import RateWindows
@@ -31,6 +32,7 @@ class EmulatorState:
             self.log: list[dict[str, Any]] = []
             self.windows = RateWindows()
             self.rng = random.Random(self.config.seed)
+            self.batches = BatchStore()  # the Batch File API's files and jobs
 
     def patch_config(self, patch: dict[str, Any]) -> EmulatorConfig:
         """Apply a JSON patch to the live config (ConfigFieldError if invalid) and return it."""
@@ -63,7 +65,18 @@ class EmulatorState:
                 self.bill.append({k: entry[k] for k in BILL_FIELDS})
                 self.total_tokens += entry["tokens"]
 
+    def charge(self, entries: list[dict[str, Any]]) -> None:
+        """Bill the charged lines of a finished batch job (each entry already in bill form)."""
+        with self.lock:
+            self.bill.extend(entries)
+            self.total_tokens += sum(entry["tokens"] for entry in entries)
+
+    def finish_batches(self) -> None:
+        """Run the batch jobs whose time has come, so that the bill and the jobs are current."""
+        self.batches.finish_due(self.config, self.draw, self.charge)
+
     def bill_snapshot(self) -> dict[str, Any]:
+        self.finish_batches()
         with self.lock:
             return {"total_tokens": self.total_tokens, "requests": list(self.bill)}
 

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from api import deps, metrics
 from api.auth import Role, can_read, role_or_none
 from api.deps import session
+from worker.capture import exposition as capture
 from worker.errors import SchemaOutdated
 from worker.ledger import budget
 from worker.settings import Settings
@@ -81,6 +82,7 @@ def readiness(
     if checks["sql"]["ok"]:
         checks["budget"] = check("budget", lambda: budget_probe(sessions, settings))
         checks["provider"] = check("provider", lambda: provider_probe(sessions))
+        checks["sources"] = check("sources", lambda: sources_probe(sessions, settings))
     reasons = [r for c in checks.values() if not c["ok"] for r in c.pop("reasons", [c["detail"]])]
     return checks, reasons
 
@@ -151,3 +153,12 @@ def provider_probe(sessions: sessionmaker[Session]) -> str:
     if paused:
         raise NotReady("provider paused", [f"provider paused until {p['until']}" for p in paused])
     return "not paused"
+
+
+def sources_probe(sessions: sessionmaker[Session], settings: Settings) -> str:
+    """Not ready while a change-capture source is down, or behind by more than its thresholds."""
+    with sessions() as s:
+        reasons = capture.not_ready(s, settings)
+    if reasons:
+        raise NotReady("source lagging", reasons)
+    return "every source keeping up"

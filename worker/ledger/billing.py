@@ -1,5 +1,8 @@
 """Reconcile the ledger with the provider's bill: every charged request, once, at its billed tokens.
 
+Batch jobs are billed line by line (entries with `batch_id`); they are summed per job first and
+matched to the job's one ledger row by the job's id (`by_batch_job`), at the batch price.
+
 The bill is a list of charged requests `{request_id, model, tokens, at}` (the emulator's
 `GET /_emulator/bill`; a provider usage export mapped to that shape). Most ledger rows carry
 the provider's request id and match by it. Rows of unknown outcome (a timeout, a malformed
@@ -72,6 +75,7 @@ def reconcile(
     report = BillReport(bill_requests=len(bill), bill_tokens=sum(int(b["tokens"]) for b in bill))
     if not bill:
         return report
+    bill = by_batch_job(bill)
     rows = _ledger_rows(session, bill, window_s)
     report.ledger_tokens = sum(r.billed_tokens or 0 for r in rows)
     by_provider_id = {r.provider_request_id: r for r in rows if r.provider_request_id}
@@ -103,12 +107,37 @@ def reconcile(
     return report
 
 
+def by_batch_job(bill: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The bill with the charged lines of each batch job (entries carrying `batch_id`) summed into
+    one entry under the job's id, as the ledger keeps one row per job (lane `batch`; each line's
+    request id is in `batch_lines`). Real-time entries pass through unchanged."""
+    jobs: dict[str, dict[str, Any]] = {}
+    out = []
+    for entry in bill:
+        batch_id = entry.get("batch_id")
+        if not batch_id:
+            out.append(entry)
+            continue
+        job = jobs.get(batch_id)
+        if job is None:
+            job = jobs[batch_id] = {**entry, "request_id": batch_id, "tokens": 0, "lines": 0}
+            out.append(job)
+        job["tokens"] += int(entry["tokens"])
+        job["lines"] += 1
+        job["at"] = max(float(job["at"]), float(entry["at"]))
+    return out
+
+
 def _ledger_rows(session: Session, bill: list[dict[str, Any]], window_s: float) -> list[ProviderRequest]:
-    """Ledger rows over the bill's time range, `window_s` wider on each side."""
+    """Ledger rows over the bill's time range, `window_s` wider on each side, and the rows of the
+    bill's batch jobs (created up to the job's completion window before their charges)."""
     ats = [float(b["at"]) for b in bill]
     since = dt.datetime.fromtimestamp(min(ats) - window_s, dt.UTC)
     until = dt.datetime.fromtimestamp(max(ats) + window_s, dt.UTC)
-    query = sa.select(ProviderRequest).where(ProviderRequest.created_at.between(since, until))
+    batch_ids = [b["request_id"] for b in bill if b.get("batch_id")]
+    in_range = ProviderRequest.created_at.between(since, until)
+    where = sa.or_(in_range, ProviderRequest.provider_request_id.in_(batch_ids)) if batch_ids else in_range
+    query = sa.select(ProviderRequest).where(where)
     return list(session.execute(query).scalars())
 
 
@@ -164,5 +193,5 @@ def _match_by_estimate(
 def _take_bill(row: ProviderRequest, tokens: int, note: str) -> None:
     spec = MODELS.get(row.model)
     row.billed_tokens = tokens
-    row.cost_nano_cny = spec.cost_nano_cny(tokens) if spec else row.cost_nano_cny
+    row.cost_nano_cny = spec.cost_nano_cny(tokens, batch=row.lane == "batch") if spec else row.cost_nano_cny
     row.error_message = f"{row.error_message or ''} {note}".strip()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from typing import cast
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -68,8 +69,8 @@ def open_request(
     )
     session.flush()
     if items:
-        session.execute(
-            sa.insert(RequestItem),
+        session.execute(  # Core, not the ORM's bulk insert: the driver's executemany
+            sa.insert(cast("sa.Table", RequestItem.__table__)),
             [{"request_id": request_id, **item.__dict__} for item in items],
         )
 
@@ -124,7 +125,9 @@ def close_abandoned(session: Session, *, older_than: dt.datetime) -> int:
     closed as `unknown` with their estimate. Returns how many."""
     rows = session.execute(
         sa.select(ProviderRequest.id, ProviderRequest.model, ProviderRequest.est_tokens).where(
-            ProviderRequest.status == "sent", ProviderRequest.created_at < older_than
+            ProviderRequest.status == "sent",
+            ProviderRequest.created_at < older_than,
+            ProviderRequest.lane != "batch",  # a batch job runs for hours: worker/batch/ closes it
         )
     ).all()
     for request_id, model, est_tokens in rows:

@@ -13,8 +13,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from worker.batch.report import batch_status
 from worker.catalog import cny_str
-from worker.ledger import budget
+from worker.ledger import budget, rollups
 from worker.ledger.spending import GROUPINGS, in_range, spend
 from worker.settings import Settings
 from worker.sql import documents, pauses
@@ -25,11 +26,7 @@ REQUEST_STATUSES = ("sent", "succeeded", "failed", "unknown")
 
 
 def status(session: Session, settings: Settings) -> dict[str, Any]:
-    requests = dict(
-        session.execute(
-            sa.select(ProviderRequest.status, sa.func.count()).group_by(ProviderRequest.status)
-        ).all()
-    )
+    requests = rollups.requests_by_status(session)  # O(roll-up rows), not a ledger scan
     age = documents.oldest_pending_age_s(session)
     return {
         "documents": documents.document_counts(session),
@@ -37,6 +34,7 @@ def status(session: Session, settings: Settings) -> dict[str, Any]:
         "oldest_pending_age_s": None if age is None else round(age, 3),
         "budget": budget.budget_state(session, settings),
         "provider_pauses": pauses.current(session),  # account errors pause embedding for everyone
+        "batch": batch_status(session, settings),  # the batch lane: jobs, waiting, or why it falls back
     }
 
 

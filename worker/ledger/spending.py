@@ -1,10 +1,16 @@
 """Spend over time: requests, rows, billed tokens and CNY grouped by hour, day, model, lane,
 collection or tenant, with the tokens that dedup and coalescing saved beside them (the CLI and the
-API print it). Lanes: `realtime` and `batch` embed documents, `query` embeds searches."""
+API print it). Lanes: `realtime` and `batch` embed documents, `query` embeds searches.
+
+A range of whole UTC hours (what the console asks for) reads the hourly roll-ups
+(worker/ledger/rollups.py) by hour, day, model and lane, and the kept per-hour splits by collection
+and tenant (worker/ledger/shares.py): O(hours), not O(ledger rows). Any other range sums the
+ledger rows (by collection and tenant: split in SQL, the same rule)."""
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections import defaultdict
 from typing import Any
 
@@ -12,9 +18,11 @@ import sqlalchemy as sa
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from worker.catalog import cny_str
+from worker.ledger import rollups, shares
 from worker.ledger.counters import AVOIDED_PREFIX, hour_bucket
-from worker.sql.models import Document, HourlyCounter, ProviderRequest, RequestItem
+from worker.sql.models import HourlyCounter, ProviderRequest
 
+log = logging.getLogger(__name__)
 GROUPINGS = ("hour", "day", "model", "lane", "collection", "tenant")
 _SUMS = (
     "requests",
@@ -29,14 +37,6 @@ Groups = dict[tuple[Any, ...], dict[str, int]]
 KeyColumn = sa.ColumnElement[Any] | InstrumentedAttribute[Any]
 
 
-def _bucket_expr(session: Session, col: Any, fmt: str) -> sa.ColumnElement[str]:
-    """UTC text of a timestamp column: fmt 'hour' → 2026-11-21T07, 'day' → 2026-11-21."""
-    if session.get_bind().dialect.name == "postgresql":
-        pattern = 'YYYY-MM-DD"T"HH24' if fmt == "hour" else "YYYY-MM-DD"
-        return sa.func.to_char(sa.func.timezone("UTC", col), pattern)
-    return sa.func.strftime("%Y-%m-%dT%H" if fmt == "hour" else "%Y-%m-%d", col)
-
-
 def in_range(col: Any, since: dt.datetime | None, until: dt.datetime | None) -> list[sa.ColumnElement[bool]]:
     """`since` ≤ col < `until`, each bound when given."""
     where: list[sa.ColumnElement[bool]] = []
@@ -47,8 +47,10 @@ def in_range(col: Any, since: dt.datetime | None, until: dt.datetime | None) -> 
     return where
 
 
-def _allocate(total: int, parts: dict[Any, int]) -> dict[Any, int]:
-    """Split an integer in proportion to `parts` (largest remainder; ties by key): sums to `total`."""
+def allocate(total: int, parts: dict[Any, int]) -> dict[Any, int]:
+    """Split an integer in proportion to `parts` (largest remainder; ties by key): sums to `total`.
+    The rule `spend` applies in SQL by collection and tenant (worker/ledger/shares.py); kept here
+    as its reference (tests/test_spend_allocation.py checks the two agree)."""
     weight = sum(parts.values())
     if weight <= 0:
         keys = sorted(parts, key=repr)
@@ -85,8 +87,12 @@ def spend(
         raise ValueError(f"by must be one of {', '.join(GROUPINGS)}, got {by!r}")
     groups: Groups = defaultdict(_empty)
     distinct = None
+    if shares.whole_hours(since, until):  # read from the roll-ups: fold what is pending first
+        _fold(session)
     if by in ("collection", "tenant"):
         distinct = _spend_by_document(session, by, since, until, groups)
+    elif shares.whole_hours(since, until):
+        _spend_by_hour(session, by, since, until, groups)
     else:
         _spend_by_request(session, by, since, until, groups)
     unsplit: Groups = defaultdict(_empty)
@@ -117,11 +123,11 @@ def _spend_by_request(session: Session, by: str | None, since: Any, until: Any, 
     pr = ProviderRequest
     keys: list[KeyColumn]
     if by is None:
-        keys = [_bucket_expr(session, pr.created_at, "day"), pr.model]
+        keys = [shares.bucket_expr(session, pr.created_at, "day"), pr.model]
     elif by in ("model", "lane"):
         keys = [getattr(pr, by)]
     else:
-        keys = [_bucket_expr(session, pr.created_at, by)]
+        keys = [shares.bucket_expr(session, pr.created_at, by)]
     labelled = [k.label(f"k{i}") for i, k in enumerate(keys)]
     query = (
         sa.select(
@@ -145,55 +151,45 @@ def _spend_by_request(session: Session, by: str | None, since: Any, until: Any, 
             g[name] += int(value or 0)
 
 
+def _fold(session: Session) -> None:
+    """Fold the roll-ups' pending deltas (PostgreSQL; worker/ledger/rollups.py), so the read adds
+    few: they pile up between scrapes of /metrics, which otherwise is the only one to fold them.
+    A failure only leaves them to be added by the read."""
+    try:
+        rollups.fold_apart(session)
+    except sa.exc.SQLAlchemyError as exc:
+        log.info("roll-up deltas not folded before reading spend (%s)", type(exc).__name__)
+
+
+def _spend_by_hour(session: Session, by: str | None, since: Any, until: Any, groups: Groups) -> None:
+    """The same sums as `_spend_by_request`, from the hourly roll-ups (worker/ledger/rollups.py):
+    O(hours × models × lanes × statuses) instead of O(ledger rows in the range)."""
+    for bucket, model, lane, status_, n, rows, _est, tokens, cost in rollups.hourly(session, since, until):
+        key = {
+            None: (bucket[:10], model),
+            "hour": (f"{bucket}:00Z",),
+            "day": (bucket[:10],),
+            "model": (model,),
+            "lane": (lane,),
+        }[by]
+        g = groups[key]
+        succeeded = status_ == "succeeded"
+        g["requests"] += n
+        g["failed"] += 0 if succeeded else n
+        g["rows"] += rows if succeeded else 0
+        g["tokens"] += tokens
+        g["cost_nano_cny"] += cost
+
+
 def _spend_by_document(session: Session, by: str, since: Any, until: Any, groups: Groups) -> tuple[int, int]:
     """Fill `groups`; returns the distinct (requests, failed): a request that served several
-    groups counts in each group but once in the total."""
-    pr = ProviderRequest
-    label = sa.func.coalesce(getattr(Document, by), getattr(pr, by)).label("k")
-    query = (
-        sa.select(
-            pr.id,
-            pr.status,
-            pr.rows,
-            pr.billed_tokens,
-            pr.cost_nano_cny,
-            label,
-            sa.func.sum(RequestItem.est_tokens),
-            sa.func.count(RequestItem.id),
-        )
-        .outerjoin(RequestItem, RequestItem.request_id == pr.id)
-        .outerjoin(Document, Document.id == RequestItem.document_id)
-        .where(*in_range(pr.created_at, since, until))
-        .group_by(pr.id, pr.status, pr.rows, pr.billed_tokens, pr.cost_nano_cny, label)
-    )
-    requests: dict[str, dict[str, Any]] = {}
-    for rid, status_, rows, billed, cost, key, tokens, items in session.execute(query):
-        r = requests.setdefault(
-            rid,
-            {
-                "status": status_,
-                "rows": rows,
-                "billed": billed or 0,
-                "cost": cost or 0,
-                "parts": {},
-                "items": {},
-            },
-        )
-        r["parts"][key] = int(tokens or 0)
-        r["items"][key] = int(items or 0)
-    for r in requests.values():
-        succeeded = r["status"] == "succeeded"
-        token_shares = _allocate(r["billed"], r["parts"])
-        cost_shares = _allocate(r["cost"], r["parts"])
-        row_shares = _allocate(r["rows"] if succeeded else 0, r["items"])
-        for key in r["parts"]:
-            g = groups[(key,)]
-            g["requests"] += 1
-            g["failed"] += 0 if succeeded else 1
-            g["rows"] += row_shares[key]
-            g["tokens"] += token_shares[key]
-            g["cost_nano_cny"] += cost_shares[key]
-    return len(requests), sum(r["status"] != "succeeded" for r in requests.values())
+    groups counts in each group but once in the total (split in worker/ledger/shares.py)."""
+    per_key, distinct = shares.split(session, by, since, until)
+    for key, sums in per_key.items():
+        g = groups[(key,)]
+        for name in _SUMS[:5]:
+            g[name] += sums[name]
+    return distinct
 
 
 def _avoided(session: Session, by: str | None, since: Any, until: Any, groups: Groups) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from worker.sql.engines import insert_ignore
+from worker.sql.engines import insert_ignore_all
 from worker.sql.models import CachedEmbedding, utcnow
 
 
@@ -106,4 +106,4 @@ def put_many(
         for key, e in embedded.items()
     ]
     for start in range(0, len(rows), 200):
-        insert_ignore(session, CachedEmbedding, rows[start : start + 200])
+        insert_ignore_all(session, CachedEmbedding, rows[start : start + 200])

@@ -97,6 +97,7 @@ def _desired_state(event: Event, now: dt.datetime) -> dict[str, Any]:
         "last_error": None,
         "event_id": event.event_id,
         "updated_at": now,
+        "lane": event.lane,
     }
 
 
@@ -172,18 +173,52 @@ class Claimed:
     updated_at: dt.datetime
 
 
+BATCH_OWNER_PREFIX = "batch:"  # the lease owner of a document a batch job serves (worker/batch/)
+
+
 def claim(session: Session, *, owner: str, limit: int, lease_s: float) -> list[Claimed]:
-    """Lease up to `limit` pending documents, oldest first (SKIP LOCKED on PostgreSQL)."""
+    """Lease up to `limit` pending real-time-lane documents, oldest first (SKIP LOCKED on
+    PostgreSQL). A newer real-time version of a document still leased by a batch job is taken:
+    the job's older result then loses by the version rule."""
     now = utcnow()
     ready = (
         sa.select(Document.id)
         .where(Document.status == "pending")
+        .where(sa.or_(Document.lane != "batch", Document.op == "delete"))  # deletes cost nothing
+        .where(
+            sa.or_(
+                Document.lease_until.is_(None),
+                Document.lease_until < now,
+                Document.lease_owner.startswith(BATCH_OWNER_PREFIX),
+            )
+        )
+        .order_by(Document.updated_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    return _lease(session, ready, owner=owner, lease_s=lease_s, now=now)
+
+
+def claim_batch(session: Session, *, owner: str, limit: int, lease_s: float) -> list[Claimed]:
+    """Lease up to `limit` pending batch-lane documents, oldest first, to a batch job (`owner`
+    starts with BATCH_OWNER_PREFIX; the lease spans the job's completion window)."""
+    now = utcnow()
+    ready = (
+        sa.select(Document.id)
+        .where(Document.status == "pending", Document.lane == "batch", Document.op == "upsert")
         .where(sa.or_(Document.lease_until.is_(None), Document.lease_until < now))
         .order_by(Document.updated_at)
         .limit(limit)
         .with_for_update(skip_locked=True)
         .scalar_subquery()
     )
+    return _lease(session, ready, owner=owner, lease_s=lease_s, now=now)
+
+
+def _lease(
+    session: Session, ready: sa.ScalarSelect[int], *, owner: str, lease_s: float, now: dt.datetime
+) -> list[Claimed]:
     rows = session.execute(
         sa.update(Document)
         .where(Document.id.in_(ready))

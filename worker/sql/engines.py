@@ -2,10 +2,20 @@
 
 SQLite runs in WAL mode and begins every transaction with BEGIN IMMEDIATE, so a transaction
 that reads and then writes never fails with SQLITE_BUSY half way.
+
+PostgreSQL connections are not pinged before each use (`pool_pre_ping` costs a round trip and a
+transaction of its own per checkout). A connection the server closed (a restart,
+`pg_terminate_backend`, an idle timeout) has told its socket so: at checkout a readable or
+closed socket, found without a round trip, makes the pool drop it and open another. A
+connection lost between checkout and use fails its transaction with a disconnect error; the pool
+then drops every older connection too, and the caller retries (the ingest task retries the
+message, the embedding loop its next cycle).
 """
 
 from __future__ import annotations
 
+import functools
+import select
 from typing import Any, cast
 
 import sqlalchemy as sa
@@ -26,7 +36,25 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         engine = sa.create_engine(url, connect_args={"timeout": 30}, **kwargs)
         _sqlite_setup(engine)
         return engine
-    return sa.create_engine(url, pool_pre_ping=True, **kwargs)
+    engine = sa.create_engine(url, **kwargs)
+    event.listen(engine, "checkout", _drop_if_closed)
+    return engine
+
+
+def _drop_if_closed(dbapi_conn: Any, _record: Any, _proxy: Any) -> None:
+    """Raise DisconnectionError (the pool then opens a new connection) when the server closed
+    this idle connection: its socket is closed, or readable while no query is running (the
+    server's goodbye, or end of file). No round trip."""
+    if getattr(dbapi_conn, "closed", False):
+        raise sa.exc.DisconnectionError("the connection was closed")
+    try:
+        poller = select.poll()  # not select(): a process may hold more than 1,024 descriptors
+        poller.register(dbapi_conn.fileno(), select.POLLIN)
+        ready = poller.poll(0)
+    except (OSError, ValueError) as exc:  # no socket any more
+        raise sa.exc.DisconnectionError("the connection has no socket") from exc
+    if ready:
+        raise sa.exc.DisconnectionError("the server closed the connection")
 
 
 def _sqlite_setup(engine: Engine) -> None:
@@ -52,25 +80,51 @@ def dialect_insert(session: Session, model: type[Base]) -> postgresql.Insert | s
     return sqlite.insert(model)
 
 
+# The hot path's statements are built once per dialect and table and run with the rows as
+# parameters (one row, or many in one round trip: SQLAlchemy's insertmanyvalues); building a
+# statement with the rows inside, and its cache key, cost more than running it.
+@functools.cache
+def _ignoring(dialect: str, table: sa.Table, *, returning: bool = True) -> sa.Insert:
+    insert = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
+    ignoring = insert.on_conflict_do_nothing()
+    return ignoring.returning(*table.primary_key.columns) if returning else ignoring
+
+
+@functools.cache
+def _adding(dialect: str, table: sa.Table, column: str) -> sa.Insert:
+    insert = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
+    return insert.on_conflict_do_update(
+        index_elements=list(table.primary_key.columns),
+        set_={column: table.c[column] + insert.excluded[column]},
+    )
+
+
+def _table(model: type[Base]) -> sa.Table:
+    return cast("sa.Table", model.__table__)
+
+
 def insert_ignore(session: Session, model: type[Base], rows: dict[str, Any] | list[dict[str, Any]]) -> int:
-    """INSERT … ON CONFLICT DO NOTHING on either dialect; returns how many rows went in."""
+    """INSERT … ON CONFLICT DO NOTHING on either dialect; returns how many rows went in.
+
+    Every row must name the same columns (a column left out takes its default)."""
+    if not rows:
+        return 0
     # rowcount is not reliable here (psycopg reports -1), so count the RETURNING rows.
-    key = sa.inspect(model).primary_key[0]
-    stmt = dialect_insert(session, model).values(rows).on_conflict_do_nothing().returning(key)
-    return len(session.execute(stmt).all())
+    stmt = _ignoring(session.get_bind().dialect.name, _table(model))
+    return len(session.execute(stmt, rows).all())
+
+
+def insert_ignore_all(session: Session, model: type[Base], rows: list[dict[str, Any]]) -> None:
+    """insert_ignore without counting: the driver's executemany (one statement text however many
+    rows, so the driver parses it once)."""
+    if rows:
+        session.execute(_ignoring(session.get_bind().dialect.name, _table(model), returning=False), rows)
 
 
 def insert_or_add(session: Session, model: type[Base], rows: list[dict[str, Any]], *, column: str) -> None:
     """INSERT … ON CONFLICT (primary key) DO UPDATE SET `column` = `column` + the new row's value."""
-    if not rows:
-        return
-    keys = [c.name for c in sa.inspect(model).primary_key]
-    stmt = dialect_insert(session, model).values(rows)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=keys,
-        set_={column: getattr(model, column) + getattr(stmt.excluded, column)},
-    )
-    session.execute(stmt)
+    if rows:
+        session.execute(_adding(session.get_bind().dialect.name, _table(model), column), rows)
 
 
 def changed_rows(session: Session, statement: sa.Executable) -> int:

@@ -89,6 +89,8 @@ class Document(Base):
     event_id: Mapped[str | None] = mapped_column(sa.String(256))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    # The pending version's lane (DESIGN.md §7): realtime, or batch (worker/batch/).
+    lane: Mapped[str] = mapped_column(sa.String(16), default="realtime", server_default="realtime")
 
 
 class RejectedEvent(Base):
@@ -121,6 +123,8 @@ class ProviderRequest(Base):
     """One provider call: written before it is sent, completed after."""
 
     __tablename__ = "provider_requests"
+    # The ledger page filtered by status, newest first (migrations/versions/0010_spend_indexes.py).
+    __table_args__ = (sa.Index("ix_provider_requests_status_created", "status", "created_at"),)
 
     id: Mapped[str] = mapped_column(sa.String(36), primary_key=True)
     provider_request_id: Mapped[str | None] = mapped_column(sa.String(128), index=True)
@@ -148,6 +152,8 @@ class ProviderRequest(Base):
     # are attributed through their items.
     collection: Mapped[str | None] = mapped_column(sa.String(64))
     tenant: Mapped[str | None] = mapped_column(sa.String(64))
+    # A re-embed's spend (worker/reembed/): the physical collection the migration fills.
+    migration: Mapped[str | None] = mapped_column(sa.String(200), index=True)
 
 
 LANES = ("realtime", "batch", "query")

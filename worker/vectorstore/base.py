@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from worker.errors import StoreRejected
+from worker.reembed.names import logical_name
 
 NAMESPACE = uuid.UUID("1bae0afb-c502-4426-85c8-38c2ad0ba6eb")  # fixed forever: ids depend on it
 DENSE = "dense"
@@ -68,8 +69,10 @@ def chunk_payloads(
 
 
 def point_id(tenant: str, collection: str, doc_id: str, chunk_index: int) -> str:
-    """UUIDv5 of the four parts, joined as a JSON array so no two tuples share a name."""
-    return str(uuid.uuid5(NAMESPACE, json.dumps([tenant, collection, doc_id, chunk_index])))
+    """UUIDv5 of the four parts, joined as a JSON array so no two tuples share a name. A physical
+    collection (worker/reembed/names.py) counts as its logical one: ids are equal in each."""
+    key = [tenant, logical_name(collection), doc_id, chunk_index]
+    return str(uuid.uuid5(NAMESPACE, json.dumps(key)))
 
 
 def tombstone_id(tenant: str, collection: str, doc_id: str) -> str:
@@ -126,7 +129,12 @@ class VectorStore(Protocol):
     """Raises StoreUnavailable (a RetryLater) when the store does not answer, and StoreRejected
     (a GiveUp) when it refuses one document's write or delete."""
 
-    def ensure_collection(self, collection: str, dimensions: int, *, sparse: bool = False) -> None: ...
+    def ensure_collection(
+        self, collection: str, dimensions: int, *, sparse: bool = False, alias: str | None = None
+    ) -> None:
+        """Create the collection if missing. With `alias`: when the collection is first seen,
+        that alias is pointed at it unless a collection or an alias of that name exists."""
+        ...
 
     def write_document(
         self,
@@ -180,6 +188,19 @@ class VectorStore(Protocol):
         """{alias: collection}."""
         ...
 
+    def exists(self, collection: str) -> bool:
+        """A collection or an alias of this name exists."""
+        ...
+
+    def replace_with_alias(self, alias: str, collection: str) -> None:
+        """Turn the plain collection named `alias` into an alias of `collection`: the plain one
+        is dropped (Qdrant cannot hold both names; worker/reembed/control.py says when)."""
+        ...
+
+    def drop_collection(self, collection: str) -> None:
+        """Drop a collection no alias points at; a missing one is fine."""
+        ...
+
     def optimize_if_due(self) -> bool:
         """Housekeeping after bulk loads, run from an idle thread; True if it did any."""
         ...
@@ -213,9 +234,11 @@ class SerializedStore:
         self.store = store
         self._lock = threading.Lock()
 
-    def ensure_collection(self, collection: str, dimensions: int, *, sparse: bool = False) -> None:
+    def ensure_collection(
+        self, collection: str, dimensions: int, *, sparse: bool = False, alias: str | None = None
+    ) -> None:
         with self._lock:
-            self.store.ensure_collection(collection, dimensions, sparse=sparse)
+            self.store.ensure_collection(collection, dimensions, sparse=sparse, alias=alias)
 
     def write_document(
         self,
@@ -272,6 +295,18 @@ class SerializedStore:
     def aliases(self) -> dict[str, str]:
         with self._lock:
             return self.store.aliases()
+
+    def exists(self, collection: str) -> bool:
+        with self._lock:
+            return self.store.exists(collection)
+
+    def replace_with_alias(self, alias: str, collection: str) -> None:
+        with self._lock:
+            self.store.replace_with_alias(alias, collection)
+
+    def drop_collection(self, collection: str) -> None:
+        with self._lock:
+            self.store.drop_collection(collection)
 
     def optimize_if_due(self) -> bool:
         with self._lock:

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +53,7 @@ if TYPE_CHECKING:
     from worker.settings import Settings
 
 MAX_META_DEPTH = 64
+RETIRE_S = 5.0  # a replaced plain shard is closed this long after its alias took its name
 OPTIMIZE_TIMEOUT_S = 3600.0  # an optimisation that takes longer is killed; the shard reopens as it was
 _INDEXES: dict[str, qe.PayloadSchemaType] = {
     "tenant": qe.PayloadSchemaType.Keyword,
@@ -116,11 +119,15 @@ class EdgeStore(EdgeReads):
 
     # --- collections ----------------------------------------------------------------------
 
-    def ensure_collection(self, collection: str, dimensions: int, *, sparse: bool = False) -> None:
+    def ensure_collection(
+        self, collection: str, dimensions: int, *, sparse: bool = False, alias: str | None = None
+    ) -> None:
         name = self._name(collection)
         with self._lock, translated("ensure_collection"):
             if name not in self._ready:
                 shard = self._shard(name) or self._create(name, dimensions, sparse)
+                if alias is not None and not self.exists(alias):
+                    self.set_alias(alias, collection)
                 self._ready[name] = self._check(name, shard)
             stored, has_sparse = self._ready[name]
             if stored != dimensions:
@@ -164,6 +171,33 @@ class EdgeStore(EdgeReads):
             self._ready.pop(name, None)
             self._written.pop(name, None)
             shutil.rmtree(self._path(name), ignore_errors=True)
+
+    def replace_with_alias(self, alias: str, collection: str) -> None:
+        """The alias first, then the plain shard is dropped: a reader resolves the alias from
+        the moment it is saved, so no reader of this store finds the name missing; the shard is
+        closed RETIRE_S later, so a read that resolved the old name just before ends first."""
+        name, target = self.prefix + alias, self._name(collection)
+        with self._lock:
+            if not self._exists(target):
+                raise ConfigError(f"alias target {target!r} does not exist")
+            self._save_aliases({**self._aliases, name: target})
+            shard = self._shards.pop(name, None)
+            self._ready.pop(name, None)
+            self._written.pop(name, None)
+            retired = self._path(name).rename(self.shards_dir / f".retired-{name}-{time.time_ns()}")
+        timer = threading.Timer(RETIRE_S, self._retire, args=(shard, retired))
+        timer.daemon = True
+        timer.start()
+
+    def _retire(self, shard: qe.EdgeShard | None, path: Path) -> None:
+        import contextlib
+        import shutil
+
+        with self._lock:
+            if shard is not None:
+                with contextlib.suppress(Exception):  # closed with the store meanwhile
+                    shard.close()
+            shutil.rmtree(path, ignore_errors=True)
 
     # --- writes ---------------------------------------------------------------------------
 

@@ -176,7 +176,11 @@ class EdgeReads:
 
     def list_collections(self) -> list[str]:
         """Collection names (without the prefix) that hold a shard."""
-        names = sorted(p.name for p in self.shards_dir.iterdir() if (p / "edge_config.json").exists())
+        names = sorted(
+            p.name
+            for p in self.shards_dir.iterdir()
+            if (p / "edge_config.json").exists() and not p.name.startswith(".")  # .retired-*: going
+        )
         return [n[len(self.prefix) :] for n in names if n.startswith(self.prefix)]
 
     def vector_params(self, collection: str) -> tuple[int, str, bool] | None:
@@ -211,6 +215,9 @@ class EdgeReads:
             if self._exists(name):
                 raise ConfigError(f"alias {alias!r} would shadow a collection")
             self._save_aliases({**self._aliases, name: target})
+
+    def exists(self, collection: str) -> bool:
+        return self._exists(self._name(collection))
 
     def delete_alias(self, alias: str) -> None:
         name = self.prefix + alias

@@ -108,12 +108,16 @@ class QdrantStore(QdrantReads):
 
     # --- collections ----------------------------------------------------------------------
 
-    def ensure_collection(self, collection: str, dimensions: int, *, sparse: bool = False) -> None:
+    def ensure_collection(
+        self, collection: str, dimensions: int, *, sparse: bool = False, alias: str | None = None
+    ) -> None:
         name = self._name(collection)
         if name not in self._ready:
             with translated("ensure_collection"):
                 if not self.client.collection_exists(name):
                     self._create(name, dimensions, sparse)
+                if alias is not None and not self.exists(alias):
+                    self.set_alias(alias, collection)
                 self._ready[name] = self._check(name)
         stored, has_sparse = self._ready[name]
         if stored != dimensions:

@@ -235,6 +235,34 @@ class QdrantReads:
             self.client.update_collection_aliases(change_aliases_operations=ops)
         self._ready.clear()
 
+    def exists(self, collection: str) -> bool:
+        """A collection or an alias of this name (asked apart: not every version counts aliases)."""
+        if collection in self.aliases():
+            return True
+        with translated("exists"):
+            return bool(self.client.collection_exists(self._name(collection)))
+
+    def replace_with_alias(self, alias: str, collection: str) -> None:
+        """Drop the plain collection `alias`, then create the alias: two calls, so a reader of
+        that name finds no collection between them (README: the one switch of a plain collection)."""
+        name, target = self._name(alias), self._name(collection)
+        with translated("replace_with_alias"):
+            if not self.client.collection_exists(target):
+                raise ConfigError(f"alias target {target!r} does not exist")
+            if alias not in self.aliases() and self.client.collection_exists(name):
+                self.client.delete_collection(name)
+        self._ready.clear()
+        self.set_alias(alias, collection)
+
+    def drop_collection(self, collection: str) -> None:
+        name = self._name(collection)
+        if collection in self.aliases().values():
+            raise ConfigError(f"qdrant collection {name!r} still has aliases")
+        with translated("drop_collection"):
+            if self.client.collection_exists(name):
+                self.client.delete_collection(name)
+        self._ready.pop(name, None)
+
     def delete_alias(self, alias: str) -> None:
         if alias not in self.aliases():
             return

@@ -1,0 +1,68 @@
+"""Settling a cycle's documents in bulk (worker/pipeline.py's finish): the written ones marked
+indexed in one statement, those that moved on and those waiting for a fuller batch handed back
+in one statement each. The rules are those of the one-document functions in
+worker/sql/documents.py: a document is settled only at its claimed version and while its lease
+is ours; one that moved on to a newer version while leased is handed back for another round.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from worker.sql.documents import Claimed
+from worker.sql.models import Document
+
+ONE_LESS = sa.case((Document.attempts > 0, Document.attempts - 1), else_=0)
+UNLEASED: dict[str, Any] = {"lease_owner": None, "lease_until": None}
+
+
+def finish_many(
+    session: Session, written: list[tuple[Claimed, int]], waiting: list[Claimed], *, owner: str
+) -> list[Claimed]:
+    """Mark the `written` documents (with their chunk counts) indexed; hand back the `waiting`
+    ones untouched (not an attempt). Returns the documents marked indexed."""
+    indexed = mark_indexed_many(session, written, owner=owner)
+    moved_on = [doc.id for doc, _ in written if doc.id not in indexed]
+    _hand_back(session, moved_on, owner, attempts=0)  # a newer version gets its own tries
+    _hand_back(session, [doc.id for doc in waiting], owner, attempts=ONE_LESS)
+    return [doc for doc, _ in written if doc.id in indexed]
+
+
+def mark_indexed_many(session: Session, written: list[tuple[Claimed, int]], *, owner: str) -> set[int]:
+    """One UPDATE for every (document, chunk count): indexed at its claimed version, if that is
+    still its version and the lease is still `owner`'s. Returns the ids it marked."""
+    if not written:
+        return set()
+    chunk_counts = {doc.id: count for doc, count in written}
+    statement = (
+        sa.update(Document)
+        .where(
+            Document.lease_owner == owner,
+            sa.tuple_(Document.id, Document.version).in_([(doc.id, doc.version) for doc, _ in written]),
+        )
+        .values(
+            status="indexed",
+            indexed_version=Document.version,  # the claimed version: the WHERE clause holds it
+            indexed_hash=Document.text_hash,  # unchanged while the version is
+            chunk_count=sa.case(chunk_counts, value=Document.id),
+            attempts=0,
+            last_error=None,
+            **UNLEASED,
+        )
+        .returning(Document.id)
+        .execution_options(synchronize_session=False)
+    )
+    return set(session.execute(statement).scalars())
+
+
+def _hand_back(session: Session, ids: list[int], owner: str, *, attempts: Any) -> None:
+    if ids:
+        session.execute(
+            sa.update(Document)
+            .where(Document.id.in_(ids), Document.lease_owner == owner)
+            .values(attempts=attempts, **UNLEASED)
+            .execution_options(synchronize_session=False)
+        )
