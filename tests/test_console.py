@@ -200,6 +200,8 @@ def check_overview(c: Console, status: dict[str, Any]) -> None:
     assert {k: int(v) for k, v in c.table("documents")[0].items()} == status["documents"]
     assert {k: int(v) for k, v in c.table("requests")[0].items()} == status["requests"]
     assert c.page.locator('[data-chart="rows"] rect').count() == 60
+    backlog = c.page.locator('[data-chart="backlog"]')  # drawn from GET /v1/activity's backlog_series
+    assert backlog.locator("h3").inner_text() == "Backlog per minute" and backlog.locator("svg").count() == 1
     c.shot("overview")
 
 

@@ -16,6 +16,8 @@ import sqlalchemy as sa
 from api.console.session import COOKIE, cookie_value, csrf_for, token_of
 from tests.test_api import READ, WRITE, Api, add_document, add_request, start_api
 from worker.ledger import counters, reports
+from worker.sql import backlog_models, retention
+from worker.sql.backlog_models import BacklogSample
 from worker.sql.models import Document, utcnow
 
 
@@ -162,3 +164,60 @@ def test_activity_counts_the_last_hour_by_minute(api):
     with api.client(None) as anonymous:
         assert anonymous.get("/v1/activity").status_code == 401
         assert anonymous.get("/v1/status").status_code == 401
+
+
+def test_backlog_is_sampled_once_a_minute_and_served_per_minute(api):
+    now = utcnow()
+    with api.sessions.begin() as s:
+        add_document(s, "p1", status="pending")
+        add_document(s, "p2", status="pending")
+        add_document(s, "d", status="dead")
+    with api.sessions.begin() as s:
+        assert backlog_models.record_sample(s, now - dt.timedelta(minutes=3))
+        assert backlog_models.record_sample(s, now)
+        assert backlog_models.record_sample(s, now - dt.timedelta(days=8))
+    with api.sessions.begin() as s:
+        add_document(s, "p3", status="pending")
+        assert not backlog_models.record_sample(s, now)  # this minute has its row: the first stays
+    with api.client(READ) as c:
+        answer = c.get("/v1/activity").json()
+        short = c.get("/v1/activity", params={"minutes": 2}).json()["backlog_series"]
+    series = answer["backlog_series"]
+    assert len(series) == 60 and [m["minute"] for m in series] == [m["minute"] for m in answer["series"]]
+    sampled = [m for m in series if m["pending"] is not None]
+    three_ago = (now - dt.timedelta(minutes=3)).strftime("%Y-%m-%dT%H:%MZ")
+    assert [m["minute"] for m in sampled] == [three_ago, now.strftime("%Y-%m-%dT%H:%MZ")]
+    assert all(m["pending"] == 2 and m["dead"] == 1 for m in sampled)
+    assert all(m["oldest_pending_age_s"] >= 0 for m in sampled)
+    assert series[0] == {"minute": series[0]["minute"]} | dict.fromkeys(
+        ("pending", "dead", "oldest_pending_age_s")
+    )
+    assert len(short) == 2 and short[-1]["pending"] == 2
+    with api.sessions.begin() as s:
+        assert retention.prune(s, api_settings(api), now)["backlog_samples"] == 1  # the 8-day-old one
+    with api.sessions() as s:
+        assert s.execute(sa.select(sa.func.count()).select_from(BacklogSample)).scalar_one() == 2
+
+
+def test_the_embedding_loop_samples_the_backlog_once_a_minute(make_runtime):
+    import time
+
+    from worker.service import EmbedService
+
+    rt = make_runtime(poll_interval_s=0.05)
+    service = EmbedService(rt, threads=2, reconcile=False)
+    service.start()
+    try:
+        deadline = time.monotonic() + 10
+        rows: list[BacklogSample] = []
+        while not rows and time.monotonic() < deadline:
+            time.sleep(0.1)
+            with rt.sessions() as s:
+                rows = list(s.execute(sa.select(BacklogSample)).scalars())
+        time.sleep(0.5)  # many more cycles of both threads: still one row per minute
+        with rt.sessions() as s:
+            rows = list(s.execute(sa.select(BacklogSample)).scalars())
+    finally:
+        service.stop()
+    assert 1 <= len(rows) <= 2  # 2 only if a minute ended meanwhile
+    assert rows[0].pending == 0 and rows[0].dead == 0 and rows[0].minute.second == 0

@@ -13,6 +13,8 @@ import time
 from worker import pipeline, reconciler
 from worker.batch.lane import BatchLane
 from worker.runtime import Runtime
+from worker.sql import backlog_models
+from worker.sql.models import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +26,10 @@ class EmbedService:
         self.rt = rt
         self.held = pipeline.HeldBack()  # shared by the threads: a partial batch's wait spans cycles
         self._stop = threading.Event()
-        self._activity = threading.Lock()  # guards the two below
+        self._activity = threading.Lock()  # guards the three below
         self._running = 0  # cycles in flight
         self._last_work = time.monotonic()  # when a cycle last had work
+        self._sampled_minute: object = None  # the UTC minute this process last sampled the backlog in
         self._threads = [
             threading.Thread(target=self._loop, name=f"sidecar-embed-{i}", daemon=True)
             for i in range(threads)
@@ -61,6 +64,7 @@ class EmbedService:
                 self._stop.wait(min(30.0, 0.5 * 2**failures))
                 continue
             failures = 0
+            self._sample_backlog()
             if cycle.idle and self._idle_long_enough():
                 self._optimize_store()
             if cycle.paused:  # nothing to do until the pause ends (or a probe is due)
@@ -85,6 +89,21 @@ class EmbedService:
                 if cycle is not None and not cycle.idle:
                     self._last_work = time.monotonic()
         return cycle
+
+    def _sample_backlog(self) -> None:
+        """The backlog into `backlog_samples` (worker/sql/backlog_models.py) when the minute changed
+        in this process: one insert that ignores a minute another process sampled already. A
+        failure is logged (its type only) and skipped; the next minute tries again."""
+        minute = backlog_models.minute_of(utcnow())
+        with self._activity:
+            if minute == self._sampled_minute:
+                return
+            self._sampled_minute = minute
+        try:
+            with self.rt.sessions.begin() as s:
+                backlog_models.record_sample(s, minute)
+        except Exception as exc:  # history only: never stops the loop
+            log.warning("backlog.sample_failed error=%s", type(exc).__name__)
 
     def _idle_long_enough(self) -> bool:
         """No cycle in flight and none had work for edge_optimize_idle_s."""

@@ -93,6 +93,7 @@ class Settings(BaseSettings):
     retention_rejected_days: float = 30.0  # rejected_events rows
     retention_attempts_days: float = 2.0  # message_attempts rows of finished or abandoned messages
     retention_cache_days: float = 90.0  # embedding cache entries not used for this long
+    retention_backlog_days: float = 7.0  # backlog_samples minutes (the console's backlog history)
 
     # --- change capture (SIDECAR_CAPTURE_*; worker/capture/) ---
     capture_snapshot_lane: Literal["batch", "realtime"] = "batch"  # lane of snapshot and resync rows

@@ -2,12 +2,15 @@
 
     GET /v1/status     read token   what `sidecar status --json` prints: documents by status,
                                     requests by outcome, oldest pending age, budget, provider pauses
-    GET /v1/activity   read token   backlog now and throughput per minute over the last N minutes
+    GET /v1/activity   read token   backlog now, and throughput and backlog per minute over the last
+                                    N minutes
 
 The activity series reads only the ledger rows of the window (an index range on `created_at`,
 never the whole ledger) and the hourly `counters` table (events accepted); the backlog comes from
 the documents' status index. Minutes with nothing in them are present with zeros, so a chart can
-draw the series as it is.
+draw the series as it is. The backlog per minute comes from `backlog_samples`
+(worker/sql/backlog_models.py), which the embedding loop writes once a minute: a minute nobody
+sampled (no worker running) is present with nulls, not zeros.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from worker.ledger import reports
 from worker.ledger.counters import EVENT_PREFIX, hour_bucket
 from worker.settings import Settings
 from worker.sql import documents
+from worker.sql.backlog_models import BacklogSample
 from worker.sql.models import Document, HourlyCounter, ProviderRequest, utcnow
 
 router = APIRouter()
@@ -43,7 +47,9 @@ def get_activity(
 ) -> dict[str, Any]:
     """Backlog now (pending documents, the oldest one's age, dead letters) and, per UTC minute over
     the last `minutes`, provider requests, failed ones, rows embedded and billed tokens; events
-    accepted per hour over the same span (from the hourly counters)."""
+    accepted per hour over the same span (from the hourly counters); and `backlog_series`, the
+    backlog sampled at each minute of the window (pending, dead, oldest_pending_age_s), every
+    minute present: one the embedding loop did not sample has null values."""
     now = utcnow()
     start = (now - dt.timedelta(minutes=minutes - 1)).replace(second=0, microsecond=0)
     series = minute_series(s, start, minutes)
@@ -59,6 +65,7 @@ def get_activity(
             "tokens_per_min": round(sum(m["tokens"] for m in recent) / len(recent), 2),
         },
         "events_accepted_by_hour": events_by_hour(s, start),
+        "backlog_series": backlog_series(s, start, minutes),
     }
 
 
@@ -110,6 +117,19 @@ def minute_series(s: Session, start: dt.datetime, minutes: int) -> list[dict[str
                 "tokens": int(tokens or 0),
             }
         )
+    return series
+
+
+def backlog_series(s: Session, start: dt.datetime, minutes: int) -> list[dict[str, Any]]:
+    """One entry per minute from `start`; nulls where no sample was written."""
+    b = BacklogSample
+    query = sa.select(b.minute, b.pending, b.dead, b.oldest_pending_age_s).where(b.minute >= start)
+    found = {minute_key(minute): row for minute, *row in s.execute(query)}
+    series = []
+    for i in range(minutes):
+        key = minute_key(start + dt.timedelta(minutes=i))
+        pending, dead, age = found.get(key, (None, None, None))
+        series.append({"minute": key, "pending": pending, "dead": dead, "oldest_pending_age_s": age})
     return series
 
 

@@ -4,6 +4,7 @@
     rejected_events    rejected events and messages          retention_rejected_days      received_at
     message_attempts   deliveries that never finished        retention_attempts_days      first_seen
     embedding_cache    vectors not used for a while          retention_cache_days         last_used_at
+    backlog_samples    the console's backlog per minute      retention_backlog_days       minute
 
 A window of 0 keeps the rows forever. Documents and the spend ledger are never pruned. The
 reconciler's periodic pass calls `prune`.
@@ -18,6 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from worker.settings import Settings
+from worker.sql.backlog_models import BacklogSample
 from worker.sql.engines import changed_rows
 from worker.sql.models import Base, CachedEmbedding, MessageAttempt, RejectedEvent, SeenEvent
 
@@ -38,6 +40,7 @@ def windows(settings: Settings) -> list[Window]:
         Window(RejectedEvent, RejectedEvent.received_at, settings.retention_rejected_days),
         Window(MessageAttempt, MessageAttempt.first_seen, settings.retention_attempts_days),
         Window(CachedEmbedding, CachedEmbedding.last_used_at, settings.retention_cache_days),
+        Window(BacklogSample, BacklogSample.minute, settings.retention_backlog_days),
     ]
 
 

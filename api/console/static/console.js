@@ -125,6 +125,9 @@ const views = {
       barChart("Provider requests per minute", minutes, [
         { name: "requests", values: activity.series.map((m) => m.requests) },
         { name: "failed", values: activity.series.map((m) => m.failed), color: 2 }], { key: "requests", maxLabels: 12 }),
+      barChart("Backlog per minute", activity.backlog_series.map((m) => m.minute.slice(11, 16)), [
+        { name: "pending", values: activity.backlog_series.map((m) => m.pending) },
+        { name: "dead", values: activity.backlog_series.map((m) => m.dead), color: 2 }], { key: "backlog", maxLabels: 12 }),
     ));
     root.append(el("h2", {}, "Documents"), table(
       Object.keys(status.documents).map((k) => ({ label: k, key: k, num: true })), [status.documents], { attrs: { "data-table": "documents" } }));
