@@ -305,8 +305,12 @@ def raw_http(url: str, head: str, parts: list[bytes]) -> tuple[int, dict[str, st
         for part in parts:
             sock.sendall(part)
         answer = b""
-        while chunk := sock.recv(65536):
-            answer += chunk
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except ConnectionResetError:  # the server closed with our bytes unread: a reset after its answer
+            if b"\r\n\r\n" not in answer:
+                raise
     top, _, body = answer.partition(b"\r\n\r\n")
     status_line, *lines = top.decode("latin-1").split("\r\n")
     headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
@@ -314,11 +318,12 @@ def raw_http(url: str, head: str, parts: list[bytes]) -> tuple[int, dict[str, st
 
 
 def test_oversized_bodies_are_refused_before_auth_and_before_reading(api):
-    # 80 MiB declared, 1 byte sent, no token: 413 at once, nothing read or buffered
+    # 80 MiB declared, no byte of it sent, no token: 413 at once, nothing waited for or read (a
+    # byte left unread would make the server's close a reset, which can lose its answer)
     status, headers, body = raw_http(
         api.url,
         f"POST /v1/events HTTP/1.1\nHost: api\nContent-Type: application/json\nContent-Length: {80 << 20}\n",
-        [b"["],
+        [],
     )
     assert status == 413 and headers["connection"] == "close"
     assert json.loads(body)["detail"] == [
