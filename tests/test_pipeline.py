@@ -244,3 +244,25 @@ def test_under_a_backlog_a_partial_batch_waits_for_company(make_runtime):
         ).scalars()
         # A full claim of 11: ten go, one is handed back and leads the next claim with the 12th.
         assert list(sizes) == [10, 2]
+
+
+def test_a_cycle_that_fails_hands_its_documents_back_at_once(make_runtime, monkeypatch):
+    """A cycle that dies after its claim (here: settling fails, as a PostgreSQL deadlock would make
+    it) hands its leases back at once (worker/sql/settle.py `release_failed`), attempts counted, so
+    the next cycle takes the documents instead of waiting for SIDECAR_LEASE_S to run out."""
+    rt = make_runtime()
+    ingest_events(rt, [upsert(f"d{i}", f"text {i}") for i in range(3)])
+
+    def deadlock(*args, **kwargs):
+        raise sa.exc.OperationalError("UPDATE documents", {}, Exception("deadlock detected"))
+
+    monkeypatch.setattr(pipeline, "finish", deadlock)
+    with pytest.raises(sa.exc.OperationalError):
+        pipeline.run_cycle(rt)
+    with rt.sessions() as session:
+        rows = session.execute(sa.select(Document.status, Document.lease_owner, Document.attempts)).all()
+    assert rows == [("pending", None, 1)] * 3
+    monkeypatch.undo()
+    drain(rt)
+    with rt.sessions() as session:
+        assert set(session.execute(sa.select(Document.status)).scalars()) == {"indexed"}

@@ -77,6 +77,15 @@ def run_cycle(rt: Runtime, held: HeldBack | None = None) -> Cycle:
         docs = telemetry.claimed(
             documents.claim, session, owner=rt.owner, limit=limit, lease_s=rt.settings.lease_s
         )
+    try:
+        return _work_on(rt, docs, held, pause is not None)
+    except Exception:
+        settle.release_failed(rt.sessions, [doc.id for doc in docs], owner=rt.owner)
+        raise
+
+
+def _work_on(rt: Runtime, docs: list[documents.Claimed], held: HeldBack | None, probing: bool) -> Cycle:
+    limit = rt.settings.claim_docs
     control.step(rt)  # re-embeds under way: one step each (worker/reembed/control.py)
     if held is not None:
         held.noted(len(docs), full=rt.spec.max_rows)
@@ -94,7 +103,7 @@ def run_cycle(rt: Runtime, held: HeldBack | None = None) -> Cycle:
             live.append(doc)
     if not live:
         return cycle
-    work = _Work(docs=live, held=held or HeldBack(), probing=pause is not None)
+    work = _Work(docs=live, held=held or HeldBack(), probing=probing)
     plan_chunks(rt, work)
     rows = missing_rows(rt, work)
     batches = batching.plan_batches(

@@ -7,14 +7,16 @@ is ours; one that moved on to a newer version while leased is handed back for an
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from worker.sql.documents import Claimed
 from worker.sql.models import Document
 
+log = logging.getLogger(__name__)
 ONE_LESS = sa.case((Document.attempts > 0, Document.attempts - 1), else_=0)
 UNLEASED: dict[str, Any] = {"lease_owner": None, "lease_until": None}
 
@@ -66,3 +68,14 @@ def _hand_back(session: Session, ids: list[int], owner: str, *, attempts: Any) -
             .values(attempts=attempts, **UNLEASED)
             .execution_options(synchronize_session=False)
         )
+
+
+def release_failed(sessions: sessionmaker[Session], ids: list[int], *, owner: str) -> None:
+    """Hand back at once the documents of a cycle that failed (a deadlock, SQL or the store gone)
+    that are still leased to `owner`, their attempts counted, instead of leaving them until the
+    lease runs out. Best effort: when this fails too, the lease's expiry hands them back."""
+    try:
+        with sessions.begin() as session:
+            _hand_back(session, ids, owner, attempts=Document.attempts)
+    except Exception as exc:
+        log.warning("cycle.release_failed error=%s", type(exc).__name__)
