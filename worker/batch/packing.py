@@ -31,7 +31,7 @@ JOB_LEASE_MARGIN_S = 86_400.0  # documents stay leased to a job for its window p
 
 
 @dataclass
-class _Lines:
+class Lines:
     """The lines of a job being packed: one per distinct text not paid for yet."""
 
     by_key: dict[str, BatchLine] = field(default_factory=dict)
@@ -83,7 +83,7 @@ def pack(rt: Runtime, session: Session) -> str | None:
     mrt, docs = _one_model(rt, session, docs, owner_of(job_id))
     if not docs:
         return None
-    lines = _Lines()
+    lines = Lines()
     kept = _plan_lines(mrt, session, docs, lines)
     for doc in docs[len(kept) :]:  # over the line limit: the next job takes them
         documents.release(session, doc, owner=owner_of(job_id))
@@ -160,7 +160,7 @@ def to_realtime(session: Session, document_ids: list[int]) -> int:
 
 
 def _plan_lines(
-    rt: Runtime, session: Session, docs: list[documents.Claimed], lines: _Lines
+    rt: Runtime, session: Session, docs: list[documents.Claimed], lines: Lines
 ) -> list[documents.Claimed]:
     """Add each document's unpaid chunks as lines until the job is full; the documents kept."""
     limit = rt.settings.batch_max_lines
@@ -197,14 +197,25 @@ def _plan_lines(
 
 
 def _write_job(
-    rt: Runtime, session: Session, job_id: str, docs: list[documents.Claimed], lines: _Lines
+    rt: Runtime, session: Session, job_id: str, docs: list[documents.Claimed], lines: Lines
 ) -> None:
     """The job, its lines and documents, and (when it has lines) its ledger row."""
+    record_job(rt, session, job_id, lines, attempt=max(d.attempts for d in docs))
+    session.execute(
+        sa.insert(BatchDocument),
+        [{"job_id": job_id, "document_id": d.id, "version": d.version} for d in docs],
+    )
+
+
+def record_job(rt: Runtime, session: Session, job_id: str, lines: Lines, *, attempt: int) -> None:
+    """A job row of `rt`'s model with its lines and, when it has lines, its ledger row (lane and
+    api batch, `sent`): what must be in SQL before anything is uploaded. A job of no lines (all
+    paid for already) is `imported` at once: its documents only need writing."""
     now = utcnow()
     session.add(
         BatchJob(
             id=job_id,
-            state="packed" if lines.by_key else "imported",  # all paid for already: just write them
+            state="packed" if lines.by_key else "imported",
             model=rt.embedder.model,
             dimensions=rt.embedder.dimensions,
             lines=len(lines.by_key),
@@ -219,10 +230,6 @@ def _write_job(
     for line in lines.by_key.values():
         line.job_id = job_id
     session.add_all(lines.by_key.values())
-    session.execute(
-        sa.insert(BatchDocument),
-        [{"job_id": job_id, "document_id": d.id, "version": d.version} for d in docs],
-    )
     if lines.by_key:
         calls.open_request(
             session,
@@ -233,7 +240,7 @@ def _write_job(
             rows=len(lines.by_key),
             est_tokens=lines.tokens,
             items=lines.items,
-            attempt=max(d.attempts for d in docs),
+            attempt=attempt,
             key_fingerprint=rt.settings.key_fingerprint(),
             worker=rt.owner,
             lane="batch",

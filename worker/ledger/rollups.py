@@ -94,13 +94,21 @@ def requests_by_status(session: Session) -> dict[str, int]:
     return {status: n for status, n in counts.items() if n}
 
 
+def whole_hours(*edges: dt.datetime | None) -> bool:
+    """Every edge given is a whole UTC hour (a range the hourly roll-ups cover exactly)."""
+    return all(
+        e is None
+        or (e.tzinfo is not None and e.astimezone(dt.UTC).replace(minute=0, second=0, microsecond=0) == e)
+        for e in edges
+    )
+
+
 def spent_overall(session: Session, start: dt.datetime, end: dt.datetime) -> int:
     """Nano-CNY spent by requests created in [start, end), both on whole UTC hours: the billed
     cost of finished requests, the estimate (est_tokens at the model's price) of those `sent` or of
     `unknown` outcome, as worker/ledger/spent.py counts it."""
-    for edge in (start, end):
-        if edge.astimezone(dt.UTC).replace(minute=0, second=0, microsecond=0) != edge:
-            raise ValueError(f"{edge.isoformat()} is not a whole UTC hour")
+    if not whole_hours(start, end):
+        raise ValueError(f"{start.isoformat()}–{end.isoformat()} is not on whole UTC hours")
     window = (hour_bucket(start), hour_bucket(end))
     worst = max(spec.cost_nano_cny(1) for spec in MODELS.values())
     spent = 0

@@ -48,21 +48,12 @@ def bucket_expr(session: Session, col: Any, fmt: str) -> sa.ColumnElement[str]:
     return sa.func.strftime("%Y-%m-%dT%H" if fmt == "hour" else "%Y-%m-%d", col)
 
 
-def whole_hours(*edges: dt.datetime | None) -> bool:
-    """Every edge given is a whole UTC hour (a range the hourly roll-ups cover exactly)."""
-    return all(
-        e is None
-        or (e.tzinfo is not None and e.astimezone(dt.UTC).replace(minute=0, second=0, microsecond=0) == e)
-        for e in edges
-    )
-
-
 def split(
     session: Session, by: str, since: dt.datetime | None, until: dt.datetime | None
 ) -> tuple[dict[Any, Sums], tuple[int, int]]:
     """Sums per group (`by`: collection or tenant) of the requests created in [since, until), and
     the distinct (requests, failed): a request that served several groups counts in each."""
-    if not whole_hours(since, until):
+    if not rollups.whole_hours(since, until):
         return _direct(session, by, since, until)
     hours = rollups.hourly(session, since, until)
     stamps = _stamps(hours)

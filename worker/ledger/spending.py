@@ -87,11 +87,11 @@ def spend(
         raise ValueError(f"by must be one of {', '.join(GROUPINGS)}, got {by!r}")
     groups: Groups = defaultdict(_empty)
     distinct = None
-    if shares.whole_hours(since, until):  # read from the roll-ups: fold what is pending first
+    if rollups.whole_hours(since, until):  # read from the roll-ups: fold what is pending first
         _fold(session)
     if by in ("collection", "tenant"):
         distinct = _spend_by_document(session, by, since, until, groups)
-    elif shares.whole_hours(since, until):
+    elif rollups.whole_hours(since, until):
         _spend_by_hour(session, by, since, until, groups)
     else:
         _spend_by_request(session, by, since, until, groups)

@@ -46,17 +46,13 @@ def in_window(start: dt.datetime, end: dt.datetime) -> sa.ColumnElement[bool]:
 def spent_overall(session: Session, start: dt.datetime, end: dt.datetime) -> int:
     """The window's spend; from the hourly roll-ups (worker/ledger/rollups.py, O(hours)) when the
     window is whole UTC hours, as a budget's day or month is, else by summing its ledger rows."""
-    if all(_whole_hour(edge) for edge in (start, end)):
+    if rollups.whole_hours(start, end):
         return rollups.spent_overall(session, start, end)
     return int(
         session.execute(
             sa.select(sa.func.coalesce(sa.func.sum(request_cost_nano()), 0)).where(in_window(start, end))
         ).scalar_one()
     )
-
-
-def _whole_hour(moment: dt.datetime) -> bool:
-    return moment.astimezone(dt.UTC).replace(minute=0, second=0, microsecond=0) == moment
 
 
 def spent_by_collection(

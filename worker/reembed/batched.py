@@ -21,33 +21,25 @@ from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from worker import chunking
+from worker.batch import packing
+from worker.batch.packing import Lines
 from worker.ledger import budget, calls
 from worker.reembed import parts
 from worker.reembed.follow import due_filter
 from worker.runtime import Runtime
 from worker.sql import cache
 from worker.sql.batch_models import BatchJob, BatchLine
-from worker.sql.models import Document, ProviderRequest, utcnow
+from worker.sql.models import Document, ProviderRequest
 from worker.sql.reembed_models import Migration
 
 log = logging.getLogger(__name__)
 PAGE = 1000  # due documents read per query while packing
 RUNNING = ("packed", "uploaded", "submitted", "imported")
-
-
-@dataclass
-class Job:
-    """A job being packed: one line per distinct text the cache lacks."""
-
-    lines: dict[str, BatchLine] = field(default_factory=dict)
-    items: list[calls.ItemRef] = field(default_factory=list)
-    tokens: int = 0
 
 
 def jobs(rt: Runtime, mig: Migration) -> dict[str, str]:
@@ -89,8 +81,8 @@ def pack(rt: Runtime, session: Session, mig: Migration) -> list[str]:
     (a crash leaves either the whole round or nothing). BudgetExceeded writes nothing."""
     srt = parts.model_runtime(rt, mig.to_model, mig.to_dimensions)
     limit = rt.settings.batch_max_lines
-    done: list[Job] = []
-    job = Job()
+    done: list[Lines] = []
+    job = Lines()
     seen: set[str] = set()
     for docs in _due_pages(session, mig):
         planned = []
@@ -105,15 +97,15 @@ def pack(rt: Runtime, session: Session, mig: Migration) -> list[str]:
                 if key in paid:
                     continue
                 if key not in seen:
-                    if len(job.lines) >= limit:
+                    if len(job.by_key) >= limit:
                         done.append(job)
-                        job = Job()
+                        job = Lines()
                     seen.add(key)
-                    job.lines[key] = _line(len(job.lines), key, chunk)
+                    job.by_key[key] = _line(len(job.by_key), key, chunk)
                     job.tokens += chunk.tokens
                 item = calls.ItemRef(doc_id, version, chunk.index, chunk.content_hash, chunk.tokens)
                 job.items.append(item)
-    if job.lines:
+    if job.by_key:
         done.append(job)
     total = sum(j.tokens for j in done)
     if srt.budget_check is not None and total:
@@ -157,42 +149,10 @@ def _line(n: int, key: str, chunk: chunking.Chunk) -> BatchLine:
     )
 
 
-def _write(srt: Runtime, session: Session, mig: Migration, job: Job) -> str:
+def _write(srt: Runtime, session: Session, mig: Migration, job: Lines) -> str:
     """One job, its lines and its ledger row, attributed to the migration."""
     job_id = str(uuid.uuid4())
-    now = utcnow()
-    session.add(
-        BatchJob(
-            id=job_id,
-            state="packed",
-            model=srt.embedder.model,
-            dimensions=srt.embedder.dimensions,
-            lines=len(job.lines),
-            est_tokens=job.tokens,
-            completed_lines=0,
-            failed_lines=0,
-            due_at=now,
-            created_at=now,
-        )
-    )
-    session.flush()
-    for line in job.lines.values():
-        line.job_id = job_id
-    session.add_all(job.lines.values())
-    calls.open_request(
-        session,
-        request_id=job_id,
-        model=srt.embedder.model,
-        dimensions=srt.embedder.dimensions,
-        api="batch",
-        rows=len(job.lines),
-        est_tokens=job.tokens,
-        items=job.items,
-        attempt=1,
-        key_fingerprint=srt.settings.key_fingerprint(),
-        worker=srt.owner,
-        lane="batch",
-    )
+    packing.record_job(srt, session, job_id, job, attempt=1)
     session.flush()
     session.execute(
         sa.update(ProviderRequest).where(ProviderRequest.id == job_id).values(migration=mig.to_physical)
