@@ -14,8 +14,8 @@ from sqlalchemy import exc as sql_errors
 from worker import tasks
 from worker.errors import InvalidEvent
 from worker.events import MAX_VERSION, NAME_PATTERN, escape_unstorable, parse_event
-from worker.sql import attempts, documents
-from worker.sql.models import MessageAttempt, RejectedEvent, SeenEvent
+from worker.sql import accepting, attempts, documents
+from worker.sql.models import HourlyCounter, MessageAttempt, RejectedEvent, SeenEvent
 
 CAPS = dict(
     default_collection="documents", default_tenant="default", max_text_bytes=1000, max_metadata_bytes=1000
@@ -145,14 +145,14 @@ def test_versions_never_pass_the_largest_exact_version(make_runtime) -> None:
 
 def test_a_failure_on_one_event_rejects_it_and_the_rest_flow(make_runtime, monkeypatch) -> None:
     rt = make_runtime()
-    accept = documents.accept
+    desired = accepting._desired_state
 
-    def buggy(session: Any, ev: Any, *args: Any, **kwargs: Any) -> Any:
+    def buggy(ev: Any, now: Any) -> Any:  # on every path: together, and one by one
         if ev.doc_id == "bug":
             raise ValueError("secret document text")
-        return accept(session, ev, *args, **kwargs)
+        return desired(ev, now)
 
-    monkeypatch.setattr(documents, "accept", buggy)
+    monkeypatch.setattr(accepting, "_desired_state", buggy)
     outcome = tasks.ingest_events(rt, [event(doc_id="a"), event(doc_id="bug"), event(doc_id="b")])
     assert outcome == {"accepted": 2, "rejected": 1}
     with rt.sessions() as session:
@@ -164,7 +164,7 @@ def test_a_failure_on_one_event_rejects_it_and_the_rest_flow(make_runtime, monke
     def unreachable(*args: Any, **kwargs: Any) -> Any:
         raise sql_errors.OperationalError("INSERT …", {}, ConnectionRefusedError())
 
-    monkeypatch.setattr(documents, "accept", unreachable)
+    monkeypatch.setattr(accepting, "_desired_state", unreachable)
     with pytest.raises(sql_errors.OperationalError):  # transient: the whole message is retried
         tasks.ingest_events(rt, [event(doc_id="c")])
 
@@ -174,7 +174,9 @@ class Retried(Exception):
         self.countdown = countdown
 
 
-def fake_task(*, retries: int = 0, task_id: str = "t-1", args: tuple[Any, ...] = ()) -> Any:
+def fake_task(
+    *, retries: int = 0, task_id: str = "t-1", args: tuple[Any, ...] = (), redelivered: bool = False
+) -> Any:
     """The parts of a bound Celery task that `tasks._run` reads: request, app config, retry."""
 
     def retry(countdown: float) -> Retried:
@@ -182,7 +184,9 @@ def fake_task(*, retries: int = 0, task_id: str = "t-1", args: tuple[Any, ...] =
 
     return SimpleNamespace(
         name="sidecar.ingest",
-        request=SimpleNamespace(id=task_id, retries=retries, args=args, kwargs={}),
+        request=SimpleNamespace(
+            id=task_id, retries=retries, args=args, kwargs={}, delivery_info={"redelivered": redelivered}
+        ),
         app=SimpleNamespace(conf=SimpleNamespace(visibility_timeout=300.0)),
         retry=retry,
     )
@@ -227,9 +231,43 @@ def test_failures_are_retried_with_backoff_then_dead_lettered(worker_rt, monkeyp
     def unreachable(*args: Any, **kwargs: Any) -> None:
         raise sql_errors.OperationalError("SELECT …", {}, ConnectionRefusedError())
 
-    monkeypatch.setattr(attempts, "message_started", unreachable)
+    monkeypatch.setattr(attempts, "message_started", unreachable)  # a redelivery's attempt row
     with pytest.raises(Retried):  # transient: up to ingest_retries, not max_attempts
-        tasks._run(fake_task(retries=4), tasks._ingest_work(fake_task(), work))
+        tasks._run(fake_task(retries=4, redelivered=True), tasks._ingest_work(fake_task(), work))
+
+
+class Killed(BaseException):
+    """The worker dying inside a task: nothing of ours runs after it."""
+
+
+def test_a_message_that_keeps_stopping_the_worker_is_dead_lettered(worker_rt) -> None:
+    """Its first delivery writes no attempt row; the broker marks the redeliveries (the visibility
+    timeout's restore), which count from 2, so the limit is max_attempts deliveries, as before."""
+
+    def killing(rt: Any, key: str | None) -> dict[str, int]:
+        raise Killed()
+
+    for delivery in range(3):  # max_attempts deliveries, each killing the worker
+        task = fake_task(args=({"doc_id": "x"},), redelivered=delivery > 0)
+        with pytest.raises(Killed):
+            tasks._run(task, killing)
+    with worker_rt.sessions() as session:
+        assert session.execute(sa.select(MessageAttempt.attempts)).scalar_one() == 3
+    task = fake_task(args=({"doc_id": "x"},), redelivered=True)
+    assert tasks._run(task, killing) == {"rejected": 1}
+    with worker_rt.sessions() as session:
+        row = session.execute(sa.select(RejectedEvent)).scalar_one()
+        assert session.execute(sa.select(sa.func.count()).select_from(MessageAttempt)).scalar_one() == 0
+    assert row.reason.startswith("the message was delivered 4 times and never finished")
+
+
+def test_a_first_delivery_writes_no_attempt_row(worker_rt, monkeypatch) -> None:
+    def unexpected(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("an attempt row for a first delivery")
+
+    monkeypatch.setattr(attempts, "message_started", unexpected)
+    task = fake_task(task_id="first")
+    assert tasks._run(task, tasks._ingest_work(task, [event(doc_id="first")])) == {"accepted": 1}
 
 
 def test_backoff_grows_is_capped_and_jittered() -> None:
@@ -259,3 +297,83 @@ def test_an_undeliverable_entry_is_one_rejection(worker_rt) -> None:
     assert rows[0].event_json.startswith('{"x": "\\ud800"} \\ud800\\u0000yyy')
     assert len(rows[0].event_json) == documents.REJECTED_EVENT_MAX_CHARS
     assert left == 0
+
+
+# --- messages recorded together (worker/groupcommit.py) ------------------------------------------
+
+
+def test_messages_that_arrive_together_share_one_commit() -> None:
+    """The first submitter commits alone; what queues meanwhile goes as one group, each caller
+    getting its own result; a group of one hands its exception to its caller."""
+    import threading
+
+    from worker.groupcommit import GroupCommit
+
+    group: GroupCommit[str, str] = GroupCommit()
+    gate, inside, groups = threading.Event(), threading.Event(), []
+
+    def commit(items: Any) -> list[str]:
+        groups.append(list(items))
+        inside.set()
+        gate.wait(10)
+        return [item.upper() for item in items]
+
+    results: dict[str, str] = {}
+
+    def submit(item: str) -> None:
+        results[item] = group.submit(item, commit)
+
+    first = threading.Thread(target=submit, args=("a",))
+    first.start()
+    assert inside.wait(10)
+    others = [threading.Thread(target=submit, args=(item,)) for item in ("b", "c")]
+    for thread in others:
+        thread.start()
+    while len(group._queue) < 2:
+        threading.Event().wait(0.01)
+    gate.set()
+    for thread in (first, *others):
+        thread.join(10)
+    assert groups[0] == ["a"] and sorted(groups[1]) == ["b", "c"] and len(groups) == 2
+    assert results == {"a": "A", "b": "B", "c": "C"}
+
+    def broken(items: Any) -> list[str]:
+        raise ValueError("spoiled")
+
+    with pytest.raises(ValueError, match="spoiled"):
+        group.submit("d", broken)
+    assert group.submit("e", commit) == "E"  # the group is free again
+
+
+def test_a_group_with_a_spoiling_event_is_recorded_message_by_message(make_runtime, monkeypatch) -> None:
+    from worker import intake
+
+    rt = make_runtime()
+    desired = accepting._desired_state
+
+    def buggy(ev: Any, now: Any) -> Any:
+        if ev.doc_id == "bug":
+            raise ValueError("secret document text")
+        return desired(ev, now)
+
+    def message(n: int, *doc_ids: str) -> Any:
+        raw = [event(doc_id=d) for d in doc_ids]
+        return intake._Message(raw, [intake._parse(rt, r) for r in raw], f"m-{n}", f"m-{n}:0")
+
+    good = [message(1, "z", "a"), message(2, "a", "y")]
+    assert intake._ingest_group(rt, good) == [{"accepted": 2}, {"accepted": 2}]
+    monkeypatch.setattr(accepting, "_desired_state", buggy)
+    spoiled = [message(3, "b"), message(4, "c", "bug", ""), message(5, "d")]
+    assert intake._ingest_group(rt, spoiled) == [None, None, None]  # nothing of it committed
+    assert [intake._ingest_message(rt, m) for m in spoiled] == [
+        {"accepted": 1},
+        {"accepted": 1, "rejected": 2},
+        {"accepted": 1},
+    ]
+    with rt.sessions() as session:
+        docs = dict(session.execute(sa.select(documents.Document.doc_id, documents.Document.version)).all())
+        counted = session.execute(
+            sa.select(sa.func.sum(HourlyCounter.value)).where(HourlyCounter.name == "events_accepted")
+        ).scalar_one()
+    assert docs == {"a": 1, "b": 0, "c": 0, "d": 0, "y": 0, "z": 0}  # "a" twice: arrival order numbers it
+    assert counted == 7

@@ -13,8 +13,10 @@ ingest tasks are idempotent.
 
 Priorities: kombu keeps a queue's messages of priority 3, 6 and 9 (its `priority_steps`) in
 sub-lists (`queue\\x06\\x163` ...; on Redis a lower number goes first). Each pop takes from the first
-non-empty list, in that order, and blocks on the plain queue when all are empty (a message that
-lands in a sub-list meanwhile waits at most one poll, `brpop_timeout`).
+non-empty list, in that order, in one Lua call (one round trip), and blocks on the plain queue
+when all are empty (a message that lands in a sub-list meanwhile waits at most one poll,
+`brpop_timeout`). kombu's other commands (acks, unacked records, event publishes) share one
+redis client instead of building one per command.
 
 An entry that is not a kombu message (not UTF-8, not JSON, JSON of another shape, or a message
 whose body is not JSON, which Celery would drop without a trace) is moved
@@ -37,6 +39,8 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
@@ -62,14 +66,42 @@ return n
 """
 
 
+# Move the last entry of the first non-empty list among KEYS[1..n] onto its in-flight list
+# KEYS[n+i]; {i, entry}, or false when all are empty (the consumer then blocks on the plain queue).
+_POP = """
+local n = #KEYS / 2
+for i = 1, n do
+  local item = redis.call('LMOVE', KEYS[i], KEYS[n + i], 'RIGHT', 'LEFT')
+  if item then return {i, item} end
+end
+return false
+"""
+
+
 class Channel(kombu_redis.Channel):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]  # kombu is untyped
         self.consumer_id = uuid.uuid4().hex
         self._beat_at = 0.0
         self._swept_at = 0.0
-        self._inflight: tuple[str, str, str] | None = None  # (queue, source, in-flight key) of the pop
+        # The pop in flight: (queue, its lists in priority order, the command sent)
+        self._inflight: tuple[str, list[str], str] | None = None
+        self._block_next = False  # the last non-blocking pop found nothing: block on the next one
+        self._shared: Any = None
         self._warned = False
+
+    @contextmanager
+    def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
+        """kombu builds a new redis client (a costly constructor) for each command it sends
+        outside the poll: acks, unacked records, event publishes. One client per connection pool
+        serves them all (redis clients are thread-safe over their pool)."""
+        if client:
+            yield client
+            return
+        pool = self.pool
+        if self._shared is None or self._shared.connection_pool is not pool:
+            self._shared = self._create_client()  # type: ignore[no-untyped-call]  # kombu is untyped
+        yield self._shared
 
     def _brpop_start(self, timeout: float | None = None) -> None:
         queues = self._queue_cycle.consume(len(self.active_queues))
@@ -82,36 +114,42 @@ class Channel(kombu_redis.Channel):
             return
         self._housekeeping()
         queue = queues[0]
-        source = self._first_nonempty(queue)
-        inflight = f"{INFLIGHT_PREFIX}{self.consumer_id}:{source}"
-        self._inflight = (queue, source, inflight)
-        self._in_poll = self.client.connection
-        self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]  # kombu declares None
-        wait = self.brpop_timeout if timeout is None else timeout
-        self.client.connection.send_command("BLMOVE", source, inflight, "RIGHT", "LEFT", wait or 0)
-
-    def _first_nonempty(self, queue: str) -> str:
-        """The first of the queue's priority lists that holds a message, else the plain queue."""
         keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps]  # type: ignore[no-untyped-call]
-        with self.conn_or_acquire() as client:
-            lengths = client.pipeline(transaction=False)
-            for key in keys:
-                lengths.llen(key)
-            found = [key for key, n in zip(keys, lengths.execute(), strict=True) if n]
-        return str(found[0] if found else keys[0])
+        connection = self.client.connection
+        if self._block_next:  # all lists were empty: wait on the plain queue
+            wait = self.brpop_timeout if timeout is None else timeout
+            command = "BLMOVE"
+            connection.send_command(command, keys[0], self._inflight_key(keys[0]), "RIGHT", "LEFT", wait or 0)
+        else:  # one round trip: the first non-empty list's entry, or nothing
+            command = "EVAL"
+            inflights = [self._inflight_key(key) for key in keys]
+            connection.send_command(command, _POP, 2 * len(keys), *keys, *inflights)
+        self._inflight = (queue, keys, command)
+        self._in_poll = connection
+        self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]  # kombu declares None
+
+    def _inflight_key(self, source: str) -> str:
+        return f"{INFLIGHT_PREFIX}{self.consumer_id}:{source}"
 
     def _brpop_read(self, **options: Any) -> bool:
         if self._inflight is None:
             return bool(super()._brpop_read(**options))  # type: ignore[no-untyped-call]
-        queue, source, inflight = self._inflight
+        queue, keys, command = self._inflight
         try:
             try:
-                item = self.client.parse_response(self.client.connection, "BLMOVE", **options)
+                reply = self.client.parse_response(self.client.connection, command, **options)
             except self.connection_errors:
                 self.client.connection.disconnect()
                 raise
+            if command == "EVAL":
+                self._block_next = not reply
+                source, item = (keys[int(reply[0]) - 1], reply[1]) if reply else (keys[0], None)
+            else:
+                self._block_next = False
+                source, item = keys[0], reply
             if not item:
                 raise kombu_redis.Empty()  # type: ignore[attr-defined]  # kombu is untyped
+            inflight = self._inflight_key(source)
             self._queue_cycle.rotate(queue)
             message, reason = decode_entry(item)
             if message is None:

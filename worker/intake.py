@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -22,7 +24,7 @@ from worker.errors import InvalidEvent, RetryLater
 from worker.events import FIELDS, Event, parse_with
 from worker.ledger import counters
 from worker.runtime import Runtime
-from worker.sql import attempts, documents
+from worker.sql import accepting, attempts, documents
 
 log = logging.getLogger(__name__)
 
@@ -50,19 +52,11 @@ def ingest_events(
     Should one event fail there (a value the database refuses, a bug), that transaction is rolled
     back and each event is recorded in its own, so the failing one is rejected alone with its
     reason. A transient failure (TRANSIENT) propagates, so the message is retried."""
-    parsed = [_parse(rt, raw) for raw in raw_events]
-    try:
-        outcomes = _ingest_together(rt, raw_events, parsed, message_id, attempt_key)
-    except TRANSIENT as exc:
-        if not is_deadlock(exc):
-            raise
-        # Another message locked some of these documents in another order: one transaction each.
-        log.info("ingest.one_by_one events=%d error=deadlock", len(raw_events))
-        outcomes = _ingest_one_by_one(rt, raw_events, parsed, message_id, attempt_key)
-    except Exception as exc:  # one event spoils the message's transaction: one transaction each
-        log.info("ingest.one_by_one events=%d error=%s", len(raw_events), type(exc).__name__)
-        outcomes = _ingest_one_by_one(rt, raw_events, parsed, message_id, attempt_key)
-    for item in parsed:
+    message = _Message(raw_events, [_parse(rt, raw) for raw in raw_events], message_id, attempt_key)
+    outcomes = rt.intake.submit(message, lambda group: _ingest_group(rt, group))
+    if outcomes is None:  # the group's transaction failed: this message on its own
+        outcomes = _ingest_message(rt, message)
+    for item in message.parsed:
         if not isinstance(item, Event):
             _log_rejected(item[0], item[1])
     if outcomes["accepted"]:
@@ -71,6 +65,77 @@ def ingest_events(
 
 
 Parsed = Event | tuple[str, str]  # an event, or why it is none: (field, rule)
+
+
+@dataclass(frozen=True)
+class _Message:
+    raw_events: list[Any]
+    parsed: list[Parsed]
+    message_id: str | None
+    attempt_key: str | None
+
+
+def _ingest_group(rt: Runtime, group: Sequence[_Message]) -> list[Counter[str] | None]:
+    """Messages that arrived together (worker/groupcommit.py): one alone as below; several in
+    one transaction, or, should it fail, None each (each then goes on its own)."""
+    if len(group) == 1:
+        return [_ingest_message(rt, group[0])]
+    try:
+        return list(_ingest_messages_together(rt, group))
+    except Exception as exc:
+        log.info("ingest.group_split messages=%d error=%s", len(group), type(exc).__name__)
+        return [None] * len(group)
+
+
+def _ingest_message(rt: Runtime, m: _Message) -> Counter[str]:
+    """One message in one transaction; should an event fail there, one transaction per event."""
+    try:
+        return _ingest_together(rt, m.raw_events, m.parsed, m.message_id, m.attempt_key)
+    except TRANSIENT as exc:
+        if not is_deadlock(exc):
+            raise
+        # Another message locked some of these documents in another order: one transaction each.
+        log.info("ingest.one_by_one events=%d error=deadlock", len(m.raw_events))
+    except Exception as exc:  # one event spoils the message's transaction: one transaction each
+        log.info("ingest.one_by_one events=%d error=%s", len(m.raw_events), type(exc).__name__)
+    return _ingest_one_by_one(rt, m.raw_events, m.parsed, m.message_id, m.attempt_key)
+
+
+def _ingest_messages_together(rt: Runtime, group: Sequence[_Message]) -> list[Counter[str]]:
+    """Every event of every message, the counters and the attempts' ends in one transaction."""
+    per_message: list[Counter[str]] = [Counter() for _ in group]
+    coalesced: Counter[tuple[str, str]] = Counter()
+    with rt.sessions.begin() as session:
+        _record(session, list(enumerate(group)), coalesced, per_message)
+        counters.record_outcomes(session, sum(per_message, Counter()))
+        counters.record_avoided(session, "coalesced", coalesced, model=rt.embedder.model)
+        attempts.messages_finished(session, [m.attempt_key for m in group if m.attempt_key is not None])
+    return per_message
+
+
+def _record(
+    session: Session,
+    messages: list[tuple[int, _Message]],
+    coalesced: Counter[tuple[str, str]],
+    outcomes: list[Counter[str]],
+) -> None:
+    """Rejections kept, then every event accepted in one go (accepting.accept_many: new
+    documents in key order, so that two processes lock shared ones in the same order), each
+    outcome counted in its message's Counter of `outcomes`."""
+    events: list[tuple[Event, str | None]] = []
+    owners: list[int] = []
+    for n, m in messages:
+        for index, (raw, item) in enumerate(zip(m.raw_events, m.parsed, strict=True)):
+            if isinstance(item, Event):
+                events.append((item, _delivery_id(m.message_id, index)))
+                owners.append(n)
+            else:
+                documents.reject(session, raw, *item)
+                outcomes[n]["rejected"] += 1
+    for n, outcome in zip(owners, accepting.accept_many(session, events, coalesced), strict=True):
+        outcomes[n][outcome] += 1
+
+
 DEADLOCK = "40P01"  # PostgreSQL's SQLSTATE deadlock_detected
 
 
@@ -100,13 +165,7 @@ def _ingest_together(
     outcomes: Counter[str] = Counter()
     coalesced: Counter[tuple[str, str]] = Counter()
     with rt.sessions.begin() as session:
-        for index, (raw, item) in enumerate(zip(raw_events, parsed, strict=True)):
-            if isinstance(item, Event):
-                delivery_id = _delivery_id(message_id, index)
-                outcomes[documents.accept(session, item, coalesced, delivery_id=delivery_id)] += 1
-            else:
-                documents.reject(session, raw, *item)
-                outcomes["rejected"] += 1
+        _record(session, [(0, _Message(raw_events, parsed, message_id, attempt_key))], coalesced, [outcomes])
         _close_message(rt, session, outcomes, coalesced, attempt_key)
     return outcomes
 

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from worker import catalog, chunking
 from worker.embedding.base import Embedder
+from worker.groupcommit import GroupCommit
 from worker.ledger import budget
 from worker.limiter.base import Limits, RateLimiter
 from worker.limiter.local import LocalRateLimiter
@@ -75,6 +76,8 @@ class Runtime:
     # Set when work is committed (an ingest, a reconciler repair): wakes the embedding threads.
     wake: threading.Event = field(default_factory=threading.Event)
     faults: Faults = field(default_factory=Faults)
+    # Messages that concurrent ingest tasks record at once share a transaction (worker/intake.py).
+    intake: GroupCommit[Any, Any] = field(default_factory=GroupCommit)
     # Runtimes of other models and the collection routes, built on first use (worker/reembed/);
     # shared by every runtime derived from this one.
     variants: dict[Any, Any] = field(default_factory=dict)

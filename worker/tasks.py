@@ -199,9 +199,9 @@ def _run(task: Any, work: Work) -> dict[str, int]:
         rt = runtime()
         key = f"{task.request.id}:{task.request.retries}" if task.request.id else None
         started = 1
-        if key is not None:  # a retry (same id) counts its deliveries afresh
+        if key is not None and redelivered(task):  # a retry (same id) counts its deliveries afresh
             with rt.sessions.begin() as session:
-                started = attempts.message_started(session, key)
+                started = attempts.message_started(session, key, first=2)
         if started > settings.max_attempts:
             reason = (
                 f"the message was delivered {started} times and never finished "
@@ -214,6 +214,16 @@ def _run(task: Any, work: Work) -> dict[str, int]:
         return _retry(task, exc, limit=settings.ingest_retries)
     except Exception as exc:  # a bug, or data SQL refused even as a rejection
         return _retry(task, exc, limit=settings.max_attempts)
+
+
+def redelivered(task: Any) -> bool:
+    """Whether the broker delivered this message before without an ack: a worker died holding it
+    (kombu's Redis transport marks what its visibility timeout restores). Only such a delivery
+    writes an attempt row before its work: a first delivery that kills the worker comes back
+    marked, and counts as its second. (The embedded SQLite broker never delivers a message
+    twice, so it writes none.)"""
+    info = getattr(task.request, "delivery_info", None)
+    return isinstance(info, dict) and bool(info.get("redelivered"))
 
 
 def _retry(task: Any, exc: Exception, *, limit: int) -> dict[str, int]:

@@ -12,11 +12,13 @@ from worker.sql.models import MessageAttempt, fitted_key, utcnow
 MAX_KEY_CHARS = 64  # the column; a longer key (a producer's own task id) is stored as its sha256
 
 
-def message_started(session: Session, key: str) -> int:
-    """Count one more delivery of a broker message; returns how many began without finishing."""
+def message_started(session: Session, key: str, *, first: int = 1) -> int:
+    """Count one more delivery of a broker message; returns how many began without finishing.
+    `first`: the count of a delivery with no row yet (2 for a redelivery whose first delivery
+    was not recorded, see worker/tasks.py)."""
     key = fitted_key(key, MAX_KEY_CHARS)
-    if insert_ignore(session, MessageAttempt, {"task_id": key, "attempts": 1, "first_seen": utcnow()}):
-        return 1
+    if insert_ignore(session, MessageAttempt, {"task_id": key, "attempts": first, "first_seen": utcnow()}):
+        return first
     session.execute(
         sa.update(MessageAttempt)
         .where(MessageAttempt.task_id == key)
@@ -30,3 +32,9 @@ def message_started(session: Session, key: str) -> int:
 def message_finished(session: Session, key: str) -> None:
     key = fitted_key(key, MAX_KEY_CHARS)
     session.execute(sa.delete(MessageAttempt).where(MessageAttempt.task_id == key))
+
+
+def messages_finished(session: Session, keys: list[str]) -> None:
+    fitted = [fitted_key(key, MAX_KEY_CHARS) for key in keys]
+    if fitted:
+        session.execute(sa.delete(MessageAttempt).where(MessageAttempt.task_id.in_(fitted)))

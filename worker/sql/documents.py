@@ -1,4 +1,5 @@
-"""Desired state in SQL: accepting events (version rule), claiming work with leases, finishing it.
+"""Desired state in SQL: rejections, claiming work with leases, finishing it (accepting events,
+the version rule: worker/sql/accepting.py).
 
 The broker is a hint, SQL is the truth: an event is acknowledged only after its desired state
 (or its rejection) is committed here. Every function takes a Session and leaves the commit to the
@@ -9,109 +10,19 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from worker import chunking, tokens
-from worker.errors import InvalidEvent
-from worker.events import MAX_EVENT_ID_CHARS, MAX_VERSION, Event, escape_unstorable
-from worker.sql.engines import changed_rows, insert_ignore
-from worker.sql.models import Document, RejectedEvent, SeenEvent, fitted_key, utcnow
+from worker.events import MAX_EVENT_ID_CHARS, escape_unstorable
+from worker.sql.accepting import accept as accept  # one event (a message's: accept_many)
+from worker.sql.engines import changed_rows
+from worker.sql.models import Document, RejectedEvent, utcnow
 
-Outcome = Literal["accepted", "stale", "duplicate"]
 REJECTED_EVENT_MAX_CHARS = 4096  # of the event's JSON, escaped
 MAX_REASON_CHARS = 2000
-MAX_STORED_VERSION = MAX_VERSION + 1  # the largest version the vector store compares exactly
-
-
-def text_hash(text: str) -> str:
-    return chunking.content_hash(text)
-
-
-def accept(
-    session: Session,
-    event: Event,
-    coalesced: Counter[tuple[str, str]] | None = None,
-    *,
-    delivery_id: str | None = None,
-) -> Outcome:
-    """Record an event as the document's desired state, unless an equal or newer version is there.
-
-    Without a `version`, arrival order is the version (the stored one plus one); such an event
-    is then recorded under `delivery_id` (its message and position) when it has no `event_id`,
-    so that a redelivered message does not bump the version again. When a pending version is
-    replaced before it was embedded, its tokens are added to `coalesced` by (collection,
-    tenant): what coalescing saved. InvalidEvent when a version-less event finds the largest
-    version there is (the caller rolls back and records the rejection).
-    """
-    now = utcnow()
-    if _seen_before(session, event, delivery_id, now):
-        return "duplicate"
-    values = _desired_state(event, now)
-    key = {"tenant": event.tenant, "collection": event.collection, "doc_id": event.doc_id}
-    if insert_ignore(session, Document, {**key, **values, "version": event.version or 0, "created_at": now}):
-        return "accepted"
-
-    doc = session.execute(sa.select(Document).filter_by(**key).with_for_update()).scalar_one()
-    version = _next_version(doc.version, event.version)
-    if version is None:
-        return "stale" if event.version is not None and event.version < doc.version else "duplicate"
-    if (
-        coalesced is not None
-        and doc.status == "pending"
-        and doc.lease_owner is None
-        and doc.text
-        and doc.text_hash != values["text_hash"]
-    ):
-        coalesced[(doc.collection, doc.tenant)] += tokens.count_tokens(doc.text)
-    # A lease held on an older version stays: its holder sees the new version when it finishes
-    # and hands the document back, so two workers never write one document at once.
-    for name, value in {**values, "version": version}.items():
-        setattr(doc, name, value)
-    return "accepted"
-
-
-def _seen_before(session: Session, event: Event, delivery_id: str | None, now: dt.datetime) -> bool:
-    """Record the event's idempotency key (per tenant and collection); True if it was there."""
-    key = event.event_id
-    if key is None and event.version is None and delivery_id:
-        key = fitted_key(f"delivery:{delivery_id}", MAX_EVENT_ID_CHARS)
-    if key is None:
-        return False
-    row = {"tenant": event.tenant, "collection": event.collection, "event_id": key, "received_at": now}
-    return not insert_ignore(session, SeenEvent, row)
-
-
-def _desired_state(event: Event, now: dt.datetime) -> dict[str, Any]:
-    return {
-        "op": event.op,
-        "text": event.text,
-        "text_hash": text_hash(event.text) if event.text is not None else None,
-        "meta": event.metadata,
-        "status": "pending",
-        "attempts": 0,
-        "last_error": None,
-        "event_id": event.event_id,
-        "updated_at": now,
-        "lane": event.lane,
-    }
-
-
-def _next_version(stored: int, given: int | None) -> int | None:
-    """The version the event makes, or None when it is not newer than the stored one."""
-    if given is not None:
-        return given if given > stored else None
-    if stored >= MAX_STORED_VERSION:
-        raise InvalidEvent(
-            "version",
-            f"required: the stored version is {MAX_STORED_VERSION}, the largest there is, "
-            "so arrival order cannot number this event",
-        )
-    return stored + 1
 
 
 def reject(session: Session, raw: Any, field: str, reason: str) -> None:
@@ -216,31 +127,21 @@ def claim_batch(session: Session, *, owner: str, limit: int, lease_s: float) -> 
     return _lease(session, ready, owner=owner, lease_s=lease_s, now=now)
 
 
+# The documents table for plain Core statements on the hot path (leases, settling): the ORM's
+# bulk-update machinery costs more CPU than the SQL itself.
+DOCS = cast(sa.Table, Document.__table__)
+D = DOCS.c
+_CLAIMED = [D[name] for name in Claimed.__dataclass_fields__]
+
+
 def _lease(
     session: Session, ready: sa.ScalarSelect[int], *, owner: str, lease_s: float, now: dt.datetime
 ) -> list[Claimed]:
     rows = session.execute(
-        sa.update(Document)
-        .where(Document.id.in_(ready))
-        .values(
-            lease_owner=owner,
-            lease_until=now + dt.timedelta(seconds=lease_s),
-            attempts=Document.attempts + 1,
-        )
-        .returning(
-            Document.id,
-            Document.tenant,
-            Document.collection,
-            Document.doc_id,
-            Document.version,
-            Document.op,
-            Document.text,
-            Document.text_hash,
-            Document.meta,
-            Document.attempts,
-            Document.updated_at,
-        )
-        .execution_options(synchronize_session=False)
+        sa.update(DOCS)
+        .where(D.id.in_(ready))
+        .values(lease_owner=owner, lease_until=now + dt.timedelta(seconds=lease_s), attempts=D.attempts + 1)
+        .returning(*_CLAIMED)
     ).all()
     return sorted((Claimed(**row._mapping) for row in rows), key=lambda c: c.updated_at)
 

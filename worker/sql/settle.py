@@ -13,11 +13,10 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
-from worker.sql.documents import Claimed
-from worker.sql.models import Document
+from worker.sql.documents import DOCS, Claimed, D
 
 log = logging.getLogger(__name__)
-ONE_LESS = sa.case((Document.attempts > 0, Document.attempts - 1), else_=0)
+ONE_LESS = sa.case((D.attempts > 0, D.attempts - 1), else_=0)
 UNLEASED: dict[str, Any] = {"lease_owner": None, "lease_until": None}
 
 
@@ -40,22 +39,21 @@ def mark_indexed_many(session: Session, written: list[tuple[Claimed, int]], *, o
         return set()
     chunk_counts = {doc.id: count for doc, count in written}
     statement = (
-        sa.update(Document)
+        sa.update(DOCS)
         .where(
-            Document.lease_owner == owner,
-            sa.tuple_(Document.id, Document.version).in_([(doc.id, doc.version) for doc, _ in written]),
+            D.lease_owner == owner,
+            sa.tuple_(D.id, D.version).in_([(doc.id, doc.version) for doc, _ in written]),
         )
         .values(
             status="indexed",
-            indexed_version=Document.version,  # the claimed version: the WHERE clause holds it
-            indexed_hash=Document.text_hash,  # unchanged while the version is
-            chunk_count=sa.case(chunk_counts, value=Document.id),
+            indexed_version=D.version,  # the claimed version: the WHERE clause holds it
+            indexed_hash=D.text_hash,  # unchanged while the version is
+            chunk_count=sa.case(chunk_counts, value=D.id),
             attempts=0,
             last_error=None,
             **UNLEASED,
         )
-        .returning(Document.id)
-        .execution_options(synchronize_session=False)
+        .returning(D.id)
     )
     return set(session.execute(statement).scalars())
 
@@ -63,10 +61,7 @@ def mark_indexed_many(session: Session, written: list[tuple[Claimed, int]], *, o
 def _hand_back(session: Session, ids: list[int], owner: str, *, attempts: Any) -> None:
     if ids:
         session.execute(
-            sa.update(Document)
-            .where(Document.id.in_(ids), Document.lease_owner == owner)
-            .values(attempts=attempts, **UNLEASED)
-            .execution_options(synchronize_session=False)
+            sa.update(DOCS).where(D.id.in_(ids), D.lease_owner == owner).values(attempts=attempts, **UNLEASED)
         )
 
 
@@ -76,6 +71,6 @@ def release_failed(sessions: sessionmaker[Session], ids: list[int], *, owner: st
     lease runs out. Best effort: when this fails too, the lease's expiry hands them back."""
     try:
         with sessions.begin() as session:
-            _hand_back(session, ids, owner, attempts=Document.attempts)
+            _hand_back(session, ids, owner, attempts=D.attempts)
     except Exception as exc:
         log.warning("cycle.release_failed error=%s", type(exc).__name__)

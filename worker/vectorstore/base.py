@@ -8,6 +8,7 @@ write is idempotent. A document's tombstone (written by a delete) has chunk inde
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import uuid
@@ -68,6 +69,7 @@ def chunk_payloads(
     ]
 
 
+@functools.lru_cache(maxsize=4096)  # a write asks for its tombstone and chunk 0 up to three times
 def point_id(tenant: str, collection: str, doc_id: str, chunk_index: int) -> str:
     """UUIDv5 of the four parts, joined as a JSON array so no two tuples share a name. A physical
     collection (worker/reembed/names.py) counts as its logical one: ids are equal in each."""

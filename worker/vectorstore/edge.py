@@ -324,7 +324,8 @@ class EdgeStore(EdgeReads):
 
     @staticmethod
     def _vectors(chunk: ChunkVector) -> dict[str, Any]:
-        vectors: dict[str, Any] = {DENSE: [float(x) for x in chunk.vector]}
+        dense = chunk.vector  # floats already, unless a caller passed another number type
+        vectors: dict[str, Any] = {DENSE: dense if type(dense) is list else [float(x) for x in dense]}
         if chunk.sparse:
             vectors[SPARSE] = qe.SparseVector(list(chunk.sparse.keys()), list(chunk.sparse.values()))
         return vectors
