@@ -11,6 +11,7 @@ from worker.events import parse_event
 from worker.sql import documents
 from worker.sql.models import Document, ProviderRequest, RequestItem
 from worker.tasks import ingest_events
+from worker.vectorstore.base import write_many
 
 
 def drain(rt, max_cycles: int = 100) -> list[pipeline.Cycle]:
@@ -149,6 +150,11 @@ class _FailsFor:
         if doc_id == self.doc_id:
             raise TypeError("not a payload this store can take")
         return self.store.write_document(collection, tenant, doc_id, *args, **kwargs)
+
+    def write_documents(self, collection, docs, **kwargs):  # a lot with that document fails whole
+        if any(doc.doc_id == self.doc_id for doc in docs):
+            raise TypeError("not a payload this store can take")
+        return write_many(self.store, collection, docs, **kwargs)
 
     def __getattr__(self, name: str):
         return getattr(self.store, name)

@@ -20,7 +20,7 @@ from tests.fixtures.services import QDRANT_URL, missing_service
 from worker.errors import ConfigError, StoreRejected, StoreUnavailable
 from worker.runtime import build_runtime, build_store
 from worker.settings import Settings
-from worker.vectorstore.base import ChunkVector, Hit, SerializedStore, point_id, rrf
+from worker.vectorstore.base import ChunkVector, DocWrite, Hit, SerializedStore, point_id, rrf, write_many
 from worker.vectorstore.edge import EdgeStore
 from worker.vectorstore.qdrant import QdrantStore
 
@@ -247,6 +247,31 @@ def test_delete_that_loses_a_race_leaves_no_chunks(store, monkeypatch):
     blind_precheck(store, monkeypatch)
     assert not write(store, "doc-1", 1, 3)
     assert store.count(COLL) == 0 and store.deleted_version(COLL, "t1", "doc-1") == 2
+
+
+def test_writes_of_many_documents_keep_each_ones_version_rule(store):
+    """write_many (one call on Edge) gives each document what write_document would: new, a
+    redelivery, older than stored, beaten by a delete, fewer chunks than before."""
+    write(store, "stored", 5, 2)
+    write(store, "shrinks", 1, 3)
+    store.delete_document(COLL, "t1", "deleted", 4, dimensions=DIMS)
+    lot = [
+        DocWrite("t1", "new", 1, chunks(2, "v1"), {"lang": "en"}),
+        DocWrite("t1", "stored", 5, chunks(2, "v5"), {"lang": "en"}),  # a redelivery
+        DocWrite("t2", "stored", 3, chunks(1, "v3"), {}),  # another tenant's, new
+        DocWrite("t1", "deleted", 3, chunks(2, "v3"), {}),  # older than its delete
+        DocWrite("t1", "shrinks", 2, chunks(1, "v2"), {"k": 1}),
+    ]
+    results = write_many(store, COLL, lot, model="text-embedding-v4", dimensions=DIMS)
+    assert results == [True, True, True, False, True]
+    older = [DocWrite("t1", "stored", 4, chunks(3, "v4"), {}), DocWrite("t1", "new", 1, chunks(1, "v1"), {})]
+    assert write_many(store, COLL, older, model="m", dimensions=DIMS) == [False, True]
+    assert versions(store, "new") == [(0, 1), (1, 1)]
+    assert versions(store, "stored") == [(0, 5), (1, 5)]
+    assert versions(store, "stored", tenant="t2") == [(0, 3)]
+    assert store.document_points(COLL, "t1", "deleted") == []
+    assert versions(store, "shrinks") == [(0, 2)]
+    assert store.document_points(COLL, "t1", "shrinks")[0].payload["meta"] == {"k": 1}
 
 
 def test_delete_keeps_newer_versions_and_older_deletes_do_not_win(store):

@@ -19,6 +19,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from worker import batching, chunking, telemetry
+from worker.cycle import Cycle as Cycle  # what run_cycle returns
+from worker.cycle import failed, give_up, retry
 from worker.errors import GiveUp, RetryLater, SidecarError, StoreConflict
 from worker.holdback import HeldBack as HeldBack  # the embedding loop keeps one (worker/service.py)
 from worker.ledger import calls, counters
@@ -26,25 +28,9 @@ from worker.reembed import control, routes
 from worker.runtime import Runtime
 from worker.sql import cache, documents, pauses, settle
 from worker.sql.models import ProviderPause, utcnow
-from worker.vectorstore.base import ChunkVector
+from worker.vectorstore.base import ChunkVector, DocWrite, write_many
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Cycle:
-    """What one pass did; `idle` means nothing was pending."""
-
-    claimed: int = 0
-    indexed: int = 0
-    deleted: int = 0
-    requests: int = 0
-    rows: int = 0
-    held_back: int = 0
-    failed: int = 0
-    dead: int = 0
-    idle: bool = False
-    paused: str | None = None  # why embedding is paused for every process
 
 
 @dataclass
@@ -96,7 +82,7 @@ def _work_on(rt: Runtime, docs: list[documents.Claimed], held: HeldBack | None, 
     live = []
     for doc in docs:
         if doc.attempts > rt.settings.max_attempts:  # leased again and again, never finished
-            _give_up(rt, doc, f"gave up after {doc.attempts - 1} attempts that never finished", cycle)
+            give_up(rt, doc, f"gave up after {doc.attempts - 1} attempts that never finished", cycle)
         elif doc.op == "delete":
             apply_delete(rt, doc, cycle)
         else:
@@ -137,13 +123,13 @@ def apply_delete(rt: Runtime, doc: documents.Claimed, cycle: Cycle) -> None:
         ensure_collection(rt, doc.collection)  # so the delete leaves a tombstone even in a new collection
         rt.store.delete_document(doc.collection, doc.tenant, doc.doc_id, doc.version)
     except RetryLater as exc:
-        _retry(rt, doc, exc, cycle)
+        retry(rt, doc, exc, cycle)
         return
     except SidecarError as exc:  # refused for good (GiveUp), or a collection that cannot work
-        _give_up(rt, doc, f"the vector store refused the delete: {exc}", cycle)
+        give_up(rt, doc, f"the vector store refused the delete: {exc}", cycle)
         return
     except Exception as exc:  # an adapter let a library error through: this document only
-        _give_up(rt, doc, f"the vector store failed the delete: {type(exc).__name__}", cycle)
+        give_up(rt, doc, f"the vector store failed the delete: {type(exc).__name__}", cycle)
         return
     with rt.sessions.begin() as session:
         if documents.mark_deleted(session, doc, owner=rt.owner):
@@ -302,15 +288,16 @@ def record_failure(rt: Runtime, request_id: str, est_tokens: int, exc: SidecarEr
 def finish(rt: Runtime, work: _Work, cycle: Cycle) -> None:
     """Write every document whose vectors are all there, then mark them indexed in one statement
     (hand back those waiting for a fuller batch in another); the rest fail."""
-    waiting, written = [], []
+    waiting, ready = [], []
     for doc in work.docs:
         error = work.errors.get(doc.id)
         if error is not None:
-            _failed(rt, doc, error, cycle)
+            failed(rt, doc, error, cycle)
         elif not all(key in work.vectors for key in work.keys[doc.id]):
             waiting.append(doc)
-        elif write_document(rt, work, doc, cycle):
-            written.append((doc, len(work.chunks[doc.id])))
+        else:
+            ready.append(doc)
+    written = [(doc, len(work.chunks[doc.id])) for doc in write_documents(rt, work, ready, cycle)]
     if not (waiting or written):
         return
     with rt.sessions.begin() as session:
@@ -323,73 +310,84 @@ def finish(rt: Runtime, work: _Work, cycle: Cycle) -> None:
     cycle.held_back += len(waiting)
 
 
-def write_document(rt: Runtime, work: _Work, doc: documents.Claimed, cycle: Cycle) -> bool:
-    """Write one document's points (True when written); a refusal gives up on this document only."""
+def write_documents(
+    rt: Runtime, work: _Work, docs: list[documents.Claimed], cycle: Cycle
+) -> list[documents.Claimed]:
+    """Write the documents' points, each collection's in one store call (`write_many`); returns
+    those written. Should that call fail, they are written one by one, so that only the
+    document at fault fails."""
+    by_collection: dict[str, list[documents.Claimed]] = defaultdict(list)
+    for doc in docs:
+        by_collection[doc.collection].append(doc)
+    written: list[documents.Claimed] = []
+    for collection, group in by_collection.items():
+        try:
+            ensure_collection(rt, collection)
+            points = sum(len(work.chunks[doc.id]) for doc in group)
+            with telemetry.store_span(collection, points, len(group)):
+                results = write_many(
+                    rt.store,
+                    collection,
+                    [_doc_write(work, doc) for doc in group],
+                    model=rt.embedder.model,
+                    dimensions=rt.embedder.dimensions,
+                )
+        except Exception:  # whose fault it was: one by one (each failure handled there)
+            written += [doc for doc in group if write_document(rt, work, doc, cycle)]
+            continue
+        rt.faults.reach("after_store_write")
+        for doc, done in zip(group, results, strict=True):
+            if done:
+                work.held.done(doc.id)
+                written.append(doc)
+            else:  # the store holds a newer version or a delete: SQL will catch up or give up
+                retry(
+                    rt, doc, StoreConflict(f"the store holds a newer state than version {doc.version}"), cycle
+                )
+    return written
+
+
+def _doc_write(work: _Work, doc: documents.Claimed) -> DocWrite:
     chunks = [
         ChunkVector(
             chunk.index, chunk.text, chunk.content_hash, work.vectors[key].vector, work.vectors[key].sparse
         )
         for chunk, key in zip(work.chunks[doc.id], work.keys[doc.id], strict=True)
     ]
+    return DocWrite(doc.tenant, doc.doc_id, doc.version, chunks, doc.meta or {})
+
+
+def write_document(rt: Runtime, work: _Work, doc: documents.Claimed, cycle: Cycle) -> bool:
+    """Write one document's points (True when written); a refusal gives up on this document only."""
+    one = _doc_write(work, doc)
     try:
         ensure_collection(rt, doc.collection)
-        with telemetry.store_span(doc.collection, len(chunks)):
+        with telemetry.store_span(doc.collection, len(one.chunks)):
             written = rt.store.write_document(
                 doc.collection,
                 doc.tenant,
                 doc.doc_id,
                 doc.version,
-                chunks,
-                meta=doc.meta or {},
+                one.chunks,
+                meta=one.meta,
                 model=rt.embedder.model,
                 dimensions=rt.embedder.dimensions,
             )
     except RetryLater as exc:
-        _retry(rt, doc, exc, cycle)
+        retry(rt, doc, exc, cycle)
         return False
     except SidecarError as exc:  # refused for good (GiveUp), or a collection that cannot work
-        _give_up(rt, doc, f"the vector store refused the write: {exc}", cycle)
+        give_up(rt, doc, f"the vector store refused the write: {exc}", cycle)
         return False
     except Exception as exc:  # an adapter let a library error through: this document only
-        _give_up(rt, doc, f"the vector store failed the write: {type(exc).__name__}", cycle)
+        give_up(rt, doc, f"the vector store failed the write: {type(exc).__name__}", cycle)
         return False
     rt.faults.reach("after_store_write")
     if not written:  # the store holds a newer version or a delete: SQL will catch up or give up
-        _retry(rt, doc, StoreConflict(f"the store holds a newer state than version {doc.version}"), cycle)
+        retry(rt, doc, StoreConflict(f"the store holds a newer state than version {doc.version}"), cycle)
         return False
     work.held.done(doc.id)
     return True
-
-
-def _failed(rt: Runtime, doc: documents.Claimed, error: SidecarError, cycle: Cycle) -> None:
-    if isinstance(error, GiveUp) and not error.pauses_everyone:
-        _give_up(rt, doc, f"provider rejected the text: {error}", cycle)
-    else:
-        _retry(rt, doc, error, cycle)
-
-
-def _give_up(rt: Runtime, doc: documents.Claimed, reason: str, cycle: Cycle) -> None:
-    with rt.sessions.begin() as session:
-        documents.give_up(session, doc, owner=rt.owner, error=reason)
-    cycle.dead += 1
-    log.warning("document.dead id=%d reason=%s", doc.id, reason.split(":")[0])
-
-
-def _retry(rt: Runtime, doc: documents.Claimed, error: SidecarError, cycle: Cycle) -> None:
-    """Back to pending after a backoff; only failures that may be the document's own count."""
-    delay = 60.0 if error.pauses_everyone else min(60.0, 0.5 * 2 ** min(doc.attempts, 7))
-    retry_after = getattr(error, "retry_after_s", None) or 0.0
-    with rt.sessions.begin() as session:
-        outcome = documents.fail(
-            session,
-            doc,
-            owner=rt.owner,
-            error=f"{type(error).__name__}: {error}",
-            retry_after_s=max(delay, retry_after),
-            max_attempts=rt.settings.max_attempts if error.counts_attempt else None,
-        )
-    cycle.failed += 1
-    cycle.dead += outcome == "dead"
 
 
 def _held_s(work: _Work, rows: list[batching.Row]) -> float:

@@ -122,11 +122,14 @@ def claimed(claim: Callable[..., list[T]], *args: Any, **kwargs: Any) -> list[T]
     return docs
 
 
-def store_span(collection: str, points: int) -> contextlib.AbstractContextManager[SpanLike]:
-    """The span of one document's write to the vector store."""
+def store_span(
+    collection: str, points: int, documents: int = 1
+) -> contextlib.AbstractContextManager[SpanLike]:
+    """The span of one write to the vector store (of `documents` documents, `points` points)."""
     if _tracer is None:
         return _OFF
-    return span("sidecar.store.write", **{"db.collection.name": collection, "sidecar.points": points})
+    attributes = {"db.collection.name": collection, "sidecar.points": points, "sidecar.documents": documents}
+    return span("sidecar.store.write", **attributes)
 
 
 def embedded(embedder: Embedder, texts: list[str], est_tokens: int, request_id: str) -> EmbedResult:

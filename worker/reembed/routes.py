@@ -27,7 +27,15 @@ from worker.runtime import Runtime
 from worker.sql import documents
 from worker.sql.engines import insert_ignore
 from worker.sql.reembed_models import CollectionModel, Migration
-from worker.vectorstore.base import ChunkVector, DocSummary, Hit, MetaFilter, VectorStore
+from worker.vectorstore.base import (
+    ChunkVector,
+    DocSummary,
+    DocWrite,
+    Hit,
+    MetaFilter,
+    VectorStore,
+    write_many,
+)
 
 ACTIVE = ("backfilling", "validating", "switched")
 
@@ -217,6 +225,11 @@ class RoutedStore:
             model=model,
             dimensions=dimensions,
         )
+
+    def write_documents(
+        self, collection: str, docs: list[DocWrite], *, model: str, dimensions: int
+    ) -> list[bool]:
+        return write_many(self.store, self._check(collection), docs, model=model, dimensions=dimensions)
 
     def delete_document(
         self, collection: str, tenant: str, doc_id: str, version: int, *, dimensions: int | None = None

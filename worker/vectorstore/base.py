@@ -127,6 +127,41 @@ class StoredPoint:
     vector: list[float] | None
 
 
+@dataclass(frozen=True)
+class DocWrite:
+    """One document's write, for `write_many`."""
+
+    tenant: str
+    doc_id: str
+    version: int
+    chunks: list[ChunkVector]
+    meta: dict[str, Any]
+
+
+def write_many(
+    store: Any, collection: str, docs: list[DocWrite], *, model: str, dimensions: int
+) -> list[bool]:
+    """`write_document` of each of `docs` (distinct documents of one collection): in one call
+    where the store has `write_documents` (Qdrant Edge), else one by one. Raises what a write
+    raises; the caller then writes one by one to learn whose it was."""
+    batched = getattr(store, "write_documents", None)
+    if batched is not None and len(docs) > 1 and len({(d.tenant, d.doc_id) for d in docs}) == len(docs):
+        return list(batched(collection, docs, model=model, dimensions=dimensions))
+    return [
+        store.write_document(
+            collection,
+            d.tenant,
+            d.doc_id,
+            d.version,
+            d.chunks,
+            meta=d.meta,
+            model=model,
+            dimensions=dimensions,
+        )
+        for d in docs
+    ]
+
+
 class VectorStore(Protocol):
     """Raises StoreUnavailable (a RetryLater) when the store does not answer, and StoreRejected
     (a GiveUp) when it refuses one document's write or delete."""

@@ -42,6 +42,7 @@ from worker.vectorstore.base import (
     SPARSE,
     TOMBSTONE_INDEX,
     ChunkVector,
+    DocWrite,
     check_dimensions,
     chunk_payloads,
     point_id,
@@ -79,6 +80,18 @@ def _doc_filter(tenant: str, doc_id: str, *conditions: Any, exclude: Any = None)
         must=[match("tenant", tenant), match("doc_id", doc_id), *conditions],
         must_not=[exclude] if exclude is not None else None,
     )
+
+
+def _newer(
+    found: dict[str, dict[str, Any]], tombstone: str, first: str, version: int
+) -> tuple[int, bool] | None:
+    """(version, is_delete) of the document's tombstone >= `version` or chunk 0 > `version`
+    among `found` (point id -> payload), if any."""
+    if tombstone in found and found[tombstone]["version"] >= version:
+        return found[tombstone]["version"], True
+    if first in found and found[first]["version"] > version:
+        return found[first]["version"], False
+    return None
 
 
 def _depth(value: Any) -> int:
@@ -229,6 +242,70 @@ class EdgeStore(EdgeReads):
                 self._discard(collection, tenant, doc_id, version)
                 raise
 
+    def write_documents(
+        self, collection: str, docs: list[DocWrite], *, model: str, dimensions: int
+    ) -> list[bool]:
+        """`write_document` for each of `docs` (distinct documents of one collection), with the
+        same results, in four shard calls for the lot instead of four each: the pre-checks in one
+        retrieve, the points in one upsert whose condition holds each document's own version
+        guard (a point id belongs to one document, so the disjunction is exact), the older points
+        in one delete, the post-checks in one retrieve. Raises on the first document it refuses
+        (nothing is left of the lot's new points); the caller then writes one by one."""
+        for doc in docs:
+            check_dimensions(doc.chunks, dimensions)
+            if _depth(doc.meta) > MAX_META_DEPTH:
+                raise StoreRejected(
+                    f"edge write_documents: metadata nests deeper than {MAX_META_DEPTH} levels"
+                )
+        self.ensure_collection(collection, dimensions, sparse=any(c.sparse for d in docs for c in d.chunks))
+        with translated("write_documents", rejecting=True):
+            points = [
+                self._points(
+                    collection,
+                    d.tenant,
+                    d.doc_id,
+                    d.version,
+                    d.chunks,
+                    {"model": model, "dimensions": dimensions, "meta": d.meta},
+                )
+                for d in docs
+            ]
+        with self._lock:
+            try:
+                with translated("write_documents", rejecting=True):
+                    return self._write_many(collection, docs, points)
+            except StoreRejected:
+                for doc in docs:
+                    self._discard(collection, doc.tenant, doc.doc_id, doc.version)
+                raise
+
+    def _write_many(self, collection: str, docs: list[DocWrite], points: list[list[qe.Point]]) -> list[bool]:
+        name = self._name(collection)
+        shard = self._shards[name]
+        live = [i for i, newer in enumerate(self._superseded_many(collection, docs)) if newer is None]
+        guards: list[Any] = [
+            _doc_filter(docs[i].tenant, docs[i].doc_id, _versions(lte=docs[i].version))
+            for i in live
+            if points[i]
+        ]
+        if guards:
+            lot = [point for i in live for point in points[i]]
+            shard.update(qe.UpdateOperation.upsert_points(lot, condition=qe.Filter(should=guards)))
+            self._written[name] = self._written.get(name, 0) + len(lot)
+        if live:
+            stale: list[Any] = [
+                _doc_filter(docs[i].tenant, docs[i].doc_id, _versions(lt=docs[i].version)) for i in live
+            ]
+            shard.update(qe.UpdateOperation.delete_points_by_filter(qe.Filter(should=stale)))
+        written = [False] * len(docs)
+        after = self._superseded_many(collection, [docs[i] for i in live])
+        for i, newer in zip(live, after, strict=True):
+            if newer is None:
+                written[i] = True
+            else:
+                self._remove_older(shard, collection, docs[i].tenant, docs[i].doc_id, newer)
+        return written
+
     def _discard(self, collection: str, tenant: str, doc_id: str, version: int) -> None:
         """Best effort after a refused write: remove the points of `version` it may have left."""
         try:
@@ -268,14 +345,21 @@ class EdgeStore(EdgeReads):
         stale = _doc_filter(tenant, doc_id, _versions(lt=version))
         shard.update(qe.UpdateOperation.delete_points_by_filter(stale))
         if newer := self.superseded_by(collection, tenant, doc_id, version):
-            upto, deleted = newer
-            older = _versions(lte=upto) if deleted else _versions(lt=upto)
-            keep = qe.HasIdCondition({tombstone_id(tenant, collection, doc_id)})
-            shard.update(
-                qe.UpdateOperation.delete_points_by_filter(_doc_filter(tenant, doc_id, older, exclude=keep))
-            )
+            self._remove_older(shard, collection, tenant, doc_id, newer)
             return False
         return True
+
+    @staticmethod
+    def _remove_older(
+        shard: qe.EdgeShard, collection: str, tenant: str, doc_id: str, newer: tuple[int, bool]
+    ) -> None:
+        """Step 4's clean-up: a newer write or a delete landed; remove what is older than it."""
+        upto, deleted = newer
+        older = _versions(lte=upto) if deleted else _versions(lt=upto)
+        keep = qe.HasIdCondition({tombstone_id(tenant, collection, doc_id)})
+        shard.update(
+            qe.UpdateOperation.delete_points_by_filter(_doc_filter(tenant, doc_id, older, exclude=keep))
+        )
 
     def delete_document(
         self,
@@ -340,11 +424,23 @@ class EdgeStore(EdgeReads):
         if shard is None:
             return None
         found = {str(r.id): r.payload or {} for r in shard.retrieve([tombstone, first], ["version"], False)}
-        if tombstone in found and found[tombstone]["version"] >= version:
-            return found[tombstone]["version"], True
-        if first in found and found[first]["version"] > version:
-            return found[first]["version"], False
-        return None
+        return _newer(found, tombstone, first, version)
+
+    def _superseded_many(self, collection: str, docs: list[DocWrite]) -> list[tuple[int, bool] | None]:
+        """`superseded_by` of each of `docs`, in one retrieve."""
+        shard = self._shard(self._name(collection))
+        if shard is None or not docs:
+            return [None] * len(docs)
+        ids = [
+            (tombstone_id(d.tenant, collection, d.doc_id), point_id(d.tenant, collection, d.doc_id, 0))
+            for d in docs
+        ]
+        wanted: list[Any] = [point for pair in ids for point in pair]
+        found = {str(r.id): r.payload or {} for r in shard.retrieve(wanted, ["version"], False)}
+        return [
+            _newer(found, tombstone, first, d.version)
+            for (tombstone, first), d in zip(ids, docs, strict=True)
+        ]
 
     # --- housekeeping -----------------------------------------------------------------------
 
