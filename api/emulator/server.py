@@ -31,11 +31,15 @@ from api.emulator.config import EmulatorConfig
 from api.emulator.control import bearer, control_routes
 from api.emulator.parsing import EmbedCall, describe, parse
 from api.emulator.state import EmulatorState
+from worker import tokens
 from worker.catalog import COMPATIBLE_PATH, NATIVE_PATH
 
 
 def create_app(config: EmulatorConfig, control_token: str | None = None) -> Starlette:
-    """The ASGI app serving both embedding APIs and the `/_emulator/` control endpoints."""
+    """The ASGI app serving both embedding APIs and the `/_emulator/` control endpoints. The
+    tokenizer is loaded now: the first call would otherwise wait ~0.5 s for it, which no
+    provider does."""
+    tokens.encoding()
     state = EmulatorState(config)
 
     async def compatible(request: Request) -> Response:
