@@ -90,7 +90,7 @@ def _ingest_group(rt: Runtime, group: Sequence[_Message]) -> list[Counter[str] |
 def _ingest_message(rt: Runtime, m: _Message) -> Counter[str]:
     """One message in one transaction; should an event fail there, one transaction per event."""
     try:
-        return _ingest_together(rt, m.raw_events, m.parsed, m.message_id, m.attempt_key)
+        return _ingest_messages_together(rt, [m])[0]
     except TRANSIENT as exc:
         if not is_deadlock(exc):
             raise
@@ -107,9 +107,7 @@ def _ingest_messages_together(rt: Runtime, group: Sequence[_Message]) -> list[Co
     coalesced: Counter[tuple[str, str]] = Counter()
     with rt.sessions.begin() as session:
         _record(session, list(enumerate(group)), coalesced, per_message)
-        counters.record_outcomes(session, sum(per_message, Counter()))
-        counters.record_avoided(session, "coalesced", coalesced, model=rt.embedder.model)
-        attempts.messages_finished(session, [m.attempt_key for m in group if m.attempt_key is not None])
+        _close_messages(rt, session, sum(per_message, Counter()), coalesced, [m.attempt_key for m in group])
     return per_message
 
 
@@ -158,18 +156,6 @@ def _delivery_id(message_id: str | None, index: int) -> str | None:
     return f"{message_id}:{index}" if message_id else None
 
 
-def _ingest_together(
-    rt: Runtime, raw_events: list[Any], parsed: list[Parsed], message_id: str | None, attempt_key: str | None
-) -> Counter[str]:
-    """Every event, its counters and the attempt's end in one transaction; raises on any failure."""
-    outcomes: Counter[str] = Counter()
-    coalesced: Counter[tuple[str, str]] = Counter()
-    with rt.sessions.begin() as session:
-        _record(session, [(0, _Message(raw_events, parsed, message_id, attempt_key))], coalesced, [outcomes])
-        _close_message(rt, session, outcomes, coalesced, attempt_key)
-    return outcomes
-
-
 def _ingest_one_by_one(
     rt: Runtime, raw_events: list[Any], parsed: list[Parsed], message_id: str | None, attempt_key: str | None
 ) -> Counter[str]:
@@ -179,21 +165,21 @@ def _ingest_one_by_one(
         delivery_id = _delivery_id(message_id, index)
         outcomes[_ingest_one(rt, raw, item, coalesced, delivery_id)] += 1
     with rt.sessions.begin() as session:
-        _close_message(rt, session, outcomes, coalesced, attempt_key)
+        _close_messages(rt, session, outcomes, coalesced, [attempt_key])
     return outcomes
 
 
-def _close_message(
+def _close_messages(
     rt: Runtime,
     session: Session,
     outcomes: Counter[str],
     coalesced: Counter[tuple[str, str]],
-    attempt_key: str | None,
+    attempt_keys: list[str | None],
 ) -> None:
+    """The messages' counters, and the ends of their attempts (rows only redeliveries have)."""
     counters.record_outcomes(session, outcomes)
     counters.record_avoided(session, "coalesced", coalesced, model=rt.embedder.model)
-    if attempt_key is not None:
-        attempts.message_finished(session, attempt_key)
+    attempts.message_finished(session, *(key for key in attempt_keys if key is not None))
 
 
 def _ingest_one(

@@ -10,19 +10,17 @@ the version rule. The caller commits (worker/intake.py).
 from __future__ import annotations
 
 import datetime as dt
-import functools
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from worker import chunking, tokens
 from worker.errors import InvalidEvent
 from worker.events import MAX_EVENT_ID_CHARS, MAX_VERSION, Event
-from worker.sql.engines import insert_ignore
+from worker.sql.engines import insert_ignore, inserted_keys
 from worker.sql.models import Document, SeenEvent, fitted_key, utcnow
 
 Outcome = Literal["accepted", "stale", "duplicate"]
@@ -151,7 +149,7 @@ def accept_many(
             else:
                 keyed[(event.tenant, event.collection, id_key)] = i
     rows = [{"tenant": t, "collection": c, "event_id": k, "received_at": now} for t, c, k in sorted(keyed)]
-    new_keys = _inserted(session, SeenEvent, rows, ("tenant", "collection", "event_id"))
+    new_keys = inserted_keys(session, SeenEvent, rows, ("tenant", "collection", "event_id"))
     for seen, i in keyed.items():
         if seen not in new_keys:
             outcomes[i] = "duplicate"
@@ -163,25 +161,9 @@ def accept_many(
         {"tenant": t, "collection": c, "doc_id": d, **_new_document(events[i][0], now)}
         for (t, c, d), i in sorted(first.items())
     ]
-    for doc in _inserted(session, Document, rows, ("tenant", "collection", "doc_id")):
+    for doc in inserted_keys(session, Document, rows, ("tenant", "collection", "doc_id")):
         outcomes[first[doc]] = "accepted"
     for i, (event, _) in enumerate(events):
         if outcomes[i] is None:  # its document was there: the version rule
             outcomes[i] = _update_existing(session, event, coalesced, now)
     return [outcome for outcome in outcomes if outcome is not None]
-
-
-@functools.cache
-def _ignoring(dialect: str, table: sa.Table, columns: tuple[str, ...]) -> sa.Insert:
-    insert = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
-    return insert.on_conflict_do_nothing().returning(*(table.c[name] for name in columns))
-
-
-def _inserted(
-    session: Session, model: type[Document | SeenEvent], rows: list[dict[str, Any]], key: tuple[str, ...]
-) -> set[DocKey]:
-    """INSERT … ON CONFLICT DO NOTHING of `rows` in one round trip; the keys that went in."""
-    if not rows:
-        return set()
-    statement = _ignoring(session.get_bind().dialect.name, cast(sa.Table, model.__table__), key)
-    return {(row[0], row[1], row[2]) for row in session.execute(statement, rows)}

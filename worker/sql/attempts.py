@@ -29,12 +29,8 @@ def message_started(session: Session, key: str, *, first: int = 1) -> int:
     ).scalar_one()
 
 
-def message_finished(session: Session, key: str) -> None:
-    key = fitted_key(key, MAX_KEY_CHARS)
-    session.execute(sa.delete(MessageAttempt).where(MessageAttempt.task_id == key))
-
-
-def messages_finished(session: Session, keys: list[str]) -> None:
+def message_finished(session: Session, *keys: str) -> None:
+    """The deliveries of these messages finished: their rows go (one statement however many)."""
     fitted = [fitted_key(key, MAX_KEY_CHARS) for key in keys]
     if fitted:
         session.execute(sa.delete(MessageAttempt).where(MessageAttempt.task_id.in_(fitted)))

@@ -84,10 +84,11 @@ def dialect_insert(session: Session, model: type[Base]) -> postgresql.Insert | s
 # parameters (one row, or many in one round trip: SQLAlchemy's insertmanyvalues); building a
 # statement with the rows inside, and its cache key, cost more than running it.
 @functools.cache
-def _ignoring(dialect: str, table: sa.Table, *, returning: bool = True) -> sa.Insert:
+def _ignoring(dialect: str, table: sa.Table, returning: tuple[str, ...] | None) -> sa.Insert:
+    """INSERT … ON CONFLICT DO NOTHING, RETURNING the named columns (None: nothing)."""
     insert = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
     ignoring = insert.on_conflict_do_nothing()
-    return ignoring.returning(*table.primary_key.columns) if returning else ignoring
+    return ignoring.returning(*(table.c[name] for name in returning)) if returning else ignoring
 
 
 @functools.cache
@@ -97,6 +98,11 @@ def _adding(dialect: str, table: sa.Table, column: str) -> sa.Insert:
         index_elements=list(table.primary_key.columns),
         set_={column: table.c[column] + insert.excluded[column]},
     )
+
+
+@functools.cache
+def _primary_key(model: type[Base]) -> tuple[str, ...]:
+    return tuple(column.name for column in _table(model).primary_key.columns)
 
 
 def _table(model: type[Base]) -> sa.Table:
@@ -110,15 +116,25 @@ def insert_ignore(session: Session, model: type[Base], rows: dict[str, Any] | li
     if not rows:
         return 0
     # rowcount is not reliable here (psycopg reports -1), so count the RETURNING rows.
-    stmt = _ignoring(session.get_bind().dialect.name, _table(model))
+    stmt = _ignoring(session.get_bind().dialect.name, _table(model), _primary_key(model))
     return len(session.execute(stmt, rows).all())
+
+
+def inserted_keys(
+    session: Session, model: type[Base], rows: list[dict[str, Any]], key: tuple[str, ...]
+) -> set[tuple[Any, ...]]:
+    """insert_ignore of `rows` in one round trip; the `key` columns of the rows that went in."""
+    if not rows:
+        return set()
+    stmt = _ignoring(session.get_bind().dialect.name, _table(model), key)
+    return {tuple(row) for row in session.execute(stmt, rows)}
 
 
 def insert_ignore_all(session: Session, model: type[Base], rows: list[dict[str, Any]]) -> None:
     """insert_ignore without counting: the driver's executemany (one statement text however many
     rows, so the driver parses it once)."""
     if rows:
-        session.execute(_ignoring(session.get_bind().dialect.name, _table(model), returning=False), rows)
+        session.execute(_ignoring(session.get_bind().dialect.name, _table(model), None), rows)
 
 
 def insert_or_add(session: Session, model: type[Base], rows: list[dict[str, Any]], *, column: str) -> None:

@@ -122,13 +122,8 @@ class EdgeStore(EdgeCollections):
         dimensions: int,
     ) -> bool:
         """Write version `version`; False if a newer version or a delete supersedes it."""
-        check_dimensions(chunks, dimensions)
-        if _depth(meta) > MAX_META_DEPTH:
-            raise StoreRejected(f"edge write_document: metadata nests deeper than {MAX_META_DEPTH} levels")
-        self.ensure_collection(collection, dimensions, sparse=any(c.sparse for c in chunks))
-        stamp = {"model": model, "dimensions": dimensions, "meta": meta}
-        with translated("write_document", rejecting=True):  # a payload Edge cannot take
-            points = self._points(collection, tenant, doc_id, version, chunks, stamp)
+        doc = DocWrite(tenant, doc_id, version, chunks, meta)
+        (points,) = self._prepared("write_document", collection, [doc], model=model, dimensions=dimensions)
         with self._lock:
             try:
                 with translated("write_document", rejecting=True):
@@ -146,15 +141,28 @@ class EdgeStore(EdgeCollections):
         guard (a point id belongs to one document, so the disjunction is exact), the older points
         in one delete, the post-checks in one retrieve. Raises on the first document it refuses
         (nothing is left of the lot's new points); the caller then writes one by one."""
+        points = self._prepared("write_documents", collection, docs, model=model, dimensions=dimensions)
+        with self._lock:
+            try:
+                with translated("write_documents", rejecting=True):
+                    return self._write_many(collection, docs, points)
+            except StoreRejected:
+                for doc in docs:
+                    self._discard(collection, doc.tenant, doc.doc_id, doc.version)
+                raise
+
+    def _prepared(
+        self, action: str, collection: str, docs: list[DocWrite], *, model: str, dimensions: int
+    ) -> list[list[qe.Point]]:
+        """Each document's points, after the checks Edge would not make (sizes, metadata depth)
+        and with its collection there."""
         for doc in docs:
             check_dimensions(doc.chunks, dimensions)
             if _depth(doc.meta) > MAX_META_DEPTH:
-                raise StoreRejected(
-                    f"edge write_documents: metadata nests deeper than {MAX_META_DEPTH} levels"
-                )
+                raise StoreRejected(f"edge {action}: metadata nests deeper than {MAX_META_DEPTH} levels")
         self.ensure_collection(collection, dimensions, sparse=any(c.sparse for d in docs for c in d.chunks))
-        with translated("write_documents", rejecting=True):
-            points = [
+        with translated(action, rejecting=True):  # a payload Edge cannot take
+            return [
                 self._points(
                     collection,
                     d.tenant,
@@ -165,14 +173,6 @@ class EdgeStore(EdgeCollections):
                 )
                 for d in docs
             ]
-        with self._lock:
-            try:
-                with translated("write_documents", rejecting=True):
-                    return self._write_many(collection, docs, points)
-            except StoreRejected:
-                for doc in docs:
-                    self._discard(collection, doc.tenant, doc.doc_id, doc.version)
-                raise
 
     def _write_many(self, collection: str, docs: list[DocWrite], points: list[list[qe.Point]]) -> list[bool]:
         name = self._name(collection)
