@@ -1,14 +1,17 @@
-"""What a cycle did (Cycle), and what becomes of a document it could not finish: retried after a
-backoff, or given up on (dead), each in its own transaction."""
+"""What a cycle works on (Work), what it did (Cycle), and what becomes of a document it could
+not finish: retried after a backoff, or given up on (dead), each in its own transaction."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, field
 
+from worker import chunking
 from worker.errors import GiveUp, SidecarError
+from worker.holdback import HeldBack
 from worker.runtime import Runtime
-from worker.sql import documents
+from worker.sql import cache, documents
 
 log = logging.getLogger("worker.pipeline")  # these lines were the pipeline's, and keep its name
 
@@ -27,6 +30,23 @@ class Cycle:
     dead: int = 0
     idle: bool = False
     paused: str | None = None  # why embedding is paused for every process
+
+
+@dataclass
+class Work:
+    """Upserts of this cycle, their chunks and who needs which vector."""
+
+    docs: list[documents.Claimed]
+    held: HeldBack
+    probing: bool = False  # a provider pause expired: the first success clears it
+    chunks: dict[int, list[chunking.Chunk]] = field(default_factory=dict)
+    keys: dict[int, list[str]] = field(default_factory=dict)
+    users: dict[str, list[tuple[documents.Claimed, chunking.Chunk]]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
+    vectors: dict[str, cache.Embedded] = field(default_factory=dict)
+    cached: set[str] = field(default_factory=set)  # keys paid for before this cycle
+    errors: dict[int, SidecarError] = field(default_factory=dict)
 
 
 def failed(rt: Runtime, doc: documents.Claimed, error: SidecarError, cycle: Cycle) -> None:

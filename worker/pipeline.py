@@ -2,7 +2,8 @@
 
     claim documents (lease) → deletes: remove points
     upserts: chunk → look up paid-for vectors → plan batches of ≤ max rows
-    → for each batch: limiter.reserve → ledger intent → embed → ledger result + cache
+    → batches in waves of up to `request_concurrency` calls at once (worker/calls.py): permits →
+      ledger intents → the calls → ledger results + cache
     → Qdrant write (version guard, stale chunks removed) → document indexed
 
 Under a backlog (a full claim) only full batches go out; the rows of a partial batch wait
@@ -13,17 +14,16 @@ been held back for `batch_max_delay_s`. Without a backlog a partial batch goes a
 from __future__ import annotations
 
 import logging
-import time
-import uuid
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
 
 from worker import batching, chunking, telemetry
+from worker.calls import embed_batches
+from worker.calls import record_failure as record_failure  # worker/search.py closes its calls' rows
 from worker.cycle import Cycle as Cycle  # what run_cycle returns
-from worker.cycle import failed, give_up, retry
-from worker.errors import GiveUp, RetryLater, SidecarError, StoreConflict
+from worker.cycle import Work, failed, give_up, retry
+from worker.errors import RetryLater, SidecarError, StoreConflict
 from worker.holdback import HeldBack as HeldBack  # the embedding loop keeps one (worker/service.py)
-from worker.ledger import calls, counters
+from worker.ledger import counters
 from worker.reembed import control, routes
 from worker.runtime import Runtime
 from worker.sql import cache, documents, pauses, settle
@@ -31,23 +31,6 @@ from worker.sql.models import ProviderPause, utcnow
 from worker.vectorstore.base import ChunkVector, DocWrite, write_many
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class _Work:
-    """Upserts of this cycle, their chunks and who needs which vector."""
-
-    docs: list[documents.Claimed]
-    held: HeldBack
-    probing: bool = False  # a provider pause expired: the first success clears it
-    chunks: dict[int, list[chunking.Chunk]] = field(default_factory=dict)
-    keys: dict[int, list[str]] = field(default_factory=dict)
-    users: dict[str, list[tuple[documents.Claimed, chunking.Chunk]]] = field(
-        default_factory=lambda: defaultdict(list)
-    )
-    vectors: dict[str, cache.Embedded] = field(default_factory=dict)
-    cached: set[str] = field(default_factory=set)  # keys paid for before this cycle
-    errors: dict[int, SidecarError] = field(default_factory=dict)
 
 
 def run_cycle(rt: Runtime, held: HeldBack | None = None) -> Cycle:
@@ -74,7 +57,7 @@ def _work_on(rt: Runtime, docs: list[documents.Claimed], held: HeldBack | None, 
     limit = rt.settings.claim_docs
     control.step(rt)  # re-embeds under way: one step each (worker/reembed/control.py)
     if held is not None:
-        held.noted(len(docs), full=rt.spec.max_rows)
+        held.noted(len(docs), full=rt.settings.claim_docs // 2)
     if not docs:
         return Cycle(idle=True)
     rt, docs = routes.for_cycle(rt, docs)  # this cycle's model; each collection's physical collection
@@ -89,7 +72,7 @@ def _work_on(rt: Runtime, docs: list[documents.Claimed], held: HeldBack | None, 
             live.append(doc)
     if not live:
         return cycle
-    work = _Work(docs=live, held=held or HeldBack(), probing=probing)
+    work = Work(docs=live, held=held or HeldBack(), probing=probing)
     plan_chunks(rt, work)
     rows = missing_rows(rt, work)
     batches = batching.plan_batches(
@@ -104,18 +87,6 @@ def _work_on(rt: Runtime, docs: list[documents.Claimed], held: HeldBack | None, 
     embed_batches(rt, work, full, cycle)
     finish(rt, work, cycle)
     return cycle
-
-
-def embed_batches(rt: Runtime, work: _Work, batches: list[list[batching.Row]], cycle: Cycle) -> None:
-    """Embed batch after batch, renewing the leases in a long cycle; stop when asked to back off."""
-    renewed = time.monotonic()
-    for batch in batches:
-        if time.monotonic() - renewed > rt.settings.lease_s / 3:  # a long cycle keeps its leases
-            with rt.sessions.begin() as session:
-                documents.renew(session, work.docs, owner=rt.owner, lease_s=rt.settings.lease_s)
-            renewed = time.monotonic()
-        if not embed_rows(rt, work, batch, cycle):
-            return  # the provider asked us to back off: leave the rest for later
 
 
 def apply_delete(rt: Runtime, doc: documents.Claimed, cycle: Cycle) -> None:
@@ -140,7 +111,7 @@ def ensure_collection(rt: Runtime, collection: str) -> None:
     routes.ensure_collection(rt, collection)  # its physical collection and alias (worker/reembed/)
 
 
-def plan_chunks(rt: Runtime, work: _Work) -> None:
+def plan_chunks(rt: Runtime, work: Work) -> None:
     for doc in work.docs:
         chunks = chunking.split_text(
             doc.text or "", max_tokens=rt.chunk_max_tokens, overlap_tokens=rt.settings.chunk_overlap_tokens
@@ -152,7 +123,7 @@ def plan_chunks(rt: Runtime, work: _Work) -> None:
             work.users[key].append((doc, chunk))
 
 
-def missing_rows(rt: Runtime, work: _Work) -> list[batching.Row]:
+def missing_rows(rt: Runtime, work: Work) -> list[batching.Row]:
     """Rows still to embed: chunks whose vectors were never paid for, each text once."""
     with rt.sessions.begin() as session:
         work.vectors.update(cache.get_many(session, work.users))
@@ -165,7 +136,7 @@ def missing_rows(rt: Runtime, work: _Work) -> list[batching.Row]:
     return rows
 
 
-def _saved_tokens(work: _Work, doc: documents.Claimed) -> int:
+def _saved_tokens(work: Work, doc: documents.Claimed) -> int:
     """Tokens of this document not sent: chunks paid for before, or shared with another
     document of this cycle that carried them."""
     return sum(
@@ -175,117 +146,7 @@ def _saved_tokens(work: _Work, doc: documents.Claimed) -> int:
     )
 
 
-def embed_rows(rt: Runtime, work: _Work, rows: list[batching.Row], cycle: Cycle) -> bool:
-    """Embed one batch; False when the provider or the limiter asks everyone to wait."""
-    try:
-        work.vectors.update(call_provider(rt, work, rows, cycle))
-        return True
-    except (RetryLater, GiveUp) as exc:
-        if exc.narrow and len(rows) > 1:  # one row spoils the batch: narrow it down to that row
-            half = len(rows) // 2
-            return embed_rows(rt, work, rows[:half], cycle) and embed_rows(rt, work, rows[half:], cycle)
-        if exc.narrow:
-            for doc, _chunk in work.users[rows[0].key]:
-                work.errors[doc.id] = exc
-            return True
-        for row in rows:
-            for doc, _chunk in work.users[row.key]:
-                work.errors.setdefault(doc.id, exc)
-        return False
-
-
-def call_provider(
-    rt: Runtime, work: _Work, rows: list[batching.Row], cycle: Cycle
-) -> dict[str, cache.Embedded]:
-    est_tokens = sum(row.tokens for row in rows)
-    permit = rt.limiter.acquire(est_tokens, timeout_s=rt.settings.lease_s / 4)
-    try:
-        request_id = open_request(rt, work, rows, est_tokens)
-    except RetryLater:  # held back by a budget cap: the slot was not used
-        rt.limiter.settle(permit, 0)
-        raise
-    cycle.requests += 1
-    rt.faults.reach("before_call")
-    try:
-        result = telemetry.embedded(rt.embedder, [row.text for row in rows], est_tokens, request_id)
-    except SidecarError as exc:
-        rt.limiter.settle(permit, 0)
-        if exc.call is not None and exc.call.http_status == 429:
-            rt.limiter.throttled(getattr(exc, "retry_after_s", None), permit=permit)
-        record_failure(rt, request_id, est_tokens, exc)
-        log.warning("embed.failed id=%s rows=%d error=%s", request_id, len(rows), type(exc).__name__)
-        raise
-    rt.faults.reach("after_call")
-    rt.limiter.settle(permit, result.billed_tokens)
-    sparse: list[dict[int, float] | None] = [*result.sparse] if result.sparse else [None] * len(rows)
-    vectors = {
-        row.key: cache.Embedded(vector, weights)
-        for row, vector, weights in zip(rows, result.vectors, sparse, strict=True)
-    }
-    with rt.sessions.begin() as session:
-        calls.record_success(session, request_id, result, rt.spec.cost_nano_cny(result.billed_tokens))
-        cache.put_many(
-            session,
-            vectors,
-            model=rt.embedder.model,
-            dimensions=rt.embedder.dimensions,
-            request_id=request_id,
-        )
-        if work.probing:
-            pauses.clear(session)
-            work.probing = False
-    rt.faults.reach("after_ledger")
-    cycle.rows += len(rows)
-    log.info(
-        "embed.done request_id=%s rows=%d tokens=%d ms=%.0f",
-        result.request_id,
-        len(rows),
-        result.billed_tokens,
-        result.latency_ms,
-    )
-    return vectors
-
-
-def open_request(rt: Runtime, work: _Work, rows: list[batching.Row], est_tokens: int) -> str:
-    """Write the ledger's intent row (after the budget check, in its transaction: no joint
-    overshoot of a cap); returns our request id."""
-    request_id = str(uuid.uuid4())
-    users = [user for row in rows for user in work.users[row.key]]
-    with rt.sessions.begin() as session:
-        if rt.budget_check is not None:
-            rt.budget_check(session, {doc.collection for doc, _chunk in users}, est_tokens)
-        calls.open_request(
-            session,
-            request_id=request_id,
-            model=rt.embedder.model,
-            dimensions=rt.embedder.dimensions,
-            api=rt.embedder.api,
-            rows=len(rows),
-            est_tokens=est_tokens,
-            items=[calls.ItemRef(d.id, d.version, c.index, c.content_hash, c.tokens) for d, c in users],
-            attempt=max(doc.attempts for doc, _ in work.users[rows[0].key]),
-            key_fingerprint=rt.settings.key_fingerprint(),
-            worker=rt.owner,
-        )
-    return request_id
-
-
-def record_failure(rt: Runtime, request_id: str, est_tokens: int, exc: SidecarError) -> None:
-    """Close the ledger row of a failed call: at its estimate when the provider may have billed
-    it; an account error also pauses every process's calls."""
-    with rt.sessions.begin() as session:
-        calls.record_failure(
-            session,
-            request_id,
-            exc.call,
-            message=str(exc),
-            unknown_cost_nano=rt.spec.cost_nano_cny(est_tokens) if exc.maybe_charged else None,
-        )
-        if exc.pauses_everyone:
-            pauses.pause(session, f"provider account error: {exc}", for_s=rt.settings.account_pause_s)
-
-
-def finish(rt: Runtime, work: _Work, cycle: Cycle) -> None:
+def finish(rt: Runtime, work: Work, cycle: Cycle) -> None:
     """Write every document whose vectors are all there, then mark them indexed in one statement
     (hand back those waiting for a fuller batch in another); the rest fail."""
     waiting, ready = [], []
@@ -311,7 +172,7 @@ def finish(rt: Runtime, work: _Work, cycle: Cycle) -> None:
 
 
 def write_documents(
-    rt: Runtime, work: _Work, docs: list[documents.Claimed], cycle: Cycle
+    rt: Runtime, work: Work, docs: list[documents.Claimed], cycle: Cycle
 ) -> list[documents.Claimed]:
     """Write the documents' points, each collection's in one store call (`write_many`); returns
     those written. Should that call fail, they are written one by one, so that only the
@@ -347,7 +208,7 @@ def write_documents(
     return written
 
 
-def _doc_write(work: _Work, doc: documents.Claimed) -> DocWrite:
+def _doc_write(work: Work, doc: documents.Claimed) -> DocWrite:
     chunks = [
         ChunkVector(
             chunk.index, chunk.text, chunk.content_hash, work.vectors[key].vector, work.vectors[key].sparse
@@ -357,7 +218,7 @@ def _doc_write(work: _Work, doc: documents.Claimed) -> DocWrite:
     return DocWrite(doc.tenant, doc.doc_id, doc.version, chunks, doc.meta or {})
 
 
-def write_document(rt: Runtime, work: _Work, doc: documents.Claimed, cycle: Cycle) -> bool:
+def write_document(rt: Runtime, work: Work, doc: documents.Claimed, cycle: Cycle) -> bool:
     """Write one document's points (True when written); a refusal gives up on this document only."""
     one = _doc_write(work, doc)
     try:
@@ -390,6 +251,6 @@ def write_document(rt: Runtime, work: _Work, doc: documents.Claimed, cycle: Cycl
     return True
 
 
-def _held_s(work: _Work, rows: list[batching.Row]) -> float:
+def _held_s(work: Work, rows: list[batching.Row]) -> float:
     """How long these rows have been held back waiting for a full batch (0 the first time)."""
     return work.held.waited_s([doc.id for row in rows for doc, _ in work.users[row.key]])

@@ -9,9 +9,10 @@ import os
 import socket
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -59,6 +60,32 @@ class Faults:
             raise error
 
 
+T = TypeVar("T")
+
+
+class CallPool:
+    """Threads that carry a cycle's provider calls beyond the one on its own thread
+    (worker/pipeline.py, `request_concurrency`); shared by a process's embedding loops, started
+    on first use, a thread at a time as calls need them."""
+
+    MAX_THREADS = 32
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Callable[..., T], /, *args: Any) -> Future[T]:
+        if self._pool is None:
+            with self._lock:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(self.MAX_THREADS, thread_name_prefix="sidecar-call")
+        return self._pool.submit(fn, *args)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+
 @dataclass(slots=True)
 class Runtime:
     """One process's parts, built once by `build_runtime` and shared by its threads."""
@@ -78,6 +105,8 @@ class Runtime:
     faults: Faults = field(default_factory=Faults)
     # Messages that concurrent ingest tasks record at once share a transaction (worker/intake.py).
     intake: GroupCommit[Any, Any] = field(default_factory=GroupCommit)
+    # A cycle's concurrent provider calls (worker/pipeline.py).
+    calls: CallPool = field(default_factory=CallPool)
     # Runtimes of other models and the collection routes, built on first use (worker/reembed/);
     # shared by every runtime derived from this one.
     variants: dict[Any, Any] = field(default_factory=dict)
@@ -94,6 +123,7 @@ class Runtime:
 
     def close(self) -> None:
         """Close every part, even when one of them fails to (the store unlocks its files)."""
+        self.calls.close()
         try:
             for variant in list(self.variants.values()):  # other models' embedders
                 if isinstance(variant, Runtime) and variant.embedder is not self.embedder:

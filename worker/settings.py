@@ -60,6 +60,7 @@ class Settings(BaseSettings):
     chunk_overlap_tokens: int = 64
 
     claim_docs: int = 64  # documents claimed per cycle
+    request_concurrency: int = Field(default=4, ge=1, le=32)  # provider calls a cycle keeps in flight
     lease_s: float = 120.0
     batch_max_delay_s: float = 1.0  # a lone event waits at most this long for company
     poll_interval_s: float = 0.1

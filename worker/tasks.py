@@ -22,7 +22,6 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import Celery, signals
-from kombu.transport import sqlalchemy as sqla_transport
 
 from worker import logs, telemetry, tokens
 from worker.events import escape_unstorable
@@ -36,7 +35,6 @@ log = logging.getLogger(__name__)
 
 MAX_RAW_CHARS = 4096
 EMBEDDED_PREFIX = "sqla+sqlite:"  # the embedded default broker: an SQLite file
-EMBEDDED_BROKER_POLL_S = 0.1  # how often the consumer polls it (a query on a local file)
 Work = Callable[[Runtime, str | None], dict[str, int]]
 
 _settings: Settings | None = None  # given to create_celery by the process's entry point
@@ -126,21 +124,13 @@ def create_celery(settings: Settings) -> Celery:
 
 
 def _celery_app(broker: str) -> Celery:
-    """The app on `broker`; the embedded SQLite broker through EmbeddedBrokerTransport (a URL's
+    """The app on `broker`; the embedded SQLite broker through worker/embedded_broker.py (a URL's
     `sqla+` prefix would pick kombu's own transport whatever the app's `broker_transport`)."""
     if broker.startswith(EMBEDDED_PREFIX):
         app = Celery("sidecar", broker=broker.removeprefix("sqla+"), set_as_current=False)
-        app.conf.broker_transport = "worker.tasks:EmbeddedBrokerTransport"
+        app.conf.broker_transport = "worker.embedded_broker:Transport"
         return app
     return Celery("sidecar", broker=broker, set_as_current=False)
-
-
-class EmbeddedBrokerTransport(sqla_transport.Transport):
-    """kombu's SQLAlchemy transport polling every EMBEDDED_BROKER_POLL_S instead of every second
-    (the bulk of a lone event's publish-to-indexed time); its transport options all go to
-    `create_engine`, so the interval cannot be one of them."""
-
-    polling_interval = EMBEDDED_BROKER_POLL_S
 
 
 def _transport_options(settings: Settings, redis_broker: bool) -> dict[str, Any]:

@@ -1,0 +1,133 @@
+"""The embedded default's broker: kombu's SQLAlchemy transport on an SQLite file, made to lose
+nothing when its worker is killed, and to keep no acknowledged message.
+
+kombu's transport marks a message it hands out invisible and never looks at it again: its acks
+live in the consumer's memory, so the messages a killed worker held stay invisible for ever
+(lost), and acknowledged ones are never deleted (the file only grows). Here:
+
+- an acknowledged message's row is deleted (a rejected or shut-down one's too, once kombu has
+  put it back as a new row);
+- the first time a process consumes a queue, the rows an earlier consumer took and never
+  acknowledged are made visible again: delivered twice, never lost (the ingest tasks are
+  idempotent). That assumes one consuming process per file, which the embedded default is
+  (Qdrant Edge admits one process);
+- rows that kombu's own transport left invisible before this one (acknowledged or lost: nobody
+  can tell) are deleted once, the first time, and table `sidecar_broker_state` remembers it.
+  Made visible they would run every message ever sent again.
+
+The consumer polls every POLL_S instead of kombu's second (the bulk of a lone event's
+publish-to-indexed time); kombu gives all transport options to `create_engine`, so the interval
+is a class attribute.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import sqlalchemy as sa
+from kombu.transport import sqlalchemy as kombu_sqla
+from kombu.transport.virtual import Empty
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import loads
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.1  # how often the consumer polls the file (a query on a local file)
+STATE_TABLE = "sidecar_broker_state"
+DELETES_ACKED = "deletes-acked-rows"  # the marker: this file's invisible rows are in flight
+
+_restored: set[tuple[str, str]] = set()  # (file, queue) this process has consumed already
+_restored_lock = threading.Lock()
+
+
+class Channel(kombu_sqla.Channel):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._rows: dict[str, int] = {}  # delivery tag -> its row, until acknowledged
+
+    def _get(self, queue: str, timeout: Any = None) -> dict[str, Any]:
+        """kombu's `_get`, remembering the row of the message handed out."""
+        self._restore_once(queue)
+        found = self._get_or_create(queue)
+        message = self.message_cls
+        if self.session.bind.name == "sqlite":
+            self.session.execute(sa.text("BEGIN IMMEDIATE TRANSACTION"))
+        try:
+            row = (
+                self.session.query(message)
+                .with_for_update()
+                .filter(message.queue_id == found.id, message.visible != False)  # noqa: E712
+                .order_by(message.sent_at, message.id)
+                .limit(1)
+                .first()
+            )
+            if row is None:
+                raise Empty()
+            row.visible = False
+            payload: dict[str, Any] = loads(bytes_to_str(row.payload))
+            tag = payload.get("properties", {}).get("delivery_tag") if isinstance(payload, dict) else None
+            if isinstance(tag, str):
+                self._rows[tag] = row.id
+            return payload
+        finally:
+            self.session.commit()
+
+    def basic_ack(self, delivery_tag: str, multiple: bool = False) -> None:
+        super().basic_ack(delivery_tag, multiple=multiple)
+        self._forget(delivery_tag)
+
+    def basic_reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        super().basic_reject(delivery_tag, requeue=requeue)  # requeued: kombu put a new row
+        self._forget(delivery_tag)
+
+    def _restore(self, message: Any) -> None:
+        super()._restore(message)  # a new row (an unacknowledged message at shutdown)
+        self._forget(message.delivery_tag)
+
+    def _forget(self, delivery_tag: str) -> None:
+        row = self._rows.pop(delivery_tag, None)
+        if row is None:
+            return
+        table = self.message_cls.__table__
+        with self._open()[0].begin() as conn:
+            conn.execute(sa.delete(table).where(table.c.id == row))
+
+    def _restore_once(self, queue: str) -> None:
+        """Make the rows an earlier consumer of `queue` never acknowledged visible again (and, the
+        first time on this file, delete the rows kombu's own transport left)."""
+        key = (str(self.connection.client.hostname), queue)
+        if key in _restored:
+            return
+        with _restored_lock:
+            if key in _restored:
+                return
+            messages, queues = self.message_cls.__table__, self.queue_cls.__table__
+            with self._open()[0].begin() as conn:
+                conn.execute(
+                    sa.text(f"CREATE TABLE IF NOT EXISTS {STATE_TABLE} (name VARCHAR(64) PRIMARY KEY)")
+                )
+                marker = {"name": DELETES_ACKED}
+                marked = conn.execute(
+                    sa.text(f"SELECT 1 FROM {STATE_TABLE} WHERE name = :name"), marker
+                ).first()
+                if marked is None:
+                    gone = conn.execute(sa.delete(messages).where(messages.c.visible == False)).rowcount  # noqa: E712
+                    conn.execute(sa.text(f"INSERT INTO {STATE_TABLE} (name) VALUES (:name)"), marker)
+                    if gone:
+                        log.warning("broker.legacy_rows_deleted rows=%d (left invisible by kombu)", gone)
+                queue_id = sa.select(queues.c.id).where(queues.c.name == queue).scalar_subquery()
+                back = conn.execute(
+                    sa.update(messages)
+                    .where(messages.c.visible == False, messages.c.queue_id == queue_id)  # noqa: E712
+                    .values(visible=True)
+                ).rowcount
+            if back:
+                log.warning("broker.restored messages=%d (taken by a consumer that stopped)", back)
+            _restored.add(key)
+
+
+class Transport(kombu_sqla.Transport):
+    Channel = Channel
+    polling_interval = POLL_S
