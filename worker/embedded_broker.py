@@ -8,7 +8,9 @@ live in the consumer's memory, so the messages a killed worker held stay invisib
 - an acknowledged message's row is deleted (a rejected or shut-down one's too, once kombu has
   put it back as a new row);
 - the first time a process consumes a queue, the rows an earlier consumer took and never
-  acknowledged are made visible again: delivered twice, never lost (the ingest tasks are
+  acknowledged are made visible again and delivered marked `redelivered`, as kombu's Redis
+  transport marks what it restores (so a message that kills the worker each time is counted and
+  dead-lettered, worker/tasks.py): delivered twice, never lost (the ingest tasks are
   idempotent). That assumes one consuming process per file, which the embedded default is
   (Qdrant Edge admits one process);
 - rows that kombu's own transport left invisible before this one (acknowledged or lost: nobody
@@ -39,6 +41,7 @@ STATE_TABLE = "sidecar_broker_state"
 DELETES_ACKED = "deletes-acked-rows"  # the marker: this file's invisible rows are in flight
 
 _restored: set[tuple[str, str]] = set()  # (file, queue) this process has consumed already
+_redelivered: set[tuple[str, int]] = set()  # (file, row) made visible again, until delivered
 _restored_lock = threading.Lock()
 
 
@@ -67,12 +70,20 @@ class Channel(kombu_sqla.Channel):
                 raise Empty()
             row.visible = False
             payload: dict[str, Any] = loads(bytes_to_str(row.payload))
-            tag = payload.get("properties", {}).get("delivery_tag") if isinstance(payload, dict) else None
-            if isinstance(tag, str):
-                self._rows[tag] = row.id
+            properties = payload.get("properties") if isinstance(payload, dict) else None
+            if isinstance(properties, dict):
+                if isinstance(properties.get("delivery_tag"), str):
+                    self._rows[properties["delivery_tag"]] = row.id
+                if (self._file, row.id) in _redelivered and isinstance(properties.get("delivery_info"), dict):
+                    _redelivered.discard((self._file, row.id))
+                    properties["delivery_info"]["redelivered"] = True
             return payload
         finally:
             self.session.commit()
+
+    @property
+    def _file(self) -> str:
+        return str(self.connection.client.hostname)
 
     def basic_ack(self, delivery_tag: str, multiple: bool = False) -> None:
         super().basic_ack(delivery_tag, multiple=multiple)
@@ -97,7 +108,7 @@ class Channel(kombu_sqla.Channel):
     def _restore_once(self, queue: str) -> None:
         """Make the rows an earlier consumer of `queue` never acknowledged visible again (and, the
         first time on this file, delete the rows kombu's own transport left)."""
-        key = (str(self.connection.client.hostname), queue)
+        key = (self._file, queue)
         if key in _restored:
             return
         with _restored_lock:
@@ -118,13 +129,12 @@ class Channel(kombu_sqla.Channel):
                     if gone:
                         log.warning("broker.legacy_rows_deleted rows=%d (left invisible by kombu)", gone)
                 queue_id = sa.select(queues.c.id).where(queues.c.name == queue).scalar_subquery()
-                back = conn.execute(
-                    sa.update(messages)
-                    .where(messages.c.visible == False, messages.c.queue_id == queue_id)  # noqa: E712
-                    .values(visible=True)
-                ).rowcount
+                taken = messages.c.visible == False, messages.c.queue_id == queue_id  # noqa: E712
+                back = conn.execute(sa.select(messages.c.id).where(*taken)).scalars().all()
+                conn.execute(sa.update(messages).where(*taken).values(visible=True))
+            _redelivered.update((self._file, row) for row in back)
             if back:
-                log.warning("broker.restored messages=%d (taken by a consumer that stopped)", back)
+                log.warning("broker.restored messages=%d (taken by a consumer that stopped)", len(back))
             _restored.add(key)
 
 

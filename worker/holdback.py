@@ -15,7 +15,7 @@ class HeldBack:
 
     def __init__(self) -> None:
         self._since: dict[int, float] = {}
-        self._small = 0  # consecutive cycles that had work, but less than one full request
+        self._small = 0  # consecutive cycles that had work, but less than `full` documents
 
     def noted(self, claimed: int, *, full: int) -> None:
         """Count this cycle: small (some documents, fewer than `full`), or not (idle, or a backlog)."""

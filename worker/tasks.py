@@ -192,6 +192,8 @@ def _run(task: Any, work: Work) -> dict[str, int]:
         if key is not None and redelivered(task):  # a retry (same id) counts its deliveries afresh
             with rt.sessions.begin() as session:
                 started = attempts.message_started(session, key, first=2)
+        else:  # no attempt row to end
+            key = None
         if started > settings.max_attempts:
             reason = (
                 f"the message was delivered {started} times and never finished "
@@ -210,8 +212,7 @@ def redelivered(task: Any) -> bool:
     """Whether the broker delivered this message before without an ack: a worker died holding it
     (kombu's Redis transport marks what its visibility timeout restores). Only such a delivery
     writes an attempt row before its work: a first delivery that kills the worker comes back
-    marked, and counts as its second. (The embedded SQLite broker never delivers a message
-    twice, so it writes none.)"""
+    marked, and counts as its second (so does the embedded SQLite broker's, worker/embedded_broker.py)."""
     info = getattr(task.request, "delivery_info", None)
     return isinstance(info, dict) and bool(info.get("redelivered"))
 
