@@ -146,3 +146,32 @@ def test_a_worker_killed_holding_messages_loses_none_on_the_embedded_broker(tmp_
         )
     finally:
         worker.stop()
+
+
+@pytest.mark.parametrize("payload", ["not json \x01", '{"body": 1}', "[1, 2]", '{"properties": {}}'])
+def test_a_row_that_is_no_kombu_message_is_handed_over_as_undeliverable_then_deleted(tmp_path, payload):
+    path = tmp_path / "broker.sqlite"
+    url = f"sqlite:///{path}"
+    with Connection(url, transport=Transport) as conn:
+        conn.SimpleQueue("q").put({"n": 1})
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:  # a producer writing rows by hand
+        conn.execute(
+            sa.text(
+                "INSERT INTO kombu_message (visible, timestamp, payload, version, queue_id) "
+                "SELECT 1, NULL, :payload, 1, id FROM kombu_queue WHERE name = 'q'"
+            ),
+            {"payload": payload},
+        )
+    engine.dispose()
+    with Connection(url, transport=Transport) as conn:
+        queue = conn.SimpleQueue("q")
+        taken = [queue.get(timeout=5), queue.get(timeout=5)]
+        for message in taken:
+            message.ack()
+    good, bad = taken  # in the order they were written
+    assert good.payload == {"n": 1}
+    assert bad.headers["task"] == "sidecar.undeliverable"
+    (argument,), _kwargs, _options = bad.decode()
+    assert argument["queue"] == "q" and argument["reason"]
+    assert visible(path) == []

@@ -13,6 +13,9 @@ live in the consumer's memory, so the messages a killed worker held stay invisib
   dead-lettered, worker/tasks.py): delivered twice, never lost (the ingest tasks are
   idempotent). That assumes one consuming process per file, which the embedded default is
   (Qdrant Edge admits one process);
+- a row that is not a kombu message (a producer wrote it by hand: not JSON, another shape) is
+  handed to the worker as task `sidecar.undeliverable`, which records it as a rejection, and is
+  then deleted, as on Redis (worker/broker.py);
 - rows that kombu's own transport left invisible before this one (acknowledged or lost: nobody
   can tell) are deleted once, the first time, and table `sidecar_broker_state` remembers it.
   Made visible they would run every message ever sent again.
@@ -31,8 +34,8 @@ from typing import Any
 import sqlalchemy as sa
 from kombu.transport import sqlalchemy as kombu_sqla
 from kombu.transport.virtual import Empty
-from kombu.utils.encoding import bytes_to_str
-from kombu.utils.json import loads
+
+from worker.broker import decode_entry, undeliverable_message
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +72,18 @@ class Channel(kombu_sqla.Channel):
             if row is None:
                 raise Empty()
             row.visible = False
-            payload: dict[str, Any] = loads(bytes_to_str(row.payload))
-            properties = payload.get("properties") if isinstance(payload, dict) else None
-            if isinstance(properties, dict):
-                if isinstance(properties.get("delivery_tag"), str):
-                    self._rows[properties["delivery_tag"]] = row.id
-                if (self._file, row.id) in _redelivered and isinstance(properties.get("delivery_info"), dict):
-                    _redelivered.discard((self._file, row.id))
-                    properties["delivery_info"]["redelivered"] = True
+            raw = (
+                row.payload if isinstance(row.payload, bytes) else str(row.payload).encode("utf-8", "replace")
+            )
+            payload, reason = decode_entry(raw)
+            if payload is None:  # task sidecar.undeliverable records it; its ack deletes the row
+                log.warning("broker.undeliverable queue=%s bytes=%d reason=%s", queue, len(raw), reason)
+                payload = undeliverable_message(queue, raw, reason)
+            properties = payload["properties"]
+            self._rows[properties["delivery_tag"]] = row.id
+            if (self._file, row.id) in _redelivered:
+                _redelivered.discard((self._file, row.id))
+                properties["delivery_info"]["redelivered"] = True
             return payload
         finally:
             self.session.commit()
