@@ -46,6 +46,20 @@ DELETES_ACKED = "deletes-acked-rows"  # the marker: this file's invisible rows a
 _restored: set[tuple[str, str]] = set()  # (file, queue) this process has consumed already
 _redelivered: set[tuple[str, int]] = set()  # (file, row) made visible again, until delivered
 _restored_lock = threading.Lock()
+_engines: dict[str, sa.Engine] = {}
+_engines_lock = threading.Lock()
+
+
+def _bookkeeping(url: str) -> sa.Engine:
+    """The engine of this module's own statements (deleting acknowledged rows, restoring taken
+    ones): `synchronous=OFF`, no fsync, because losing one of them to a power cut only delivers
+    a message again. kombu's engine (publishing, taking) keeps SQLite's default durability."""
+    with _engines_lock:
+        if url not in _engines:
+            engine = sa.create_engine(url, connect_args={"timeout": 30})
+            sa.event.listen(engine, "connect", lambda conn, _record: conn.execute("PRAGMA synchronous=OFF"))
+            _engines[url] = engine
+        return _engines[url]
 
 
 class Channel(kombu_sqla.Channel):
@@ -109,7 +123,7 @@ class Channel(kombu_sqla.Channel):
         if row is None:
             return
         table = self.message_cls.__table__
-        with self._open()[0].begin() as conn:
+        with _bookkeeping(self._file).begin() as conn:
             conn.execute(sa.delete(table).where(table.c.id == row))
 
     def _restore_once(self, queue: str) -> None:
@@ -122,7 +136,7 @@ class Channel(kombu_sqla.Channel):
             if key in _restored:
                 return
             messages, queues = self.message_cls.__table__, self.queue_cls.__table__
-            with self._open()[0].begin() as conn:
+            with _bookkeeping(self._file).begin() as conn:
                 conn.execute(
                     sa.text(f"CREATE TABLE IF NOT EXISTS {STATE_TABLE} (name VARCHAR(64) PRIMARY KEY)")
                 )
