@@ -6,7 +6,8 @@ live in the consumer's memory, so the messages a killed worker held stay invisib
 (lost), and acknowledged ones are never deleted (the file only grows). Here:
 
 - an acknowledged message's row is deleted (a rejected or shut-down one's too, once kombu has
-  put it back as a new row);
+  put it back as a new row), in the transaction that takes the next message (or at close): one
+  write transaction a message, as kombu's own. A kill in between delivers those again;
 - the first time a process consumes a queue, the rows an earlier consumer took and never
   acknowledged are made visible again and delivered marked `redelivered`, as kombu's Redis
   transport marks what it restores (so a message that kills the worker each time is counted and
@@ -51,9 +52,9 @@ _engines_lock = threading.Lock()
 
 
 def _bookkeeping(url: str) -> sa.Engine:
-    """The engine of this module's own statements (deleting acknowledged rows, restoring taken
-    ones): `synchronous=OFF`, no fsync, because losing one of them to a power cut only delivers
-    a message again. kombu's engine (publishing, taking) keeps SQLite's default durability."""
+    """The engine of this module's own statements (deleting acknowledged rows at close,
+    restoring taken ones): `synchronous=OFF`, no fsync, because losing one of them to a power cut
+    only delivers a message again. kombu's engine (publishing, taking) keeps SQLite's default."""
     with _engines_lock:
         if url not in _engines:
             engine = sa.create_engine(url, connect_args={"timeout": 30})
@@ -66,15 +67,22 @@ class Channel(kombu_sqla.Channel):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._rows: dict[str, int] = {}  # delivery tag -> its row, until acknowledged
+        self._acked: list[int] = []  # rows acknowledged since the last take: deleted by the next
+        self._acked_lock = threading.Lock()
 
     def _get(self, queue: str, timeout: Any = None) -> dict[str, Any]:
-        """kombu's `_get`, remembering the row of the message handed out."""
+        """kombu's `_get`, remembering the row of the message handed out; the rows acknowledged
+        since are deleted in the same transaction (one write transaction a message, as kombu's)."""
         self._restore_once(queue)
         found = self._get_or_create(queue)
         message = self.message_cls
         if self.session.bind.name == "sqlite":
             self.session.execute(sa.text("BEGIN IMMEDIATE TRANSACTION"))
+        with self._acked_lock:
+            acked, self._acked = self._acked, []
         try:
+            if acked:
+                self.session.execute(sa.delete(message.__table__).where(message.__table__.c.id.in_(acked)))
             row = (
                 self.session.query(message)
                 .with_for_update()
@@ -86,9 +94,7 @@ class Channel(kombu_sqla.Channel):
             if row is None:
                 raise Empty()
             row.visible = False
-            raw = (
-                row.payload if isinstance(row.payload, bytes) else str(row.payload).encode("utf-8", "replace")
-            )
+            raw = str(row.payload).encode("utf-8", "replace")
             payload, reason = decode_entry(raw)
             if payload is None:  # task sidecar.undeliverable records it; its ack deletes the row
                 log.warning("broker.undeliverable queue=%s bytes=%d reason=%s", queue, len(raw), reason)
@@ -99,6 +105,11 @@ class Channel(kombu_sqla.Channel):
                 _redelivered.discard((self._file, row.id))
                 properties["delivery_info"]["redelivered"] = True
             return payload
+        except BaseException as exc:
+            if not isinstance(exc, Empty):  # not deleted: the next take tries again
+                with self._acked_lock:
+                    self._acked.extend(acked)
+            raise
         finally:
             self.session.commit()
 
@@ -117,14 +128,26 @@ class Channel(kombu_sqla.Channel):
     def _restore(self, message: Any) -> None:
         super()._restore(message)  # a new row (an unacknowledged message at shutdown)
         self._forget(message.delivery_tag)
+        self._delete_acked()
+
+    def close(self) -> None:
+        self._delete_acked()
+        super().close()
 
     def _forget(self, delivery_tag: str) -> None:
         row = self._rows.pop(delivery_tag, None)
-        if row is None:
-            return
-        table = self.message_cls.__table__
-        with _bookkeeping(self._file).begin() as conn:
-            conn.execute(sa.delete(table).where(table.c.id == row))
+        if row is not None:
+            with self._acked_lock:
+                self._acked.append(row)
+
+    def _delete_acked(self) -> None:
+        """Delete the acknowledged rows now (at shutdown: no next take will)."""
+        with self._acked_lock:
+            acked, self._acked = self._acked, []
+        if acked:
+            table = self.message_cls.__table__
+            with _bookkeeping(self._file).begin() as conn:
+                conn.execute(sa.delete(table).where(table.c.id.in_(acked)))
 
     def _restore_once(self, queue: str) -> None:
         """Make the rows an earlier consumer of `queue` never acknowledged visible again (and, the
