@@ -314,3 +314,22 @@ def test_a_throttled_wave_of_calls_starts_no_more(make_runtime, emulator):
         statuses = session.execute(sa.select(Document.status, sa.func.count()).group_by(Document.status))
         assert dict(statuses.all()) == {"pending": 70}
         assert set(session.execute(sa.select(ProviderRequest.status)).scalars()) == {"failed"}
+
+
+def test_a_spoiling_row_in_one_call_of_a_wave_leaves_the_other_calls_alone(make_runtime, emulator):
+    """Three calls at once, one of them refused for one row (moderation): the other two are
+    recorded with that wave's results, the refused one is narrowed down to its row, and the
+    ledger still equals the bill."""
+    rt = make_runtime(request_concurrency=4)
+    events = [upsert(f"d{i:02}", f"text {i}") for i in range(25)]
+    events[13] = upsert("d13", "bad <<BLOCKED>> words")
+    ingest_events(rt, events)
+    first = pipeline.run_cycle(rt)
+    assert first.requests > 3  # the wave's three, then the narrowing's calls one after another
+    drain(rt)
+    with rt.sessions() as session:
+        statuses = dict(session.execute(sa.select(Document.doc_id, Document.status)).all())
+        tokens = sum(session.execute(sa.select(ProviderRequest.billed_tokens)).scalars())
+    assert statuses.pop("d13") == "dead"
+    assert set(statuses.values()) == {"indexed"}
+    assert tokens == emulator.bill()["total_tokens"]
