@@ -1037,7 +1037,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="worker processes (default 3; 1 with --embedded or --latency)",
     )
-    add("--embed-threads", type=int, default=2, help="embedding loops per worker (default 2)")
+    add(
+        "--embed-threads",
+        type=int,
+        default=3,
+        help="embedding loops per worker (default 3, as `sidecar worker`)",
+    )
     add("--concurrency", type=int, default=4, help="ingest task slots per worker (default 4)")
     add("--events", type=int, default=None, help="events to publish (default 2000; 60 in --latency mode)")
     add(
@@ -1108,6 +1113,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.embed_threads is None:
+        args.embed_threads = 2 if args.embedded else 3
     if args.serve_noop:
         return serve_noop(args.broker, args.counter, args.concurrency, args.node)
     args.events = args.events if args.events is not None else (60 if args.latency else 2000)

@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 class EmbedService:
     """The embedding threads (and the reconciler's) of one process, over one Runtime."""
 
+    IDLE_WAIT_S = 1.0
+
     def __init__(self, rt: Runtime, *, threads: int = 2, reconcile: bool = True) -> None:
         self.rt = rt
         self.held = pipeline.HeldBack()  # shared by the threads: a partial batch's wait spans cycles
@@ -30,8 +32,8 @@ class EmbedService:
         self._running = 0  # cycles in flight
         self._last_work = time.monotonic()  # when a cycle last had work
         self._sampled_minute: object = None  # the UTC minute this process last sampled the backlog in
-        self._threads = [
-            threading.Thread(target=self._loop, name=f"sidecar-embed-{i}", daemon=True)
+        self._threads = [  # the first watches for work; the others sleep while there is none
+            threading.Thread(target=self._loop, args=(i == 0,), name=f"sidecar-embed-{i}", daemon=True)
             for i in range(threads)
         ]
         if reconcile and rt.settings.reconcile_interval_s > 0:
@@ -55,7 +57,10 @@ class EmbedService:
         for thread in self._threads:
             thread.join(timeout_s)
 
-    def _loop(self) -> None:
+    def _loop(self, watching: bool) -> None:
+        """Cycle after cycle. Idle, the watching loop looks again every `poll_interval_s`, the
+        others every IDLE_WAIT_S (so idle polling costs one loop's, however many there are); an
+        ingest in this process wakes them all, and so does a cycle that found a backlog."""
         failures = 0
         while not self._stop.is_set():
             cycle = self._run_cycle(failures)
@@ -70,8 +75,10 @@ class EmbedService:
             if cycle.paused:  # nothing to do until the pause ends (or a probe is due)
                 self._stop.wait(1.0)
             elif cycle.idle or (cycle.held_back and not cycle.requests):
-                self.rt.wake.wait(self.rt.settings.poll_interval_s)
+                self.rt.wake.wait(self.rt.settings.poll_interval_s if watching else self.IDLE_WAIT_S)
                 self.rt.wake.clear()
+            elif cycle.claimed >= self.rt.settings.claim_docs:  # a backlog: every loop to work
+                self.rt.wake.set()
 
     def _run_cycle(self, failures: int) -> pipeline.Cycle | None:
         """One cycle, counted as in flight while it runs; None (logged) if it raised."""

@@ -52,8 +52,8 @@ def add_worker_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument(
         "--embed-threads",
         type=int,
-        default=2,
-        help="embedding loops per process; each claims its own batches (default: 2)",
+        default=None,
+        help="embedding loops per process, each claiming its own work (default: 3; 2 on the SQLite broker)",
     )
     p.add_argument("--loglevel", default=None, help="log level (default: SIDECAR_LOG_LEVEL, INFO)")
     p.set_defaults(func=cmd_worker)
@@ -97,7 +97,12 @@ def add_serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     p.add_argument("--host", default="127.0.0.1", help="API bind address (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="API port (default: 8000)")
-    p.add_argument("--embed-threads", type=int, default=2, help="embedding loops in the process (default: 2)")
+    p.add_argument(
+        "--embed-threads",
+        type=int,
+        default=None,
+        help="embedding loops in the process (default: 3; 2 on the embedded SQLite broker)",
+    )
     p.add_argument(
         "--concurrency",
         type=int,
@@ -126,7 +131,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     options = serve.ServeOptions(
         host=args.host,
         port=args.port,
-        embed_threads=args.embed_threads,
+        embed_threads=args.embed_threads or settings.default_embed_threads(),
         concurrency=args.concurrency or settings.worker_concurrency,
         loglevel=loglevel,
         emulator=args.emulator,
@@ -157,7 +162,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         settings,
         pool=args.pool,
         concurrency=args.concurrency or settings.worker_concurrency,
-        embed_threads=args.embed_threads,
+        embed_threads=args.embed_threads or settings.default_embed_threads(),
         loglevel=args.loglevel or settings.log_level,
     )
 
