@@ -225,3 +225,35 @@ def test_a_cycle_lingers_only_while_lone_events_stream_in(monkeypatch) -> None:
     held.noted(2, full=10)
     held.linger(0.0)  # SIDECAR_BATCH_MAX_DELAY_S=0: never
     assert slept == [holdback.HeldBack.LINGER_MAX_S]
+
+
+def test_idle_only_the_first_embedding_loop_polls_and_a_wake_starts_them_all(
+    make_runtime, monkeypatch
+) -> None:
+    """Idle polling costs one loop's transactions however many loops there are; an ingest (the
+    wake event) brings every loop to work at once."""
+    import threading
+
+    from worker.service import EmbedService
+
+    rt = make_runtime(poll_interval_s=0.05, reconcile_interval_s=0)
+    cycles: Counter[str] = Counter()
+
+    def idle_cycle(rt: Any, held: Any = None) -> pipeline.Cycle:
+        cycles[threading.current_thread().name] += 1
+        return pipeline.Cycle(idle=True)
+
+    monkeypatch.setattr(pipeline, "run_cycle", idle_cycle)
+    service = EmbedService(rt, threads=3, reconcile=False)
+    service.start()
+    try:
+        time.sleep(0.6)  # twelve poll intervals, less than one IDLE_WAIT_S
+        quiet = dict(cycles)
+        rt.wake.set()
+        time.sleep(0.3)
+    finally:
+        service.stop()
+    assert quiet["sidecar-embed-0"] >= 4
+    assert quiet.get("sidecar-embed-1", 0) <= 1 and quiet.get("sidecar-embed-2", 0) <= 1  # a first look
+    for name in ("sidecar-embed-1", "sidecar-embed-2"):  # woken
+        assert cycles[name] > quiet.get(name, 0)
