@@ -1040,8 +1040,8 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--embed-threads",
         type=int,
-        default=3,
-        help="embedding loops per worker (default 3, as `sidecar worker`)",
+        default=None,
+        help="embedding loops per worker (default as `sidecar worker`: 3, or 2 with --embedded)",
     )
     add("--concurrency", type=int, default=4, help="ingest task slots per worker (default 4)")
     add("--events", type=int, default=None, help="events to publish (default 2000; 60 in --latency mode)")

@@ -134,12 +134,11 @@ def _record(
             paid.append((call, outcome, vectors))
     if not paid:
         return
+    model, dimensions = rt.embedder.model, rt.embedder.dimensions
     with rt.sessions.begin() as session:
         for call, result, vectors in paid:
-            calls.record_success(
-                session, call.request_id, result, rt.spec.cost_nano_cny(result.billed_tokens)
-            )
-            model, dimensions = rt.embedder.model, rt.embedder.dimensions
+            cost = rt.spec.cost_nano_cny(result.billed_tokens)
+            calls.record_success(session, call.request_id, result, cost)
             cache.put_many(session, vectors, model=model, dimensions=dimensions, request_id=call.request_id)
         if work.probing:
             pauses.clear(session)

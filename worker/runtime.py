@@ -65,7 +65,7 @@ T = TypeVar("T")
 
 class CallPool:
     """Threads that carry a cycle's provider calls beyond the one on its own thread
-    (worker/pipeline.py, `request_concurrency`); shared by a process's embedding loops, started
+    (worker/calls.py, `request_concurrency`); shared by a process's embedding loops, started
     on first use, a thread at a time as calls need them."""
 
     MAX_THREADS = 32
@@ -105,7 +105,7 @@ class Runtime:
     faults: Faults = field(default_factory=Faults)
     # Messages that concurrent ingest tasks record at once share a transaction (worker/intake.py).
     intake: GroupCommit[Any, Any] = field(default_factory=GroupCommit)
-    # A cycle's concurrent provider calls (worker/pipeline.py).
+    # A cycle's concurrent provider calls (worker/calls.py).
     calls: CallPool = field(default_factory=CallPool)
     # Runtimes of other models and the collection routes, built on first use (worker/reembed/);
     # shared by every runtime derived from this one.

@@ -21,6 +21,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from worker import catalog
 from worker.errors import ConfigError
 
+EMBEDDED_PREFIX = "sqla+sqlite:"  # the embedded default broker: an SQLite file (worker/embedded_broker.py)
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
@@ -163,14 +165,14 @@ class Settings(BaseSettings):
     # --- derived values -------------------------------------------------------------------
 
     def resolved_broker_url(self) -> str:
-        return self.broker_url or f"sqla+sqlite:///{(self.data_dir / 'broker.sqlite').resolve()}"
+        return self.broker_url or f"{EMBEDDED_PREFIX}///{(self.data_dir / 'broker.sqlite').resolve()}"
 
     def default_embed_threads(self) -> int:
         """Embedding loops per process when the command line names none: 3 (one watches for
         work while idle; at the Singapore v3 limits 3 loops reach 0.94 of the ceiling where 2
         reach 0.82), or 2 on the embedded SQLite broker, whose one process a third loop only
         splits the trickle for."""
-        return 2 if self.resolved_broker_url().startswith("sqla+sqlite:") else 3
+        return 2 if self.resolved_broker_url().startswith(EMBEDDED_PREFIX) else 3
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'sidecar.sqlite').resolve()}"

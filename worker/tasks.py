@@ -28,13 +28,12 @@ from worker.events import escape_unstorable
 from worker.intake import TRANSIENT, ingest_events
 from worker.ledger import counters
 from worker.runtime import Runtime, build_runtime
-from worker.settings import Settings
+from worker.settings import EMBEDDED_PREFIX, Settings
 from worker.sql import attempts, documents, engines
 
 log = logging.getLogger(__name__)
 
 MAX_RAW_CHARS = 4096
-EMBEDDED_PREFIX = "sqla+sqlite:"  # the embedded default broker: an SQLite file
 Work = Callable[[Runtime, str | None], dict[str, int]]
 
 _settings: Settings | None = None  # given to create_celery by the process's entry point
@@ -187,13 +186,13 @@ def _run(task: Any, work: Work) -> dict[str, int]:
     settings = _app_settings()
     try:
         rt = runtime()
-        key = f"{task.request.id}:{task.request.retries}" if task.request.id else None
+        # Only a redelivery writes an attempt row (and so has one to end); a retry (same id)
+        # counts its deliveries afresh.
+        key = f"{task.request.id}:{task.request.retries}" if task.request.id and redelivered(task) else None
         started = 1
-        if key is not None and redelivered(task):  # a retry (same id) counts its deliveries afresh
+        if key is not None:
             with rt.sessions.begin() as session:
                 started = attempts.message_started(session, key, first=2)
-        else:  # no attempt row to end
-            key = None
         if started > settings.max_attempts:
             reason = (
                 f"the message was delivered {started} times and never finished "
