@@ -88,3 +88,31 @@ def test_an_events_consumer_sees_sent_received_succeeded_and_failed(
     finally:
         producer.close()
         worker.stop()
+
+
+def test_task_events_go_out_in_bunches_not_a_publish_per_message(tmp_path, sqlite_url, redis_url, emulator):
+    """worker/consumer.py: 40 messages, every one's received and succeeded events arrive, in far
+    fewer PUBLISHes than messages (Celery's own consumer publishes about once per message)."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    worker = SidecarWorker(tmp_path, database_url=sqlite_url, broker_url=redis_url, emulator=emulator)
+    worker.start()
+    producer = create_celery(Settings(_env_file=None, data_dir=tmp_path, broker_url=redis_url))
+
+    def publishes() -> int:
+        return int(client.info("commandstats").get("cmdstat_publish", {}).get("calls", 0))
+
+    try:
+        with Events(producer) as events:
+            before = publishes()
+            events_ = [{"op": "upsert", "doc_id": f"d{i}", "text": "tea"} for i in range(40)]
+            sent = [producer.send_task("sidecar.ingest", args=[event]) for event in events_]
+            for result in sent:
+                events.wait_for(result.id, {"task-received", "task-succeeded"}, worker)
+            by_worker = publishes() - before - len(sent)  # each task-sent is a publish of the producer
+        assert by_worker <= len(sent) // 4, f"{by_worker} publishes for {len(sent)} messages"
+    finally:
+        producer.close()
+        worker.stop()

@@ -44,6 +44,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+from kombu.utils.json import dumps
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +80,27 @@ return false
 """
 
 
+class QoS(kombu_redis.QoS):
+    def append(self, message: Any, delivery_tag: str) -> None:
+        """Record `message` as unacked and, for the entry being delivered, take it off its
+        consumer's in-flight list in the same MULTI (one round trip, and never in neither)."""
+        taken, self.channel._taken = self.channel._taken, None
+        if taken is None:
+            super().append(message, delivery_tag)  # type: ignore[no-untyped-call]  # kombu is untyped
+            return
+        inflight, item = taken
+        delivery = message.delivery_info
+        record = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])  # type: ignore[no-untyped-call]
+        with self.pipe_or_acquire() as pipe:
+            pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()}).hset(
+                self.unacked_key, delivery_tag, record
+            ).lrem(inflight, 1, item).execute()
+        virtual.QoS.append(self, message, delivery_tag)  # type: ignore[no-untyped-call]  # the in-process record
+
+
 class Channel(kombu_redis.Channel):
+    QoS = QoS
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]  # kombu is untyped
         self.consumer_id = uuid.uuid4().hex
@@ -89,6 +111,7 @@ class Channel(kombu_redis.Channel):
         self._block_next = False  # the last non-blocking pop found nothing: block on the next one
         self._shared: Any = None
         self._warned = False
+        self._taken: tuple[str, bytes] | None = None  # (in-flight list, entry) being delivered
 
     @contextmanager
     def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
@@ -155,16 +178,22 @@ class Channel(kombu_redis.Channel):
             if message is None:
                 self._undeliverable(queue, inflight, item, reason)
                 return True
+            # kombu records it as unacked (QoS.append, which also takes it off the in-flight
+            # list, in the same MULTI), then hands it to Celery
+            self._taken = (inflight, item)
             try:
-                self.connection._deliver(message, queue)  # kombu records it as unacked here
+                self.connection._deliver(message, queue)
             except Exception:
-                with self.conn_or_acquire() as client:  # not recorded: back on the queue
-                    client.pipeline().lrem(inflight, 1, item).rpush(source, item).execute()
+                if self._taken is not None:  # not recorded: back on the queue
+                    with self.conn_or_acquire() as client:
+                        client.pipeline().lrem(inflight, 1, item).rpush(source, item).execute()
                 raise
-            with self.conn_or_acquire() as client:
-                client.lrem(inflight, 1, item)
+            if self._taken is not None:  # a consumer without acks: nothing was recorded
+                with self.conn_or_acquire() as client:
+                    client.lrem(inflight, 1, item)
             return True
         finally:
+            self._taken = None
             self._in_poll = None  # type: ignore[assignment]  # kombu declares bool
 
     def _undeliverable(self, queue: str, inflight: str, item: bytes, reason: str) -> None:

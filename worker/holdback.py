@@ -11,7 +11,7 @@ class HeldBack:
     loop (its threads share it), so the wait is measured across cycles."""
 
     LIMIT = 100_000  # documents finished elsewhere are never forgotten here: start afresh past this
-    LINGER_MAX_S = 0.25
+    LINGER_MAX_S = 0.5
 
     def __init__(self) -> None:
         self._since: dict[int, float] = {}

@@ -38,7 +38,7 @@ def run_cycle(rt: Runtime, held: HeldBack | None = None) -> Cycle:
     cycles (the embedding loop passes its own); without it a partial batch never times out."""
     limit = rt.settings.claim_docs
     if held is not None:  # lone events streaming in: let a few more arrive first (worker/holdback.py)
-        held.linger(rt.settings.batch_max_delay_s / 4)
+        held.linger(rt.settings.batch_max_delay_s / 2)
     with rt.sessions.begin() as session:
         pause = session.get(ProviderPause, pauses.PROVIDER)
         if pause is not None and pause.until > utcnow():

@@ -114,6 +114,7 @@ def create_celery(settings: Settings) -> Celery:
         worker_cancel_long_running_tasks_on_connection_loss=True,
         worker_send_task_events=True,  # task events for Flower and celery-exporter
         task_send_sent_event=True,
+        worker_consumer="worker.consumer:Consumer",  # task events published in bunches
     )
     _register_tasks(app, max_retries=max(settings.ingest_retries, settings.max_attempts))
     _connect_signals()
