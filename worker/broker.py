@@ -6,8 +6,8 @@ after it has read the reply. A worker killed in between loses the message: a lar
 keeps its sockets open for a while as it tears down, and Redis hands it whatever arrives
 (kombu#305, celery#7924; seen in `bench.chaos` as events published just after a SIGKILL). This
 transport pops with BLMOVE into an in-flight list of its own consumer instead, and removes the
-message from there only once kombu has recorded it as unacked (from where the visibility
-timeout restores it). Any live consumer moves the in-flight lists of consumers whose heartbeat
+message from there in the MULTI that records it as unacked (from where the visibility timeout
+restores it; `QoS.append`). Any live consumer moves the in-flight lists of consumers whose heartbeat
 has expired back onto their queues. A message may so be delivered twice, never lost; the
 ingest tasks are idempotent.
 
