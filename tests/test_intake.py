@@ -345,6 +345,33 @@ def test_messages_that_arrive_together_share_one_commit() -> None:
     assert group.submit("e", commit) == "E"  # the group is free again
 
 
+def test_messages_streaming_in_wait_for_company_and_a_lone_one_does_not(monkeypatch) -> None:
+    """A leader whose message came right after another waits (up to `gather_s`) until `gather`
+    messages are queued; a message after a quiet spell commits at once, however long gather_s."""
+    import threading
+
+    from worker.groupcommit import GroupCommit
+
+    group: GroupCommit[str, str] = GroupCommit(gather=3, gather_s=60.0)
+    monkeypatch.setattr(group, "STREAM_GAP_S", 5.0)  # "right after": slow thread starts included
+    groups: list[list[str]] = []
+
+    def commit(items: Any) -> list[str]:
+        groups.append(list(items))
+        return list(items)
+
+    assert group.submit("lone", commit) == "lone"  # nothing before it: no wait (60 s otherwise)
+    threads = [threading.Thread(target=group.submit, args=(item, commit)) for item in ("x", "y", "z")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not any(thread.is_alive() for thread in threads)
+    assert groups[0] == ["lone"] and sorted(groups[1]) == ["x", "y", "z"] and len(groups) == 2
+    group._last_arrival = float("-inf")  # a quiet spell
+    assert group.submit("later", commit) == "later" and groups[-1] == ["later"]
+
+
 def test_a_group_with_a_spoiling_event_is_recorded_message_by_message(make_runtime, monkeypatch) -> None:
     from worker import intake
 

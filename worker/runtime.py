@@ -193,6 +193,8 @@ def build_runtime(
             spec=spec,
             process=f"{socket.gethostname()}:{os.getpid()}",
             chunk_max_tokens=chunking.token_limit(settings.chunk_max_tokens, spec.max_tokens_per_row),
+            # a group waits for as many messages as the pool runs at once (worker/groupcommit.py)
+            intake=GroupCommit(gather=settings.worker_concurrency, gather_s=settings.ingest_gather_s),
         )
         built.pop_all()  # built whole: the runtime's close() owns the parts now
     return runtime

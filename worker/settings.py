@@ -75,6 +75,7 @@ class Settings(BaseSettings):
     tokens_per_minute: int | None = None
 
     worker_concurrency: int = 4
+    ingest_gather_s: float = Field(default=0.005, ge=0, le=0.1)  # streaming messages wait for company
     ingest_retries: int = 40  # a message meeting SQL or the broker down is retried this often, backing off
     broker_visibility_timeout_s: float = 300.0  # Redis: redeliver a dead worker's unacked message after this
     log_level: str = "INFO"
