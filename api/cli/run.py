@@ -125,6 +125,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from worker import logs
 
     settings = Settings()
+    if args.concurrency:  # the consumer's threads, and so the ingest groups' size
+        settings = settings.model_copy(update={"worker_concurrency": args.concurrency})
     loglevel = args.loglevel or settings.log_level
     logs.configure(loglevel)
     settings.model_spec()
@@ -172,6 +174,10 @@ def run_worker(settings: Settings, *, pool: str, concurrency: int, embed_threads
 
     from worker import tasks
 
+    # Ingest messages gather in groups of the pool's threads; a prefork child or the solo pool
+    # runs one task at a time, so nothing would ever join (worker/groupcommit.py).
+    gather_s = settings.ingest_gather_s if pool == "threads" else 0.0
+    settings = settings.model_copy(update={"worker_concurrency": concurrency, "ingest_gather_s": gather_s})
     app = tasks.create_celery(settings)
 
     def start(**_: object) -> None:
