@@ -38,10 +38,17 @@ def captured() -> Iterator[io.StringIO]:
     root.addHandler(handler)
     old_level = root.level
     root.setLevel(logging.INFO)
+    # Celery's per-task lines are DEBUG-only once logs.configure ran (another test may have run
+    # it); here every INFO record goes through the redaction
+    per_task = {name: logging.getLogger(name).level for name in logs._PER_TASK_LOGGERS}
+    for name in per_task:
+        logging.getLogger(name).setLevel(logging.NOTSET)
     logs.redact_handlers(root)
     yield stream
     root.removeHandler(handler)
     root.setLevel(old_level)
+    for name, level in per_task.items():
+        logging.getLogger(name).setLevel(level)
 
 
 def test_celery_records_lose_arguments_bodies_and_exception_text(captured: io.StringIO) -> None:
@@ -87,3 +94,23 @@ def test_the_filter_is_installed_once() -> None:
     logs.redact_handlers(logger)
     logs.redact_handlers(logger)
     assert sum(isinstance(f, logs.RedactTaskData) for f in logger.handlers[0].filters) == 1
+
+
+def test_celerys_per_task_lines_only_at_debug() -> None:
+    """At INFO a worker logs no line per task received or succeeded (two per message); failures
+    (ERROR) still show; at DEBUG the per-task lines are back."""
+    root = logging.getLogger()
+    old = root.level, list(root.handlers), {n: logging.getLogger(n).level for n in logs._PER_TASK_LOGGERS}
+    try:
+        logs.configure("INFO")
+        trace_log = logging.getLogger("celery.app.trace")
+        assert not trace_log.isEnabledFor(logging.INFO)
+        assert not logging.getLogger("celery.worker.strategy").isEnabledFor(logging.INFO)
+        assert trace_log.isEnabledFor(logging.ERROR)
+        logs.configure("DEBUG")
+        assert trace_log.isEnabledFor(logging.INFO)
+    finally:
+        root.setLevel(old[0])
+        root.handlers[:] = old[1]
+        for name, level in old[2].items():
+            logging.getLogger(name).setLevel(level)
