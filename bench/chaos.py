@@ -730,6 +730,7 @@ def run(args: argparse.Namespace, tmp: Path, database_url: str, publish_s: float
             SIDECAR_REQUEST_TIMEOUT_S=str(REQUEST_TIMEOUT_S),
             # A killed worker's unacked messages come back after this (ingest takes milliseconds).
             SIDECAR_BROKER_VISIBILITY_TIMEOUT_S=str(VISIBILITY_TIMEOUT_S),
+            SIDECAR_LOG_TASK_LINES="true",  # the per-task lines tell received from never received
         )
         migrated = subprocess.run(
             [sys.executable, "-m", "api.cli", "migrate"], env=env, cwd=ROOT, capture_output=True, text=True

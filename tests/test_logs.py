@@ -98,7 +98,7 @@ def test_the_filter_is_installed_once() -> None:
 
 def test_celerys_per_task_lines_only_at_debug() -> None:
     """At INFO a worker logs no line per task received or succeeded (two per message); failures
-    (ERROR) still show; at DEBUG the per-task lines are back."""
+    (ERROR) still show; at DEBUG, or with SIDECAR_LOG_TASK_LINES, the per-task lines are back."""
     root = logging.getLogger()
     old = root.level, list(root.handlers), {n: logging.getLogger(n).level for n in logs._PER_TASK_LOGGERS}
     try:
@@ -109,6 +109,8 @@ def test_celerys_per_task_lines_only_at_debug() -> None:
         assert trace_log.isEnabledFor(logging.ERROR)
         logs.configure("DEBUG")
         assert trace_log.isEnabledFor(logging.INFO)
+        logs.configure("INFO", task_lines=True)  # SIDECAR_LOG_TASK_LINES
+        assert trace_log.isEnabledFor(logging.INFO) and not trace_log.isEnabledFor(logging.DEBUG)
     finally:
         root.setLevel(old[0])
         root.handlers[:] = old[1]

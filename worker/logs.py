@@ -24,17 +24,20 @@ _BODY_DUMPS = {
 }
 _TASK_LOGGERS = ("celery.app.trace", "celery.worker.request", "celery.worker.strategy")
 # Celery's lines for every task received and succeeded (two per broker message, at INFO) only at
-# DEBUG: at a thousand messages a second they are noise and a tenth of the consumer's cost.
+# DEBUG (or with SIDECAR_LOG_TASK_LINES): at a thousand messages a second they are noise and a
+# tenth of the consumer's cost.
 # Failures keep their lines (ERROR); retries have our own (`ingest.retry`, WARNING).
 _PER_TASK_LOGGERS = ("celery.app.trace", "celery.worker.strategy")
 
 
-def configure(level: str = "INFO") -> None:
+def configure(level: str = "INFO", *, task_lines: bool = False) -> None:
+    """Logging for a process at `level`; `task_lines` keeps Celery's per-task lines at that level
+    (SIDECAR_LOG_TASK_LINES)."""
     logging.basicConfig(level=level.upper(), format=FORMAT, force=True)
     for noisy in ("httpx", "httpcore", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     chosen = logging.getLogger().level
-    per_task = chosen if chosen <= logging.DEBUG else max(chosen, logging.WARNING)
+    per_task = chosen if chosen <= logging.DEBUG or task_lines else max(chosen, logging.WARNING)
     for name in _PER_TASK_LOGGERS:
         logging.getLogger(name).setLevel(per_task)
     redact_handlers(logging.getLogger())

@@ -79,6 +79,7 @@ class Settings(BaseSettings):
     ingest_retries: int = 40  # a message meeting SQL or the broker down is retried this often, backing off
     broker_visibility_timeout_s: float = 300.0  # Redis: redeliver a dead worker's unacked message after this
     log_level: str = "INFO"
+    log_task_lines: bool = False  # Celery's line per task received and succeeded, at INFO too
 
     # --- budgets (SIDECAR_BUDGET_*): caps in CNY; per collection as "docs=1.5,faq=0.2" or JSON ---
     budget_daily_cny: Decimal | None = None

@@ -128,7 +128,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.concurrency:  # the consumer's threads, and so the ingest groups' size
         settings = settings.model_copy(update={"worker_concurrency": args.concurrency})
     loglevel = args.loglevel or settings.log_level
-    logs.configure(loglevel)
+    logs.configure(loglevel, task_lines=settings.log_task_lines)
     settings.model_spec()
     options = serve.ServeOptions(
         host=args.host,
@@ -146,7 +146,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from worker import logs
 
     settings = Settings()
-    logs.configure(args.loglevel or settings.log_level)
+    logs.configure(args.loglevel or settings.log_level, task_lines=settings.log_task_lines)
     settings.model_spec()
     if settings.dashscope_api_key is None:
         raise ConfigError(
