@@ -1113,8 +1113,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.embed_threads is None:
-        args.embed_threads = 2 if args.embedded else 3
+    if args.embed_threads is None:  # as `sidecar worker` (Settings.default_embed_threads)
+        from worker.settings import EMBED_THREADS, EMBED_THREADS_EMBEDDED
+
+        args.embed_threads = EMBED_THREADS_EMBEDDED if args.embedded else EMBED_THREADS
     if args.serve_noop:
         return serve_noop(args.broker, args.counter, args.concurrency, args.node)
     args.events = args.events if args.events is not None else (60 if args.latency else 2000)

@@ -22,6 +22,7 @@ from worker import catalog
 from worker.errors import ConfigError
 
 EMBEDDED_PREFIX = "sqla+sqlite:"  # the embedded default broker: an SQLite file (worker/embedded_broker.py)
+EMBED_THREADS, EMBED_THREADS_EMBEDDED = 3, 2  # embedding loops per process (Settings.default_embed_threads)
 
 
 class Settings(BaseSettings):
@@ -174,7 +175,8 @@ class Settings(BaseSettings):
         work while idle; at the Singapore v3 limits 3 loops reach 0.94 of the ceiling where 2
         reach 0.82), or 2 on the embedded SQLite broker, whose one process a third loop only
         splits the trickle for."""
-        return 2 if self.resolved_broker_url().startswith(EMBEDDED_PREFIX) else 3
+        embedded = self.resolved_broker_url().startswith(EMBEDDED_PREFIX)
+        return EMBED_THREADS_EMBEDDED if embedded else EMBED_THREADS
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'sidecar.sqlite').resolve()}"

@@ -124,9 +124,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from api import serve
     from worker import logs
 
-    settings = Settings()
-    if args.concurrency:  # the consumer's threads, and so the ingest groups' size
-        settings = settings.model_copy(update={"worker_concurrency": args.concurrency})
+    settings = _settings(args)
     loglevel = args.loglevel or settings.log_level
     logs.configure(loglevel, task_lines=settings.log_task_lines)
     settings.model_spec()
@@ -134,7 +132,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         embed_threads=args.embed_threads or settings.default_embed_threads(),
-        concurrency=args.concurrency or settings.worker_concurrency,
+        concurrency=settings.worker_concurrency,
         loglevel=loglevel,
         emulator=args.emulator,
         migrate=args.migrate,
@@ -142,10 +140,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve.run(settings, options)
 
 
+def _settings(args: argparse.Namespace) -> Settings:
+    """The settings, with `--concurrency` (the consumer's threads, and so the ingest groups'
+    size: worker/groupcommit.py) in place of SIDECAR_WORKER_CONCURRENCY when given."""
+    settings = Settings()
+    if args.concurrency:
+        settings = settings.model_copy(update={"worker_concurrency": args.concurrency})
+    return settings
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from worker import logs
 
-    settings = Settings()
+    settings = _settings(args)
     logs.configure(args.loglevel or settings.log_level, task_lines=settings.log_task_lines)
     settings.model_spec()
     if settings.dashscope_api_key is None:
@@ -163,21 +170,20 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return run_worker(
         settings,
         pool=args.pool,
-        concurrency=args.concurrency or settings.worker_concurrency,
         embed_threads=args.embed_threads or settings.default_embed_threads(),
         loglevel=args.loglevel or settings.log_level,
     )
 
 
-def run_worker(settings: Settings, *, pool: str, concurrency: int, embed_threads: int, loglevel: str) -> int:
+def run_worker(settings: Settings, *, pool: str, embed_threads: int, loglevel: str) -> int:
     from celery import signals
 
     from worker import tasks
 
     # Ingest messages gather in groups of the pool's threads; a prefork child or the solo pool
     # runs one task at a time, so nothing would ever join (worker/groupcommit.py).
-    gather_s = settings.ingest_gather_s if pool == "threads" else 0.0
-    settings = settings.model_copy(update={"worker_concurrency": concurrency, "ingest_gather_s": gather_s})
+    if pool != "threads":
+        settings = settings.model_copy(update={"ingest_gather_s": 0.0})
     app = tasks.create_celery(settings)
 
     def start(**_: object) -> None:
@@ -191,7 +197,7 @@ def run_worker(settings: Settings, *, pool: str, concurrency: int, embed_threads
         [
             "worker",
             f"--pool={pool}",
-            f"--concurrency={concurrency}",
+            f"--concurrency={settings.worker_concurrency}",
             f"--loglevel={loglevel}",
             "--hostname=sidecar@%h",
             "--without-gossip",
