@@ -3,6 +3,7 @@ that are not messages are set aside and reported, and priority sub-queues are co
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -158,3 +159,78 @@ def test_a_raw_entry_is_reported_escaped_and_capped():
     assert kwargs == {} and argument["queue"] == "q" and argument["reason"] == "not UTF-8"
     assert len(argument["raw"]) == broker.RAW_CHARS and argument["raw"].isascii()
     assert argument["raw"].startswith('"\\ufffd\\u00e9')
+
+
+def test_a_pop_takes_several_entries_and_records_messages_as_kombu_does(redis_client):
+    """One Lua call: up to `want` entries across the priority lists, in order; each kombu message
+    recorded as unacked exactly as kombu's QoS.append records it, anything else set on its
+    in-flight list for the worker to judge."""
+    from kombu.utils.json import loads
+
+    r = redis_client
+    keys = ["q", "q\x06\x163"]
+    inflights = [f"{broker.INFLIGHT_PREFIX}c:{key}" for key in keys]
+    r.delete(*keys, *inflights, "ui", "u")
+
+    def message(tag: str) -> bytes:
+        info = {"exchange": "", "routing_key": "q/x"}
+        properties = {"delivery_tag": tag, "delivery_info": info}
+        return json.dumps({"body": "e30=", "headers": {}, "properties": properties}).encode()
+
+    r.lpush("q", message("a"), b'{"properties": []}', b"\xff not json")  # popped from the right: a first
+    r.lpush("q\x06\x163", message("b"))
+    pop = r.register_script(broker._POP)
+    reply = pop(keys=[*keys, *inflights, "ui", "u"], args=[3, 1700000000.5, "1"])
+    assert [(i, item, tag) for i, item, tag in reply] == [
+        (1, message("a"), b"a"),
+        (1, b'{"properties": []}', None),
+        (1, b"\xff not json", None),
+    ]
+    assert r.lrange(inflights[0], 0, -1) == [b"\xff not json", b'{"properties": []}']
+    assert r.zrange("ui", 0, -1, withscores=True) == [(b"a", 1700000000.5)]
+    assert loads(r.hget("u", "a")) == [json.loads(message("a")), "", "q/x"]
+    reply = pop(keys=[*keys, *inflights, "ui", "u"], args=[3, 1.0, "0"])  # no acks: nothing recorded
+    assert reply == [[2, message("b"), None]] and r.lrange(inflights[1], 0, -1) == [message("b")]
+    assert pop(keys=[*keys, *inflights, "ui", "u"], args=[3, 1.0, "1"]) == []
+    r.delete(*keys, *inflights, "ui", "u")
+
+
+def test_a_delivery_that_raises_gives_it_and_the_rest_of_its_pop_back(redis_url):
+    """Three messages in one pop; the consumer raises on the second: the first two stay unacked
+    (kombu recorded them before the callback), the third goes back onto the queue, unrecorded;
+    closing the connection restores the unacked ones."""
+    import redis
+    from kombu import Connection, Consumer, Producer, Queue
+
+    db = redis_url.rsplit("/", 1)[0] + "/8"
+    r = redis.Redis.from_url(db)
+    r.flushdb()
+    queue = Queue("gb", routing_key="gb")
+    seen: list[int] = []
+
+    def on_message(body: dict, message) -> None:
+        seen.append(body["n"])
+        assert r.llen("gb") == 0  # all three taken by one pop
+        if body["n"] == 1:
+            raise RuntimeError("the consumer fails")
+
+    with Connection(db, transport=broker.Transport) as conn:
+        producer = Producer(conn.default_channel)
+        for n in range(3):
+            producer.publish({"n": n}, routing_key="gb", declare=[queue], serializer="json")
+        with Consumer(conn, [queue], callbacks=[on_message], prefetch_count=3):
+            try:
+                conn.drain_events(timeout=5)
+            except RuntimeError:
+                pass
+        assert seen == [0, 1]
+        assert [_body(json.loads(e))["n"] for e in r.lrange("gb", 0, -1)] == [2]
+        recorded = [_body(json.loads(record)[0])["n"] for record in r.hvals("unacked")]
+        assert sorted(recorded) == [0, 1] and r.zcard("unacked_index") == 2
+    assert sorted(_body(json.loads(e))["n"] for e in r.lrange("gb", 0, -1)) == [0, 1, 2]
+    assert r.hlen("unacked") == r.zcard("unacked_index") == 0
+    r.flushdb()
+
+
+def _body(message: dict) -> dict:
+    return json.loads(base64.b64decode(message["body"]))

@@ -2,21 +2,23 @@
 no queue entry.
 
 kombu's Redis transport takes a message off its queue with BRPOP and records it as unacked only
-after it has read the reply. A worker killed in between loses the message: a large process
-keeps its sockets open for a while as it tears down, and Redis hands it whatever arrives
-(kombu#305, celery#7924; seen in `bench.chaos` as events published just after a SIGKILL). This
-transport pops with BLMOVE into an in-flight list of its own consumer instead, and removes the
-message from there in the MULTI that records it as unacked (from where the visibility timeout
-restores it; `QoS.append`). Any live consumer moves the in-flight lists of consumers whose heartbeat
-has expired back onto their queues. A message may so be delivered twice, never lost; the
-ingest tasks are idempotent.
+after it has read the reply, in a second round trip. A worker killed in between loses the message:
+a large process keeps its sockets open for a while as it tears down, and Redis hands it whatever
+arrives (kombu#305, celery#7924; seen in `bench.chaos` as events published just after a
+SIGKILL). This transport pops in one Lua call that records what it takes as unacked in the same
+call (from where the visibility timeout restores it), up to as many messages as the prefetch
+limit leaves room for: one round trip per pop instead of two per message, and never in neither
+place. When every list is empty it blocks with BLMOVE onto an in-flight list of its own
+consumer, and removes the message from there in the MULTI that records it as unacked
+(`QoS.append`); any live consumer moves the in-flight lists of consumers whose heartbeat has
+expired back onto their queues. A message may so be delivered twice, never lost; the ingest
+tasks are idempotent.
 
 Priorities: kombu keeps a queue's messages of priority 3, 6 and 9 (its `priority_steps`) in
-sub-lists (`queue\\x06\\x163` ...; on Redis a lower number goes first). Each pop takes from the first
-non-empty list, in that order, in one Lua call (one round trip), and blocks on the plain queue
-when all are empty (a message that lands in a sub-list meanwhile waits at most one poll,
-`brpop_timeout`). kombu's other commands (acks, unacked records, event publishes) share one
-redis client instead of building one per command.
+sub-lists (`queue\\x06\\x163` ...; on Redis a lower number goes first). Each pop takes from the
+lists in that order, and blocks on the plain queue when all are empty (a message that lands in a
+sub-list meanwhile waits at most one poll, `brpop_timeout`). kombu's other commands (acks,
+unacked records, event publishes) share one redis client instead of building one per command.
 
 An entry that is not a kombu message (not UTF-8, not JSON, JSON of another shape, or a message
 whose body is not JSON, which Celery would drop without a trace) is moved
@@ -41,7 +43,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
@@ -68,33 +70,74 @@ return n
 """
 
 
-# Move the last entry of the first non-empty list among KEYS[1..n] onto its in-flight list
-# KEYS[n+i]; {i, entry}, or false when all are empty (the consumer then blocks on the plain queue).
+# Take up to ARGV[1] entries off the lists KEYS[1..n], in that order (the right end first).
+# With ARGV[3] = "1" each one that names a delivery tag, exchange and routing key as kombu's
+# messages do is recorded as unacked as kombu records it (index KEYS[2n+1], score ARGV[2]; hash
+# KEYS[2n+2], `[message, exchange, routing_key]` in JSON); any other goes onto its list's
+# in-flight list KEYS[n+i] for the worker to judge (and so does every entry without ARGV[3]).
+# Returns {i, entry, tag or false} per entry, oldest first; empty when all lists are.
 _POP = """
-local n = #KEYS / 2
+local n = (#KEYS - 2) / 2
+local index, unacked = KEYS[2 * n + 1], KEYS[2 * n + 2]
+local want, now, record = tonumber(ARGV[1]), ARGV[2], ARGV[3] == '1'
+local out = {}
 for i = 1, n do
-  local item = redis.call('LMOVE', KEYS[i], KEYS[n + i], 'RIGHT', 'LEFT')
-  if item then return {i, item} end
+  while #out < want do
+    local item = redis.call('RPOP', KEYS[i])
+    if not item then break end
+    local tag = false
+    if record then
+      local ok, m = pcall(cjson.decode, item)
+      local p = ok and type(m) == 'table' and m.properties
+      local info = type(p) == 'table' and p.delivery_info
+      if type(info) == 'table' and type(p.delivery_tag) == 'string'
+          and type(info.exchange) == 'string' and type(info.routing_key) == 'string' then
+        tag = p.delivery_tag
+        redis.call('ZADD', index, now, tag)
+        redis.call('HSET', unacked, tag,
+          '[' .. item .. ',' .. cjson.encode(info.exchange) .. ',' .. cjson.encode(info.routing_key) .. ']')
+      end
+    end
+    if not tag then redis.call('LPUSH', KEYS[n + i], item) end
+    out[#out + 1] = {i, item, tag}
+  end
 end
-return false
+return out
 """
+MAX_POP = 16  # entries one pop may take (fewer when the prefetch limit leaves less room)
+
+
+class Taken(NamedTuple):
+    """An entry being delivered: its in-flight list, and the tag the pop recorded it under (None:
+    not recorded; it is on that in-flight list)."""
+
+    source: str
+    inflight: str
+    item: bytes
+    recorded: str | None
 
 
 class QoS(kombu_redis.QoS):
     def append(self, message: Any, delivery_tag: str) -> None:
-        """Record `message` as unacked and, for the entry being delivered, take it off its
-        consumer's in-flight list in the same MULTI (one round trip, and never in neither)."""
+        """Record `message` as unacked. The pop recorded it already under this tag: only the
+        in-process record is left to make. Taken off an in-flight list instead: it leaves that
+        list in the MULTI that records it (one round trip, and never in neither place)."""
         taken, self.channel._taken = self.channel._taken, None
         if taken is None:
             super().append(message, delivery_tag)  # type: ignore[no-untyped-call]  # kombu is untyped
             return
-        inflight, item = taken
-        delivery = message.delivery_info
-        record = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])  # type: ignore[no-untyped-call]
-        with self.pipe_or_acquire() as pipe:
-            pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()}).hset(
-                self.unacked_key, delivery_tag, record
-            ).lrem(inflight, 1, item).execute()
+        if taken.recorded != delivery_tag:
+            delivery = message.delivery_info
+            record = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])  # type: ignore[no-untyped-call]
+            with self.pipe_or_acquire() as pipe:
+                pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()}).hset(
+                    self.unacked_key, delivery_tag, record
+                )
+                if taken.recorded is None:
+                    pipe.lrem(taken.inflight, 1, taken.item)
+                else:  # the pop read another tag than kombu did (JSON only a Lua parser took so)
+                    self._remove_from_indices(taken.recorded, pipe)  # type: ignore[no-untyped-call]
+                pipe.execute()
         virtual.QoS.append(self, message, delivery_tag)  # type: ignore[no-untyped-call]  # the in-process record
 
 
@@ -111,7 +154,13 @@ class Channel(kombu_redis.Channel):
         self._block_next = False  # the last non-blocking pop found nothing: block on the next one
         self._shared: Any = None
         self._warned = False
-        self._taken: tuple[str, bytes] | None = None  # (in-flight list, entry) being delivered
+        self._taken: Taken | None = None  # the entry being delivered
+        self._no_ack: set[str] = set()  # queues consumed without acks: the pop records nothing
+
+    def basic_consume(self, queue: str, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("no_ack", args[0] if args else False):
+            self._no_ack.add(queue)
+        return super().basic_consume(queue, *args, **kwargs)  # type: ignore[no-untyped-call]
 
     @contextmanager
     def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
@@ -143,10 +192,16 @@ class Channel(kombu_redis.Channel):
             wait = self.brpop_timeout if timeout is None else timeout
             command = "BLMOVE"
             connection.send_command(command, keys[0], self._inflight_key(keys[0]), "RIGHT", "LEFT", wait or 0)
-        else:  # one round trip: the first non-empty list's entry, or nothing
+        else:  # one round trip: as many entries as the prefetch limit takes, recorded as unacked
             command = "EVAL"
+            room = self.qos.can_consume_max_estimate()  # None: no limit
+            want = MAX_POP if room is None else max(1, min(MAX_POP, room))
             inflights = [self._inflight_key(key) for key in keys]
-            connection.send_command(command, _POP, 2 * len(keys), *keys, *inflights)
+            record = "0" if queue in self._no_ack else "1"
+            connection.send_command(
+                command, _POP, 2 * len(keys) + 2, *keys, *inflights,
+                self.unacked_index_key, self.unacked_key, want, time.time(), record,
+            )  # fmt: skip
         self._inflight = (queue, keys, command)
         self._in_poll = connection
         self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]  # kombu declares None
@@ -165,48 +220,75 @@ class Channel(kombu_redis.Channel):
                 self.client.connection.disconnect()
                 raise
             if command == "EVAL":
-                self._block_next = not reply
-                source, item = (keys[int(reply[0]) - 1], reply[1]) if reply else (keys[0], None)
+                entries = [self._taken_from(keys[int(i) - 1], item, tag) for i, item, tag in reply or ()]
+                self._block_next = not entries
             else:
+                entries = [self._taken_from(keys[0], reply, None)] if reply else []
                 self._block_next = False
-                source, item = keys[0], reply
-            if not item:
+            if not entries:
                 raise kombu_redis.Empty()  # type: ignore[attr-defined]  # kombu is untyped
-            inflight = self._inflight_key(source)
             self._queue_cycle.rotate(queue)
-            message, reason = decode_entry(item)
-            if message is None:
-                self._undeliverable(queue, inflight, item, reason)
-                return True
-            # kombu records it as unacked (QoS.append, which also takes it off the in-flight
-            # list, in the same MULTI), then hands it to Celery
-            self._taken = (inflight, item)
-            try:
-                self.connection._deliver(message, queue)
-            except Exception:
-                if self._taken is not None:  # not recorded: back on the queue
-                    with self.conn_or_acquire() as client:
-                        client.pipeline().lrem(inflight, 1, item).rpush(source, item).execute()
-                raise
-            if self._taken is not None:  # a consumer without acks: nothing was recorded
-                with self.conn_or_acquire() as client:
-                    client.lrem(inflight, 1, item)
+            self._deliver_all(queue, entries)
             return True
         finally:
             self._taken = None
             self._in_poll = None  # type: ignore[assignment]  # kombu declares bool
 
-    def _undeliverable(self, queue: str, inflight: str, item: bytes, reason: str) -> None:
+    def _taken_from(self, source: str, item: bytes, tag: bytes | str | None) -> Taken:
+        recorded = tag.decode("utf-8", "replace") if isinstance(tag, bytes) else tag
+        return Taken(source, self._inflight_key(source), item, recorded)
+
+    def _deliver_all(self, queue: str, entries: list[Taken]) -> None:
+        """Each entry to kombu, which records it as unacked (QoS.append) and hands it to Celery;
+        an entry that is no message to `_undeliverable`. Should a delivery raise, that entry
+        (unless recorded by then) and the ones after it go back on their lists."""
+        for n, taken in enumerate(entries):
+            message, reason = decode_entry(taken.item)
+            self._taken = taken
+            try:
+                if message is None:
+                    self._undeliverable(queue, taken, reason)
+                else:
+                    self.connection._deliver(message, queue)
+            except Exception:
+                self._give_back(entries[n + 1 :] if self._taken is None else entries[n:])
+                raise
+            if self._taken is not None:  # a consumer without acks: kombu recorded nothing
+                self._taken = None
+                self._give_back([taken], requeue=False)
+
+    def _give_back(self, entries: list[Taken], *, requeue: bool = True) -> None:
+        """Take `entries` out of the unacked records or in-flight lists and (`requeue`) back onto
+        their queues where the next pop takes from, in the order they were popped; one MULTI."""
+        if not entries:
+            return
+        with self.conn_or_acquire() as client:
+            pipe = client.pipeline()
+            for taken in reversed(entries):
+                self._release(pipe, taken)
+                if requeue:
+                    pipe.rpush(taken.source, taken.item)
+            pipe.execute()
+
+    def _release(self, pipe: Any, taken: Taken) -> None:
+        """Queue on `pipe` the removal of the entry from its in-flight list or unacked record."""
+        if taken.recorded is None:
+            pipe.lrem(taken.inflight, 1, taken.item)
+        else:
+            pipe.zrem(self.unacked_index_key, taken.recorded).hdel(self.unacked_key, taken.recorded)
+
+    def _undeliverable(self, queue: str, taken: Taken, reason: str) -> None:
         """Hand the worker a `sidecar.undeliverable` task for the entry, then move the entry from
-        the in-flight list to the queue's capped dead-letter list (a crash in between delivers
-        the task again, never loses the entry)."""
-        log.warning("broker.undeliverable queue=%s bytes=%d reason=%s", queue, len(item), reason)
-        self.connection._deliver(undeliverable_message(queue, item, reason), queue)
+        its in-flight list or unacked record to the queue's capped dead-letter list (a crash in
+        between delivers the task again, never loses the entry)."""
+        log.warning("broker.undeliverable queue=%s bytes=%d reason=%s", queue, len(taken.item), reason)
+        self._taken = None  # the task is a message of its own, recorded as kombu records one
+        self.connection._deliver(undeliverable_message(queue, taken.item, reason), queue)
         dead = queue + UNDELIVERABLE_SUFFIX
         with self.conn_or_acquire() as client:
-            client.pipeline().lpush(dead, item).ltrim(dead, 0, UNDELIVERABLE_CAP - 1).lrem(
-                inflight, 1, item
-            ).execute()
+            pipe = client.pipeline().lpush(dead, taken.item).ltrim(dead, 0, UNDELIVERABLE_CAP - 1)
+            self._release(pipe, taken)
+            pipe.execute()
 
     def _housekeeping(self) -> None:
         """Beat this consumer's heartbeat; now and then give dead consumers' messages back."""
