@@ -4,6 +4,7 @@ that are not messages are set aside and reported, and priority sub-queues are co
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import signal
@@ -14,7 +15,7 @@ import uuid
 
 from celery import Celery
 
-from worker import broker
+from worker import broker, entries
 
 
 def test_dead_consumers_messages_go_back_on_their_queue(redis_client):
@@ -152,12 +153,12 @@ def test_foreign_entries_are_set_aside_and_priority_messages_consumed(redis_url,
 
 def test_a_raw_entry_is_reported_escaped_and_capped():
     item = b"\xff" + "\u00e9".encode() * 5000
-    message = broker.undeliverable_message("q", item, "not UTF-8")
-    assert message["headers"]["task"] == broker.UNDELIVERABLE_TASK
-    assert broker.envelope_problem(message) is None  # a message kombu can deliver
+    message = entries.undeliverable_message("q", item, "not UTF-8")
+    assert message["headers"]["task"] == entries.UNDELIVERABLE_TASK
+    assert entries.envelope_problem(message) is None  # a message kombu can deliver
     [[argument], kwargs, _embed] = json.loads(__import__("base64").b64decode(message["body"]))
     assert kwargs == {} and argument["queue"] == "q" and argument["reason"] == "not UTF-8"
-    assert len(argument["raw"]) == broker.RAW_CHARS and argument["raw"].isascii()
+    assert len(argument["raw"]) == entries.RAW_CHARS and argument["raw"].isascii()
     assert argument["raw"].startswith('"\\ufffd\\u00e9')
 
 
@@ -219,10 +220,8 @@ def test_a_delivery_that_raises_gives_it_and_the_rest_of_its_pop_back(redis_url)
         for n in range(3):
             producer.publish({"n": n}, routing_key="gb", declare=[queue], serializer="json")
         with Consumer(conn, [queue], callbacks=[on_message], prefetch_count=3):
-            try:
+            with contextlib.suppress(RuntimeError):
                 conn.drain_events(timeout=5)
-            except RuntimeError:
-                pass
         assert seen == [0, 1]
         assert [_body(json.loads(e))["n"] for e in r.lrange("gb", 0, -1)] == [2]
         recorded = [_body(json.loads(record)[0])["n"] for record in r.hvals("unacked")]

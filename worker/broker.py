@@ -21,11 +21,11 @@ sub-list meanwhile waits at most one poll, `brpop_timeout`). kombu's other comma
 unacked records, event publishes) share one redis client instead of building one per command.
 
 An entry that is not a kombu message (not UTF-8, not JSON, JSON of another shape, or a message
-whose body is not JSON, which Celery would drop without a trace) is moved
-to `<queue>.undeliverable` (capped at UNDELIVERABLE_CAP entries) and handed to the worker as a
-task `sidecar.undeliverable` with one argument `{"queue", "raw", "reason"}`, `raw` being the
-entry as JSON-escaped text of at most RAW_CHARS characters, so that it is recorded and the
-consumer goes on with the next entry.
+whose body is not JSON, which Celery would drop without a trace) is moved to
+`<queue>.undeliverable` (capped at UNDELIVERABLE_CAP entries) and handed to the worker as a task
+`sidecar.undeliverable` with one argument `{"queue", "raw", "reason"}`, `raw` being the entry as
+JSON-escaped text of at most RAW_CHARS characters (worker/entries.py), so that it is recorded
+and the consumer goes on with the next entry.
 
 Limit: one queue per consumer (the worker consumes the one queue the sidecar uses); with more,
 pops fall back to kombu's BRPOP.
@@ -33,12 +33,7 @@ pops fall back to kombu's BRPOP.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import logging
-import os
-import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -49,6 +44,8 @@ from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.json import dumps
 
+from worker.entries import decode_entry, undeliverable_message
+
 log = logging.getLogger(__name__)
 
 INFLIGHT_PREFIX = "sidecar:inflight:"  # + consumer id (32 hex) + ":" + queue key
@@ -56,10 +53,8 @@ ALIVE_PREFIX = "sidecar:consumer:"  # + consumer id; expires when the consumer s
 HEARTBEAT_S = 5.0
 DEAD_AFTER_S = 30
 SWEEP_S = 10.0
-UNDELIVERABLE_TASK = "sidecar.undeliverable"
 UNDELIVERABLE_SUFFIX = ".undeliverable"
 UNDELIVERABLE_CAP = 10_000
-RAW_CHARS = 4096
 
 # Move a dead consumer's in-flight messages back to the end of the queue that is popped next.
 _RESTORE = """
@@ -301,99 +296,6 @@ class Channel(kombu_redis.Channel):
             if now - self._swept_at >= SWEEP_S:
                 self._swept_at = now
                 restore_dead_consumers(client)
-
-
-def decode_entry(item: bytes) -> tuple[dict[str, Any] | None, str]:
-    """(the kombu message, "") of a queue entry, or (None, why it is not one)."""
-    try:
-        text = item.decode("utf-8")
-    except UnicodeDecodeError:
-        return None, "not UTF-8"
-    try:
-        message = json.loads(text)
-    except ValueError as exc:
-        return None, f"not JSON ({type(exc).__name__})"
-    except RecursionError:
-        return None, "not JSON (nested too deeply)"
-    problem = envelope_problem(message)
-    return (None, f"not a kombu message: {problem}") if problem else (message, "")
-
-
-def envelope_problem(message: Any) -> str | None:
-    """What keeps kombu from delivering this decoded entry, or None."""
-    if not isinstance(message, dict):
-        return "not an object"
-    properties = message.get("properties")
-    if not isinstance(properties, dict):
-        return "no properties"
-    info = properties.get("delivery_info")
-    if not isinstance(info, dict) or not all(
-        isinstance(info.get(k), str) for k in ("exchange", "routing_key")
-    ):
-        return "no delivery_info with exchange and routing_key"
-    if not isinstance(properties.get("delivery_tag"), str):
-        return "no delivery_tag"
-    if not isinstance(message.get("headers", {}), dict):
-        return "headers is not an object"
-    body, encoding = message.get("body"), properties.get("body_encoding")
-    if body is not None and not isinstance(body, str):
-        return "body is not a string"
-    if encoding not in (None, "utf-8", "base64"):
-        return f"unknown body_encoding {str(encoding)[:32]!r}"
-    return body_problem(message.get("content-type"), body or "", encoding)
-
-
-def body_problem(content_type: Any, body: str, encoding: Any) -> str | None:
-    """What keeps Celery from decoding the message's body as JSON, or None. Celery drops such a
-    message with no trace (its decode-error hook acks it), so it is caught here instead."""
-    if content_type != "application/json":
-        return f"content type {str(content_type)[:64]!r} is not application/json"
-    try:
-        data = base64.b64decode(body, validate=True) if encoding == "base64" else body.encode()
-        json.loads(data)
-    except (binascii.Error, UnicodeError):
-        return "body is not base64 of UTF-8"
-    except ValueError as exc:
-        return f"body is not JSON ({type(exc).__name__})"
-    except RecursionError:
-        return "body is not JSON (nested too deeply)"
-    return None
-
-
-def undeliverable_message(queue: str, item: bytes, reason: str) -> dict[str, Any]:
-    """A kombu message of Celery task `sidecar.undeliverable` about one queue entry."""
-    raw = json.dumps(item.decode("utf-8", errors="replace"), ensure_ascii=True)[:RAW_CHARS]
-    task_id = str(uuid.uuid4())
-    argument = {"queue": queue, "raw": raw, "reason": reason}
-    body = json.dumps([[argument], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])
-    return {
-        "body": base64.b64encode(body.encode()).decode(),
-        "content-encoding": "utf-8",
-        "content-type": "application/json",
-        "headers": {
-            "lang": "py",
-            "task": UNDELIVERABLE_TASK,
-            "id": task_id,
-            "root_id": task_id,
-            "parent_id": None,
-            "group": None,
-            "retries": 0,
-            "eta": None,
-            "expires": None,
-            "timelimit": [None, None],
-            "argsrepr": f"(<an undeliverable entry of {len(item)} bytes from {queue!r}>,)",
-            "kwargsrepr": "{}",
-            "origin": f"{os.getpid()}@{socket.gethostname()}",
-        },
-        "properties": {
-            "correlation_id": task_id,
-            "delivery_mode": 2,
-            "delivery_info": {"exchange": "", "routing_key": queue},
-            "priority": 0,
-            "body_encoding": "base64",
-            "delivery_tag": str(uuid.uuid4()),
-        },
-    }
 
 
 def restore_dead_consumers(client: Any) -> int:

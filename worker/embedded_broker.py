@@ -36,7 +36,7 @@ import sqlalchemy as sa
 from kombu.transport import sqlalchemy as kombu_sqla
 from kombu.transport.virtual import Empty
 
-from worker.broker import decode_entry, undeliverable_message
+from worker.entries import decode_entry, undeliverable_message
 
 log = logging.getLogger(__name__)
 
