@@ -23,6 +23,7 @@ from kombu import Connection
 from worker.embedded_broker import Transport
 with Connection(sys.argv[1], transport=Transport) as conn:
     queue = conn.SimpleQueue("q")
+    queue.consumer.qos(prefetch_count=2)  # one take hands out both, the third stays
     for _ in range(2):
         print(queue.get(timeout=10).payload["n"], flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
@@ -72,6 +73,32 @@ def test_a_killed_consumers_messages_are_delivered_again_and_acknowledged_ones_d
     # that kills the worker each time is so counted and dead-lettered, worker/tasks.py).
     assert sorted(drain(url, marks=True)) == [(0, True), (1, True), (2, False)]
     assert visible(path) == []  # acknowledged rows are deleted
+
+
+def test_a_take_hands_out_several_and_gives_back_what_a_failed_delivery_left(tmp_path):
+    """One take, three messages (no prefetch limit); the consumer raises on the first: the two
+    taken after it are visible again, and the next take delivers them."""
+    path = tmp_path / "broker.sqlite"
+    url = f"sqlite:///{path}"
+    seen: list[int] = []
+
+    def fail_first(body: dict, message: Any) -> None:
+        seen.append(body["n"])
+        if body["n"] == 0:
+            assert visible(path) == [False, False, False]  # all three in one take
+            raise RuntimeError("the consumer fails")
+        message.ack()
+
+    with Connection(url, transport=Transport) as conn:
+        queue = conn.SimpleQueue("q")
+        for n in range(3):
+            queue.put({"n": n})
+        with conn.Consumer(queue.queue, callbacks=[fail_first], accept=["json"]):
+            with pytest.raises(RuntimeError):
+                conn.drain_events(timeout=5)
+            assert visible(path) == [False, True, True]
+            conn.drain_events(timeout=5)  # the next take hands out both
+    assert seen == [0, 1, 2]
 
 
 def test_rows_kombus_own_transport_left_invisible_are_deleted_once_not_run_again(tmp_path):

@@ -5,9 +5,11 @@ kombu's transport marks a message it hands out invisible and never looks at it a
 live in the consumer's memory, so the messages a killed worker held stay invisible for ever
 (lost), and acknowledged ones are never deleted (the file only grows). Here:
 
+- a take hands out as many messages as the prefetch limit leaves room for, in one write
+  transaction (kombu's takes one a transaction);
 - an acknowledged message's row is deleted (a rejected or shut-down one's too, once kombu has
-  put it back as a new row), in the transaction that takes the next message (or at close): one
-  write transaction a message, as kombu's own. A kill in between delivers those again;
+  put it back as a new row), in the transaction of the next take (or at close). A kill in
+  between delivers those again;
 - the first time a process consumes a queue, the rows an earlier consumer took and never
   acknowledged are made visible again and delivered marked `redelivered`, as kombu's Redis
   transport marks what it restores (so a message that kills the worker each time is counted and
@@ -22,14 +24,16 @@ live in the consumer's memory, so the messages a killed worker held stay invisib
   Made visible they would run every message ever sent again.
 
 The consumer polls every POLL_S instead of kombu's second (the bulk of a lone event's
-publish-to-indexed time); kombu gives all transport options to `create_engine`, so the interval
-is a class attribute.
+publish-to-indexed time), and between two polls that found nothing it takes again as soon as a
+task ends (a consumer at its prefetch limit finds nothing to take until then); kombu gives all
+transport options to `create_engine`, so the interval is a class attribute.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 import sqlalchemy as sa
@@ -41,6 +45,7 @@ from worker.entries import decode_entry, undeliverable_message
 log = logging.getLogger(__name__)
 
 POLL_S = 0.1  # how often the consumer polls the file (a query on a local file)
+MAX_TAKE = 16  # messages one take may hand out (fewer when the prefetch limit leaves less room)
 STATE_TABLE = "sidecar_broker_state"
 DELETES_ACKED = "deletes-acked-rows"  # the marker: this file's invisible rows are in flight
 
@@ -70,9 +75,25 @@ class Channel(kombu_sqla.Channel):
         self._acked: list[int] = []  # rows acknowledged since the last take: deleted by the next
         self._acked_lock = threading.Lock()
 
+    def _get_and_deliver(self, queue: str, callback: Any) -> None:
+        """As many messages as the prefetch limit leaves room for, taken in one transaction, each
+        handed to kombu in turn; should a delivery raise, the ones after it are visible again."""
+        room = self.qos.can_consume_max_estimate()  # None: no limit
+        taken = self._take(queue, MAX_TAKE if room is None else max(1, min(MAX_TAKE, room)))
+        for n, payload in enumerate(taken):
+            try:
+                callback(payload, queue)
+            except BaseException:
+                self._put_back([later["properties"]["delivery_tag"] for later in taken[n + 1 :]])
+                raise
+
     def _get(self, queue: str, timeout: Any = None) -> dict[str, Any]:
-        """kombu's `_get`, remembering the row of the message handed out; the rows acknowledged
-        since are deleted in the same transaction (one write transaction a message, as kombu's)."""
+        return self._take(queue, 1)[0]
+
+    def _take(self, queue: str, limit: int) -> list[dict[str, Any]]:
+        """kombu's `_get` for up to `limit` messages, remembering the row of each one handed
+        out; the rows acknowledged since the last take are deleted in the same transaction (one
+        write transaction a take, as kombu's a message)."""
         self._restore_once(queue)
         found = self._get_or_create(queue)
         message = self.message_cls
@@ -83,28 +104,17 @@ class Channel(kombu_sqla.Channel):
         try:
             if acked:
                 self.session.execute(sa.delete(message.__table__).where(message.__table__.c.id.in_(acked)))
-            row = (
+            rows = (
                 self.session.query(message)
                 .with_for_update()
                 .filter(message.queue_id == found.id, message.visible != False)  # noqa: E712
                 .order_by(message.sent_at, message.id)
-                .limit(1)
-                .first()
+                .limit(limit)
+                .all()
             )
-            if row is None:
+            if not rows:
                 raise Empty()
-            row.visible = False
-            raw = str(row.payload).encode("utf-8", "replace")
-            payload, reason = decode_entry(raw)
-            if payload is None:  # task sidecar.undeliverable records it; its ack deletes the row
-                log.warning("broker.undeliverable queue=%s bytes=%d reason=%s", queue, len(raw), reason)
-                payload = undeliverable_message(queue, raw, reason)
-            properties = payload["properties"]
-            self._rows[properties["delivery_tag"]] = row.id
-            if (self._file, row.id) in _redelivered:
-                _redelivered.discard((self._file, row.id))
-                properties["delivery_info"]["redelivered"] = True
-            return payload
+            return [self._handed_out(queue, row) for row in rows]
         except BaseException as exc:
             if not isinstance(exc, Empty):  # not deleted: the next take tries again
                 with self._acked_lock:
@@ -113,6 +123,30 @@ class Channel(kombu_sqla.Channel):
         finally:
             self.session.commit()
 
+    def _handed_out(self, queue: str, row: Any) -> dict[str, Any]:
+        """The row marked taken, and the message it holds (or the sidecar.undeliverable task
+        about it, whose ack deletes the row)."""
+        row.visible = False
+        raw = str(row.payload).encode("utf-8", "replace")
+        payload, reason = decode_entry(raw)
+        if payload is None:
+            log.warning("broker.undeliverable queue=%s bytes=%d reason=%s", queue, len(raw), reason)
+            payload = undeliverable_message(queue, raw, reason)
+        properties = payload["properties"]
+        self._rows[properties["delivery_tag"]] = row.id
+        if (self._file, row.id) in _redelivered:
+            _redelivered.discard((self._file, row.id))
+            properties["delivery_info"]["redelivered"] = True
+        return payload
+
+    def _put_back(self, tags: list[str]) -> None:
+        """Make the rows of messages taken but never handed out visible again."""
+        rows = [row for row in (self._rows.pop(tag, None) for tag in tags) if row is not None]
+        if rows:
+            table = self.message_cls.__table__
+            with _bookkeeping(self._file).begin() as conn:
+                conn.execute(sa.update(table).where(table.c.id.in_(rows)).values(visible=True))
+
     @property
     def _file(self) -> str:
         return str(self.connection.client.hostname)
@@ -120,10 +154,12 @@ class Channel(kombu_sqla.Channel):
     def basic_ack(self, delivery_tag: str, multiple: bool = False) -> None:
         super().basic_ack(delivery_tag, multiple=multiple)
         self._forget(delivery_tag)
+        self.connection.freed.set()
 
     def basic_reject(self, delivery_tag: str, requeue: bool = False) -> None:
         super().basic_reject(delivery_tag, requeue=requeue)  # requeued: kombu put a new row
         self._forget(delivery_tag)
+        self.connection.freed.set()
 
     def _restore(self, message: Any) -> None:
         super()._restore(message)  # a new row (an unacknowledged message at shutdown)
@@ -185,3 +221,23 @@ class Channel(kombu_sqla.Channel):
 class Transport(kombu_sqla.Transport):
     Channel = Channel
     polling_interval = POLL_S
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.freed = threading.Event()  # set by every ack or reject: a prefetch slot is free
+
+    def drain_events(self, connection: Any, timeout: Any = None, **_kwargs: Any) -> None:
+        """kombu's loop, waiting between empty polls on an ack instead of sleeping: a consumer at
+        its prefetch limit (a take fills it) takes again as soon as a task ends."""
+        started = time.monotonic()
+        interval = self.polling_interval if not timeout else min(self.polling_interval, timeout)
+        assert self.cycle is not None  # set up with the transport
+        while True:
+            self.freed.clear()
+            try:
+                self.cycle.get(self._deliver, timeout=timeout)
+                return
+            except Empty:
+                if timeout is not None and time.monotonic() - started >= timeout:
+                    raise TimeoutError() from None
+                self.freed.wait(interval)
