@@ -37,6 +37,13 @@ def mark_indexed_many(session: Session, written: list[tuple[Claimed, int]], *, o
     still its version and the lease is still `owner`'s. Returns the ids it marked."""
     if not written:
         return set()
+    if session.get_bind().dialect.name == "postgresql":
+        arrays = {
+            "ids": [doc.id for doc, _ in written],
+            "versions": [doc.version for doc, _ in written],
+            "counts": [count for _, count in written],
+        }
+        return set(session.execute(_MARK_INDEXED_PG, {**arrays, "owner": owner}).scalars())
     chunk_counts = {doc.id: count for doc, count in written}
     statement = (
         sa.update(DOCS)
@@ -56,6 +63,20 @@ def mark_indexed_many(session: Session, written: list[tuple[Claimed, int]], *, o
         .returning(D.id)
     )
     return set(session.execute(statement).scalars())
+
+
+# PostgreSQL: the same UPDATE with the documents as one array per column, so its text is the same
+# whatever their number (SQLAlchemy builds and psycopg parses it once; the statement above,
+# rebuilt each cycle with a value list as long as the cycle, was a twentieth of a worker's CPU).
+_MARK_INDEXED_PG = sa.text(
+    "UPDATE documents SET status = 'indexed', indexed_version = documents.version,"
+    " indexed_hash = documents.text_hash, chunk_count = w.w_count, attempts = 0, last_error = NULL,"
+    " lease_owner = NULL, lease_until = NULL"
+    " FROM unnest(CAST(:ids AS BIGINT[]), CAST(:versions AS BIGINT[]), CAST(:counts AS INTEGER[]))"
+    " AS w(w_id, w_version, w_count)"
+    " WHERE documents.id = w.w_id AND documents.version = w.w_version AND documents.lease_owner = :owner"
+    " RETURNING documents.id"
+)
 
 
 def _hand_back(session: Session, ids: list[int], owner: str, *, attempts: Any) -> None:
