@@ -124,7 +124,14 @@ def test_foreign_entries_are_set_aside_and_priority_messages_consumed(redis_url,
 
     r = redis.Redis.from_url(db)
     r.flushdb()
-    foreign = [json.dumps({"hello": "world"}).encode(), b"\xff\xfe{not utf-8", b"plain text, not JSON"]
+    info = b'"delivery_info": {"exchange": "", "routing_key": "celery"}'
+    foreign = [
+        json.dumps({"hello": "world"}).encode(),
+        b"\xff\xfe{not utf-8",
+        b"plain text, not JSON",
+        # kombu's shape to Redis's Lua (recorded as unacked at the pop), not UTF-8 to the worker
+        b'{"body": "e30=", "properties": {"delivery_tag": "\xff\xfe", ' + info + b"}}",
+    ]
     r.lpush("celery", *foreign)  # popped from the right: these come first
     producer = Celery(broker=db)
     producer.send_task("t.record", args=["plain"])
@@ -145,6 +152,8 @@ def test_foreign_entries_are_set_aside_and_priority_messages_consumed(redis_url,
     assert [entry["raw"] for entry in reported] == expected_raw
     assert all(entry["queue"] == "celery" and entry["reason"] for entry in reported)
     assert "UTF-8" in reported[1]["reason"] and "JSON" in reported[2]["reason"]
+    assert "UTF-8" in reported[3]["reason"]
+    assert r.hlen("unacked") == r.zcard("unacked_index") == 0  # its record went with it
     assert r.lrange("celery.undeliverable", 0, -1) == foreign[::-1]
     assert r.llen("celery") == r.llen("celery\x06\x169") == 0
     assert [k for k in r.scan_iter(match=f"{broker.INFLIGHT_PREFIX}*") if r.llen(k)] == []
@@ -233,3 +242,33 @@ def test_a_delivery_that_raises_gives_it_and_the_rest_of_its_pop_back(redis_url)
 
 def _body(message: dict) -> dict:
     return json.loads(base64.b64decode(message["body"]))
+
+
+def test_an_unacked_record_kombu_could_not_restore_is_set_aside_not_raised(redis_url):
+    """A record Python's JSON refuses (Redis's Lua parser took it at the pop; the worker died
+    before judging it) or one routed to no queue goes to `unacked.undeliverable`; a sound one
+    next to them is restored to its queue as kombu restores it."""
+    import redis
+    from kombu import Connection
+
+    db = redis_url.rsplit("/", 1)[0] + "/8"
+    r = redis.Redis.from_url(db)
+    r.flushdb()
+    sound = {"body": "e30=", "headers": {}, "properties": {"delivery_tag": "ok", "delivery_info": {}}}
+    records = {
+        "hex": b'[{"n": 0x10}, "", "q"]',  # cjson reads 0x10; Python does not
+        "lost": json.dumps([sound, "no-such-exchange", "q"]).encode(),
+        "ok": json.dumps([sound, "", "q"]).encode(),
+    }
+    for tag, record in records.items():
+        r.hset("unacked", tag, record)
+        r.zadd("unacked_index", {tag: 1.0})
+    with Connection(db, transport=broker.Transport) as conn:
+        qos = conn.default_channel.qos
+        for tag in records:
+            qos.restore_by_tag(tag)
+    assert r.hlen("unacked") == r.zcard("unacked_index") == 0
+    assert sorted(r.lrange("unacked.undeliverable", 0, -1)) == sorted([records["hex"], records["lost"]])
+    (restored,) = r.lrange("q", 0, -1)
+    assert json.loads(restored)["properties"]["delivery_tag"] == "ok"
+    r.flushdb()

@@ -42,7 +42,8 @@ from typing import Any, NamedTuple
 
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
-from kombu.utils.json import dumps
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import dumps, loads
 
 from worker.entries import decode_entry, undeliverable_message
 
@@ -103,13 +104,13 @@ MAX_POP = 16  # entries one pop may take (fewer when the prefetch limit leaves l
 
 
 class Taken(NamedTuple):
-    """An entry being delivered: its in-flight list, and the tag the pop recorded it under (None:
-    not recorded; it is on that in-flight list)."""
+    """An entry being delivered: its in-flight list, and the tag the pop recorded it under, as
+    Redis has it (None: not recorded; it is on that in-flight list)."""
 
     source: str
     inflight: str
     item: bytes
-    recorded: str | None
+    recorded: bytes | None
 
 
 class QoS(kombu_redis.QoS):
@@ -121,7 +122,7 @@ class QoS(kombu_redis.QoS):
         if taken is None:
             super().append(message, delivery_tag)  # type: ignore[no-untyped-call]  # kombu is untyped
             return
-        if taken.recorded != delivery_tag:
+        if taken.recorded is None or taken.recorded != delivery_tag.encode("utf-8", "surrogatepass"):
             delivery = message.delivery_info
             record = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])  # type: ignore[no-untyped-call]
             with self.pipe_or_acquire() as pipe:
@@ -134,6 +135,38 @@ class QoS(kombu_redis.QoS):
                     self._remove_from_indices(taken.recorded, pipe)  # type: ignore[no-untyped-call]
                 pipe.execute()
         virtual.QoS.append(self, message, delivery_tag)  # type: ignore[no-untyped-call]  # the in-process record
+
+    def restore_by_tag(self, tag: Any, client: Any = None, leftmost: bool = False) -> None:
+        """kombu's, except for a record it could not put back: one Python's JSON refuses (an
+        entry the pop recorded before the worker could judge it: Redis's Lua parser takes
+        numbers Python's refuses) or routed to no queue. kombu raises on the first, at every
+        worker's start too, and drops the second; such a record goes to `unacked.undeliverable`
+        (capped) instead."""
+        with self.channel.conn_or_acquire(client) as conn:
+            record = conn.hget(self.unacked_key, tag)
+            problem = None if record is None else _record_problem(self.channel, record)
+            if problem is None:
+                super().restore_by_tag(tag, client=conn, leftmost=leftmost)  # type: ignore[no-untyped-call]
+                return
+            log.warning("broker.unrestorable bytes=%d reason=%s", len(record), problem)
+            dead = self.unacked_key + UNDELIVERABLE_SUFFIX
+            pipe = conn.pipeline().lpush(dead, record).ltrim(dead, 0, UNDELIVERABLE_CAP - 1)
+            self._remove_from_indices(tag, pipe).execute()  # type: ignore[no-untyped-call]
+
+
+def _record_problem(channel: Any, record: Any) -> str | None:
+    """Why kombu could not restore this unacked record, or None."""
+    try:
+        message, exchange, routing_key = loads(bytes_to_str(record))  # type: ignore[no-untyped-call]
+    except (ValueError, TypeError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return "not JSON to Python"
+    if not isinstance(message, dict) or not isinstance(exchange, str) or not isinstance(routing_key, str):
+        return "not a kombu record"
+    try:
+        routed = channel._lookup(exchange, routing_key)
+    except Exception as exc:  # a lookup of a hostile exchange name
+        return f"no route ({type(exc).__name__})"
+    return None if routed else "routed to no queue"
 
 
 class Channel(kombu_redis.Channel):
@@ -229,24 +262,26 @@ class Channel(kombu_redis.Channel):
             self._taken = None
             self._in_poll = None  # type: ignore[assignment]  # kombu declares bool
 
-    def _taken_from(self, source: str, item: bytes, tag: bytes | str | None) -> Taken:
-        recorded = tag.decode("utf-8", "replace") if isinstance(tag, bytes) else tag
-        return Taken(source, self._inflight_key(source), item, recorded)
+    def _taken_from(self, source: str, item: bytes, tag: bytes | None) -> Taken:
+        return Taken(source, self._inflight_key(source), item, tag)
 
     def _deliver_all(self, queue: str, entries: list[Taken]) -> None:
         """Each entry to kombu, which records it as unacked (QoS.append) and hands it to Celery;
-        an entry that is no message to `_undeliverable`. Should a delivery raise, that entry
-        (unless recorded by then) and the ones after it go back on their lists."""
+        an entry that is no message to `_undeliverable`. Should a delivery raise (a shutdown
+        too), that entry (unless kombu recorded it by then) and the ones after it go back on
+        their lists."""
         for n, taken in enumerate(entries):
             message, reason = decode_entry(taken.item)
-            self._taken = taken
             try:
                 if message is None:
                     self._undeliverable(queue, taken, reason)
-                else:
-                    self.connection._deliver(message, queue)
-            except Exception:
-                self._give_back(entries[n + 1 :] if self._taken is None else entries[n:])
+                    continue
+                self._taken = taken
+                self.connection._deliver(message, queue)
+            except BaseException:
+                recorded = message is not None and self._taken is None  # QoS.append ran
+                self._taken = None
+                self._give_back(entries[n + 1 :] if recorded else entries[n:])
                 raise
             if self._taken is not None:  # a consumer without acks: kombu recorded nothing
                 self._taken = None
@@ -277,7 +312,6 @@ class Channel(kombu_redis.Channel):
         its in-flight list or unacked record to the queue's capped dead-letter list (a crash in
         between delivers the task again, never loses the entry)."""
         log.warning("broker.undeliverable queue=%s bytes=%d reason=%s", queue, len(taken.item), reason)
-        self._taken = None  # the task is a message of its own, recorded as kombu records one
         self.connection._deliver(undeliverable_message(queue, taken.item, reason), queue)
         dead = queue + UNDELIVERABLE_SUFFIX
         with self.conn_or_acquire() as client:

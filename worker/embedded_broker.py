@@ -154,12 +154,18 @@ class Channel(kombu_sqla.Channel):
     def basic_ack(self, delivery_tag: str, multiple: bool = False) -> None:
         super().basic_ack(delivery_tag, multiple=multiple)
         self._forget(delivery_tag)
-        self.connection.freed.set()
+        self._freed()
 
     def basic_reject(self, delivery_tag: str, requeue: bool = False) -> None:
         super().basic_reject(delivery_tag, requeue=requeue)  # requeued: kombu put a new row
         self._forget(delivery_tag)
-        self.connection.freed.set()
+        self._freed()
+
+    def _freed(self) -> None:
+        """Wake the consumer (Transport.drain_events): a prefetch slot is free. None once the
+        channel is closed (a task that ends after a reconnect)."""
+        if self.connection is not None:
+            self.connection.freed.set()
 
     def _restore(self, message: Any) -> None:
         super()._restore(message)  # a new row (an unacknowledged message at shutdown)
