@@ -114,7 +114,9 @@ def test_task_events_go_out_in_bunches_not_a_publish_per_message(tmp_path, sqlit
             publishes = 0
             while published.get_message(timeout=0.5) is not None:
                 publishes += 1
-        assert 0 < publishes <= len(sent) // 4, f"{publishes} publishes for {len(sent)} messages"
+        # Celery's own consumer: a publish per message or more (55 for these 40). Ours: one per
+        # 0.1 s or 24 events, so a slow machine that takes 1.5 s over the 40 sees 15.
+        assert 0 < publishes <= len(sent) // 2, f"{publishes} publishes for {len(sent)} messages"
     finally:
         published.close()
         producer.close()
