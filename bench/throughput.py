@@ -1041,7 +1041,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--embed-threads",
         type=int,
         default=None,
-        help="embedding loops per worker (default as `sidecar worker`: 3, or 2 with --embedded)",
+        help="embedding loops per worker at most (default as `sidecar worker`: 6)",
     )
     add("--concurrency", type=int, default=4, help="ingest task slots per worker (default 4)")
     add("--events", type=int, default=None, help="events to publish (default 2000; 60 in --latency mode)")
@@ -1114,9 +1114,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.embed_threads is None:  # as `sidecar worker` (Settings.default_embed_threads)
-        from worker.settings import EMBED_THREADS, EMBED_THREADS_EMBEDDED
+        from worker.settings import EMBED_THREADS
 
-        args.embed_threads = EMBED_THREADS_EMBEDDED if args.embedded else EMBED_THREADS
+        args.embed_threads = EMBED_THREADS
     if args.serve_noop:
         return serve_noop(args.broker, args.counter, args.concurrency, args.node)
     args.events = args.events if args.events is not None else (60 if args.latency else 2000)

@@ -227,33 +227,50 @@ def test_a_cycle_lingers_only_while_lone_events_stream_in(monkeypatch) -> None:
     assert slept == [holdback.HeldBack.LINGER_MAX_S]
 
 
-def test_idle_only_the_first_embedding_loop_polls_and_a_wake_starts_them_all(
+def test_idle_only_the_first_embedding_loop_polls_and_a_backlog_behind_the_provider_starts_the_others(
     make_runtime, monkeypatch
 ) -> None:
     """Idle polling costs one loop's transactions however many loops there are; an ingest (the
-    wake event) brings every loop to work at once."""
+    wake event) wakes the working loop only; full claims whose cycles wait on the provider bring
+    the other loops to work, and claims that are not full send them back to sleep."""
     import threading
 
     from worker.service import EmbedService
 
-    rt = make_runtime(poll_interval_s=0.05, reconcile_interval_s=0)
+    rt = make_runtime(poll_interval_s=0.05, reconcile_interval_s=0, claim_docs=8)
     cycles: Counter[str] = Counter()
+    backlog = threading.Event()
 
-    def idle_cycle(rt: Any, held: Any = None) -> pipeline.Cycle:
+    def cycle(rt: Any, held: Any = None) -> pipeline.Cycle:
         cycles[threading.current_thread().name] += 1
-        return pipeline.Cycle(idle=True)
+        if not backlog.is_set():
+            return pipeline.Cycle(idle=True)
+        time.sleep(0.02)  # a provider call: the loop waits, its CPU is idle
+        return pipeline.Cycle(claimed=8, requests=1, waited_s=0.02)
 
-    monkeypatch.setattr(pipeline, "run_cycle", idle_cycle)
+    monkeypatch.setattr(pipeline, "run_cycle", cycle)
     service = EmbedService(rt, threads=3, reconcile=False)
     service.start()
     try:
         time.sleep(0.6)  # twelve poll intervals, less than one IDLE_WAIT_S
         quiet = dict(cycles)
         rt.wake.set()
-        time.sleep(0.3)
+        time.sleep(0.2)
+        woken = dict(cycles)
+        backlog.set()
+        deadline = time.monotonic() + 10
+        while service.scale.active < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.1)
+        busy = dict(cycles)
+        backlog.clear()
+        while service.scale.active > 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
     finally:
         service.stop()
     assert quiet["sidecar-embed-0"] >= 4
     assert quiet.get("sidecar-embed-1", 0) <= 1 and quiet.get("sidecar-embed-2", 0) <= 1  # a first look
-    for name in ("sidecar-embed-1", "sidecar-embed-2"):  # woken
-        assert cycles[name] > quiet.get(name, 0)
+    assert woken.get("sidecar-embed-1", 0) <= 1 and woken.get("sidecar-embed-2", 0) <= 1
+    assert service.scale.active == 1
+    for name in ("sidecar-embed-1", "sidecar-embed-2"):  # joined under the backlog
+        assert busy[name] > woken.get(name, 0)

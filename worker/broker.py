@@ -45,7 +45,7 @@ from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
-from worker.entries import decode_entry, undeliverable_message
+from worker.entries import decode_entry, take_count, undeliverable_message
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,6 @@ for i = 1, n do
 end
 return out
 """
-MAX_POP = 16  # entries one pop may take (fewer when the prefetch limit leaves less room)
 
 
 class Taken(NamedTuple):
@@ -222,8 +221,7 @@ class Channel(kombu_redis.Channel):
             connection.send_command(command, keys[0], self._inflight_key(keys[0]), "RIGHT", "LEFT", wait or 0)
         else:  # one round trip: as many entries as the prefetch limit takes, recorded as unacked
             command = "EVAL"
-            room = self.qos.can_consume_max_estimate()  # None: no limit
-            want = MAX_POP if room is None else max(1, min(MAX_POP, room))
+            want = take_count(self.qos.can_consume_max_estimate())
             inflights = [self._inflight_key(key) for key in keys]
             record = "0" if queue in self._no_ack else "1"
             connection.send_command(

@@ -86,7 +86,9 @@ def embed_wave(rt: Runtime, work: Work, wave: list[Rows], cycle: Cycle) -> bool:
         _failed(work, started[0].rows, exc)
         return False
     cycle.requests += len(started)
+    sent, computed = time.monotonic(), time.thread_time()
     outcomes = _send(rt, started)
+    cycle.waited_s += (time.monotonic() - sent) - (time.thread_time() - computed)  # off this thread's CPU
     _record(rt, work, started, outcomes, cycle)
     go_on = len(started) == len(wave)
     for call, outcome in zip(started, outcomes, strict=True):

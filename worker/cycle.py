@@ -30,6 +30,7 @@ class Cycle:
     dead: int = 0
     idle: bool = False
     paused: str | None = None  # why embedding is paused for every process
+    waited_s: float = 0.0  # spent waiting for the provider's answers (worker/loops.py)
 
 
 @dataclass

@@ -40,12 +40,11 @@ import sqlalchemy as sa
 from kombu.transport import sqlalchemy as kombu_sqla
 from kombu.transport.virtual import Empty
 
-from worker.entries import decode_entry, undeliverable_message
+from worker.entries import decode_entry, take_count, undeliverable_message
 
 log = logging.getLogger(__name__)
 
 POLL_S = 0.1  # how often the consumer polls the file (a query on a local file)
-MAX_TAKE = 16  # messages one take may hand out (fewer when the prefetch limit leaves less room)
 STATE_TABLE = "sidecar_broker_state"
 DELETES_ACKED = "deletes-acked-rows"  # the marker: this file's invisible rows are in flight
 
@@ -78,8 +77,7 @@ class Channel(kombu_sqla.Channel):
     def _get_and_deliver(self, queue: str, callback: Any) -> None:
         """As many messages as the prefetch limit leaves room for, taken in one transaction, each
         handed to kombu in turn; should a delivery raise, the ones after it are visible again."""
-        room = self.qos.can_consume_max_estimate()  # None: no limit
-        taken = self._take(queue, MAX_TAKE if room is None else max(1, min(MAX_TAKE, room)))
+        taken = self._take(queue, take_count(self.qos.can_consume_max_estimate()))
         for n, payload in enumerate(taken):
             try:
                 callback(payload, queue)

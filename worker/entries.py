@@ -14,6 +14,14 @@ from typing import Any
 
 UNDELIVERABLE_TASK = "sidecar.undeliverable"
 RAW_CHARS = 4096
+MAX_TAKE = 16  # entries one pop or take may hand out (fewer when the prefetch limit leaves less room)
+
+
+def take_count(room: int | None) -> int:
+    """How many entries one pop or take may hand out, given the room the prefetch limit leaves
+    (None: no limit); at least one, so that a consumer with no room still makes progress once
+    kombu asks (it asks only when it can take one)."""
+    return MAX_TAKE if room is None else max(1, min(MAX_TAKE, room))
 
 
 def decode_entry(item: bytes) -> tuple[dict[str, Any] | None, str]:

@@ -12,6 +12,7 @@ import time
 
 from worker import pipeline, reconciler
 from worker.batch.lane import BatchLane
+from worker.loops import LoopScale
 from worker.runtime import Runtime
 from worker.sql import backlog_models
 from worker.sql.models import utcnow
@@ -32,8 +33,9 @@ class EmbedService:
         self._running = 0  # cycles in flight
         self._last_work = time.monotonic()  # when a cycle last had work
         self._sampled_minute: object = None  # the UTC minute this process last sampled the backlog in
+        self.scale = LoopScale(threads)  # how many of the loops work now (worker/loops.py)
         self._threads = [  # the first watches for work; the others sleep while there is none
-            threading.Thread(target=self._loop, args=(i == 0,), name=f"sidecar-embed-{i}", daemon=True)
+            threading.Thread(target=self._loop, args=(i,), name=f"sidecar-embed-{i}", daemon=True)
             for i in range(threads)
         ]
         if reconcile and rt.settings.reconcile_interval_s > 0:
@@ -54,21 +56,30 @@ class EmbedService:
         if getattr(self, "_batch_lane", None) is not None:
             self._batch_lane.stop(timeout_s)
         self.rt.wake.set()
+        self.scale.release()
         for thread in self._threads:
             thread.join(timeout_s)
 
-    def _loop(self, watching: bool) -> None:
-        """Cycle after cycle. Idle, the watching loop looks again every `poll_interval_s`, the
-        others every IDLE_WAIT_S (so idle polling costs one loop's, however many there are); an
-        ingest in this process wakes them all, and so does a cycle that found a backlog."""
+    def _loop(self, index: int) -> None:
+        """Cycle after cycle, while `scale` lets this loop work (the first always). Idle, the
+        watching (first) loop looks again every `poll_interval_s`, the others every IDLE_WAIT_S
+        (so idle polling costs one loop's, however many there are); an ingest in this process
+        wakes the working ones, and so does a cycle that found a backlog."""
+        watching = index == 0
         failures = 0
         while not self._stop.is_set():
+            if not self.scale.admitted(index, self._stop, self.IDLE_WAIT_S):
+                continue
+            started = time.monotonic()
             cycle = self._run_cycle(failures)
             if cycle is None:  # a bug or an outage must not end the loop; the lease recovers the work
                 failures += 1
                 self._stop.wait(min(30.0, 0.5 * 2**failures))
                 continue
             failures = 0
+            if not cycle.paused:
+                full = cycle.claimed >= self.rt.settings.claim_docs
+                self.scale.noted(full=full, wall_s=time.monotonic() - started, waited_s=cycle.waited_s)
             self._sample_backlog()
             if cycle.idle and self._idle_long_enough():
                 self._optimize_store()

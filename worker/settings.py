@@ -22,7 +22,7 @@ from worker import catalog
 from worker.errors import ConfigError
 
 EMBEDDED_PREFIX = "sqla+sqlite:"  # the embedded default broker: an SQLite file (worker/embedded_broker.py)
-EMBED_THREADS, EMBED_THREADS_EMBEDDED = 3, 2  # embedding loops per process (Settings.default_embed_threads)
+EMBED_THREADS = 6  # embedding loops per process at most (Settings.default_embed_threads)
 
 
 class Settings(BaseSettings):
@@ -171,12 +171,11 @@ class Settings(BaseSettings):
         return self.broker_url or f"{EMBEDDED_PREFIX}///{(self.data_dir / 'broker.sqlite').resolve()}"
 
     def default_embed_threads(self) -> int:
-        """Embedding loops per process when the command line names none: 3 (one watches for
-        work while idle; at the Singapore v3 limits 3 loops reach 0.94 of the ceiling where 2
-        reach 0.82), or 2 on the embedded SQLite broker, whose one process a third loop only
-        splits the trickle for."""
-        embedded = self.resolved_broker_url().startswith(EMBEDDED_PREFIX)
-        return EMBED_THREADS_EMBEDDED if embedded else EMBED_THREADS
+        """Embedding loops per process when the command line names none: at most 6, of which
+        only as many work as a backlog behind the provider's latency needs (worker/loops.py): one
+        while the process keeps up; at the Singapore v3 limits two workers reach 0.94 of the
+        ceiling with 5 or 6, 0.83 with 3."""
+        return EMBED_THREADS
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'sidecar.sqlite').resolve()}"

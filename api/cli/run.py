@@ -53,7 +53,8 @@ def add_worker_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--embed-threads",
         type=int,
         default=None,
-        help="embedding loops per process, each claiming its own work (default: 3; 2 on the SQLite broker)",
+        help="embedding loops per process at most, each claiming its own work; one works while the "
+        "process keeps up, more join under a backlog (default: 6)",
     )
     p.add_argument("--loglevel", default=None, help="log level (default: SIDECAR_LOG_LEVEL, INFO)")
     p.set_defaults(func=cmd_worker)
@@ -101,7 +102,7 @@ def add_serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "--embed-threads",
         type=int,
         default=None,
-        help="embedding loops in the process (default: 3; 2 on the embedded SQLite broker)",
+        help="embedding loops in the process at most; more than one work only under a backlog (default: 6)",
     )
     p.add_argument(
         "--concurrency",
