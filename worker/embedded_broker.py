@@ -136,14 +136,15 @@ class Channel(kombu_sqla.Channel):
 
     def _build_statements(self) -> _Statements:
         table = self.message_cls.__table__
+        rows = table.c.id.in_(sa.bindparam("ids", expanding=True))
         self._statements = _Statements(
             visible=sa.select(table.c.id, table.c.payload)
             .where(table.c.queue_id == sa.bindparam("queue_id"), table.c.visible != False)  # noqa: E712
             .order_by(table.c.timestamp, table.c.id)  # the column of kombu's `sent_at`
             .limit(sa.bindparam("n"))
             .with_for_update(),
-            hide=sa.update(table).where(table.c.id.in_(sa.bindparam("ids", expanding=True))).values(visible=False),
-            delete=sa.delete(table).where(table.c.id.in_(sa.bindparam("ids", expanding=True))),
+            hide=sa.update(table).where(rows).values(visible=False),
+            delete=sa.delete(table).where(rows),
         )
         return self._statements
 
