@@ -9,13 +9,16 @@ Same payload contract, point ids and version rule as the Qdrant adapter
 2. Conditional upsert with the condition version <= v: Edge skips an existing point failing it
    and always inserts a missing one; a redelivery of v overwrites itself.
 3. Delete the document's points with version < v (Edge has real payload indexes: one filter).
-4. Post-check, as in the Qdrant adapter: if a delete or a newer write landed, delete what step 2
-   may have inserted and report that the write did not take effect.
 
-`write_documents` runs steps 1-4 for a cycle's documents with one shard call per step.
+`write_documents` runs these for a cycle's documents with one shard call per step. A document
+the pre-check found no point of (neither chunk 0 nor a tombstone) has none at all, because a
+version's chunks are written and removed together and chunk 0 is one of them: its points go in
+an upsert without condition and it has nothing to delete (the condition, a disjunction over the
+cycle's documents checked against every point, was the costliest part of a cycle's write).
 
-Every write runs under one lock and no other process can open the directory, so steps 1-4 never
-interleave; the post-check stays for the same contract. A tombstone is a point with no vector at
+Every write runs under one lock and no other process can open the directory, so no write lands
+between steps 1 and 3: the Qdrant adapter's post-check (did a delete or a newer write land
+meanwhile?) has nothing to find here. A tombstone is a point with no vector at
 all. Metadata nested deeper than `MAX_META_DEPTH` is refused before it is written: Edge 0.9.0
 accepts it but cannot replay it from its WAL, so the shard would not open again. Collections and
 their optimisation: worker/vectorstore/edge_collections.py.
@@ -123,11 +126,11 @@ class EdgeStore(EdgeCollections):
     ) -> bool:
         """Write version `version`; False if a newer version or a delete supersedes it."""
         doc = DocWrite(tenant, doc_id, version, chunks, meta)
-        (points,) = self._prepared("write_document", collection, [doc], model=model, dimensions=dimensions)
+        points = self._prepared("write_document", collection, [doc], model=model, dimensions=dimensions)
         with self._lock:
             try:
                 with translated("write_document", rejecting=True):
-                    return self._write_points(collection, tenant, doc_id, version, points)
+                    return self._write_many(collection, [doc], points)[0]
             except StoreRejected:
                 self._discard(collection, tenant, doc_id, version)
                 raise
@@ -136,10 +139,10 @@ class EdgeStore(EdgeCollections):
         self, collection: str, docs: list[DocWrite], *, model: str, dimensions: int
     ) -> list[bool]:
         """`write_document` for each of `docs` (distinct documents of one collection), with the
-        same results, in four shard calls for the lot instead of four each: the pre-checks in one
-        retrieve, the points in one upsert whose condition holds each document's own version
-        guard (a point id belongs to one document, so the disjunction is exact), the older points
-        in one delete, the post-checks in one retrieve. Raises on the first document it refuses
+        same results, in at most four shard calls for the lot: the pre-checks in one retrieve, the
+        points of documents without any in one upsert, the others' in one whose condition holds
+        each document's own version guard (a point id belongs to one document, so the
+        disjunction is exact), their older points in one delete. Raises on the first document it refuses
         (nothing is left of the lot's new points); the caller then writes one by one."""
         points = self._prepared("write_documents", collection, docs, model=model, dimensions=dimensions)
         with self._lock:
@@ -175,30 +178,31 @@ class EdgeStore(EdgeCollections):
             ]
 
     def _write_many(self, collection: str, docs: list[DocWrite], points: list[list[qe.Point]]) -> list[bool]:
-        name = self._name(collection)
-        shard = self._shards[name]
-        live = [i for i, newer in enumerate(self._superseded_many(collection, docs)) if newer is None]
+        shard = self._shards[self._name(collection)]
+        looked = self._looked_up(collection, docs)
+        live = [i for i, (newer, _) in enumerate(looked) if newer is None]
+        fresh = [point for i in live if not looked[i][1] for point in points[i]]
+        older = [i for i in live if looked[i][1]]  # documents with points: guarded, and cleaned up
+        if fresh:
+            shard.update(qe.UpdateOperation.upsert_points(fresh))
         guards: list[Any] = [
             _doc_filter(docs[i].tenant, docs[i].doc_id, _versions(lte=docs[i].version))
-            for i in live
+            for i in older
             if points[i]
         ]
         if guards:
-            lot = [point for i in live for point in points[i]]
+            lot = [point for i in older for point in points[i]]
             shard.update(qe.UpdateOperation.upsert_points(lot, condition=qe.Filter(should=guards)))
-            self._written[name] = self._written.get(name, 0) + len(lot)
-        if live:
+        if older:
             stale: list[Any] = [
-                _doc_filter(docs[i].tenant, docs[i].doc_id, _versions(lt=docs[i].version)) for i in live
+                _doc_filter(docs[i].tenant, docs[i].doc_id, _versions(lt=docs[i].version)) for i in older
             ]
             shard.update(qe.UpdateOperation.delete_points_by_filter(qe.Filter(should=stale)))
+        name = self._name(collection)
+        self._written[name] = self._written.get(name, 0) + sum(len(points[i]) for i in live)
         written = [False] * len(docs)
-        after = self._superseded_many(collection, [docs[i] for i in live])
-        for i, newer in zip(live, after, strict=True):
-            if newer is None:
-                written[i] = True
-            else:
-                self._remove_older(shard, collection, docs[i].tenant, docs[i].doc_id, newer)
+        for i in live:
+            written[i] = True
         return written
 
     def _discard(self, collection: str, tenant: str, doc_id: str, version: int) -> None:
@@ -224,37 +228,6 @@ class EdgeStore(EdgeCollections):
             qe.Point(point_id(tenant, collection, doc_id, chunk.chunk_index), self._vectors(chunk), payload)
             for chunk, payload in zip(chunks, payloads, strict=True)
         ]
-
-    def _write_points(
-        self, collection: str, tenant: str, doc_id: str, version: int, points: list[qe.Point]
-    ) -> bool:
-        """Steps 1-4 of the module's docstring, under the write lock."""
-        name = self._name(collection)
-        shard = self._shards[name]
-        if self.superseded_by(collection, tenant, doc_id, version):
-            return False
-        if points:
-            guard = _doc_filter(tenant, doc_id, _versions(lte=version))
-            shard.update(qe.UpdateOperation.upsert_points(points, condition=guard))
-            self._written[name] = self._written.get(name, 0) + len(points)
-        stale = _doc_filter(tenant, doc_id, _versions(lt=version))
-        shard.update(qe.UpdateOperation.delete_points_by_filter(stale))
-        if newer := self.superseded_by(collection, tenant, doc_id, version):
-            self._remove_older(shard, collection, tenant, doc_id, newer)
-            return False
-        return True
-
-    @staticmethod
-    def _remove_older(
-        shard: qe.EdgeShard, collection: str, tenant: str, doc_id: str, newer: tuple[int, bool]
-    ) -> None:
-        """Step 4's clean-up: a newer write or a delete landed; remove what is older than it."""
-        upto, deleted = newer
-        older = _versions(lte=upto) if deleted else _versions(lt=upto)
-        keep = qe.HasIdCondition({tombstone_id(tenant, collection, doc_id)})
-        shard.update(
-            qe.UpdateOperation.delete_points_by_filter(_doc_filter(tenant, doc_id, older, exclude=keep))
-        )
 
     def delete_document(
         self,
@@ -313,19 +286,13 @@ class EdgeStore(EdgeCollections):
         self, collection: str, tenant: str, doc_id: str, version: int
     ) -> tuple[int, bool] | None:
         """(version, is_delete) of a tombstone >= `version` or a chunk 0 > `version`, if any."""
-        tombstone = tombstone_id(tenant, collection, doc_id)
-        first = point_id(tenant, collection, doc_id, 0)
-        shard = self._shard(self._name(collection))
-        if shard is None:
-            return None
-        found = {str(r.id): r.payload or {} for r in shard.retrieve([tombstone, first], ["version"], False)}
-        return _newer(found, tombstone, first, version)
+        return self._looked_up(collection, [DocWrite(tenant, doc_id, version, [], {})])[0][0]
 
-    def _superseded_many(self, collection: str, docs: list[DocWrite]) -> list[tuple[int, bool] | None]:
-        """`superseded_by` of each of `docs`, in one retrieve."""
+    def _looked_up(self, collection: str, docs: list[DocWrite]) -> list[tuple[tuple[int, bool] | None, bool]]:
+        """For each of `docs`, in one retrieve: `superseded_by`, and whether it has any point."""
         shard = self._shard(self._name(collection))
         if shard is None or not docs:
-            return [None] * len(docs)
+            return [(None, False)] * len(docs)
         ids = [
             (tombstone_id(d.tenant, collection, d.doc_id), point_id(d.tenant, collection, d.doc_id, 0))
             for d in docs
@@ -333,6 +300,6 @@ class EdgeStore(EdgeCollections):
         wanted: list[Any] = [point for pair in ids for point in pair]
         found = {str(r.id): r.payload or {} for r in shard.retrieve(wanted, ["version"], False)}
         return [
-            _newer(found, tombstone, first, d.version)
+            (_newer(found, tombstone, first, d.version), tombstone in found or first in found)
             for (tombstone, first), d in zip(ids, docs, strict=True)
         ]
