@@ -56,12 +56,13 @@ class LoopScale:
         """A cycle ended: it claimed as much as it could (`full`), took `wall_s`, and waited
         `waited_s` of that for the provider's answers."""
         with self._changed:
-            self._wall_s += wall_s
-            self._waited_s += waited_s
-            if not full:
+            now, used = self._clock(), self._cpu()
+            if not full:  # and what was measured so far no longer says anything of a backlog
+                self._since, self._waited_s, self._wall_s = (now, used), 0.0, 0.0
                 self._set(self.active - 1, "no backlog")
                 return
-            now, used = self._clock(), self._cpu()
+            self._wall_s += wall_s
+            self._waited_s += waited_s
             span = now - self._since[0]
             if span < CHANGE_EVERY_S:
                 return
