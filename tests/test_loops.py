@@ -89,4 +89,5 @@ def test_a_waiting_loop_is_admitted_when_it_joins_and_released_at_stop() -> None
     stop.set()
     scale.release()
     waiter.join(5)
-    assert admitted == [True, True] and not waiter.is_alive()
+    assert admitted == [True, False] and not waiter.is_alive()  # stopped: no further cycle
+    assert not scale.admitted(0, stop, timeout_s=0.0)

@@ -129,10 +129,14 @@ class Channel(kombu_sqla.Channel):
         finally:
             session.commit()
 
-    def _queue_id(self, queue: str) -> int:
-        if queue not in self._queue_ids:
-            self._queue_ids[queue] = self._get_or_create(queue).id
-        return self._queue_ids[queue]
+    def _queue_id(self, queue: str) -> int | None:
+        """The queue's row; not kept while kombu's declare has not committed one (its id None)."""
+        if queue in self._queue_ids:
+            return self._queue_ids[queue]
+        found: int | None = self._get_or_create(queue).id
+        if found is not None:
+            self._queue_ids[queue] = found
+        return found
 
     def _build_statements(self) -> _Statements:
         table = self.message_cls.__table__

@@ -43,9 +43,11 @@ class LoopScale:
         self._wall_s = 0.0
 
     def admitted(self, index: int, stop: threading.Event, timeout_s: float) -> bool:
-        """Wait until loop `index` may work (True) or `timeout_s` passed (False); the first always may."""
+        """Wait until loop `index` may work (True) or `timeout_s` passed or `stop` was set (False);
+        the first may work at once unless stopped."""
         with self._changed:
-            return self._changed.wait_for(lambda: index < self.active or stop.is_set(), timeout_s)
+            self._changed.wait_for(lambda: index < self.active or stop.is_set(), timeout_s)
+            return index < self.active and not stop.is_set()
 
     def release(self) -> None:
         """Wake every waiting loop (at stop)."""

@@ -4,17 +4,17 @@ default store, in-process, one Edge shard per collection (layout in worker/vecto
 Same payload contract, point ids and version rule as the Qdrant adapter
 (worker/vectorstore/qdrant.py); writing version v of a document:
 
-1. Pre-check (`superseded_by`, one `retrieve` of two ids): refuse if the document's tombstone
-   has a version >= v or its chunk 0 a version > v.
+1. Pre-check (one `retrieve`: the tombstone, chunk 0 and the points to write): refuse if the
+   document's tombstone has a version >= v or its chunk 0 a version > v.
 2. Conditional upsert with the condition version <= v: Edge skips an existing point failing it
    and always inserts a missing one; a redelivery of v overwrites itself.
 3. Delete the document's points with version < v (Edge has real payload indexes: one filter).
 
-`write_documents` runs these for a cycle's documents with one shard call per step. A document
-the pre-check found no point of (neither chunk 0 nor a tombstone) has none at all, because a
-version's chunks are written and removed together and chunk 0 is one of them: its points go in
-an upsert without condition and it has nothing to delete (the condition, a disjunction over the
-cycle's documents checked against every point, was the costliest part of a cycle's write).
+`write_documents` runs these for a cycle's documents with one shard call per step. The pre-check
+also looks up every point a document is about to write: a document none of whose points is there
+yet (nor its tombstone) goes in an upsert without condition, which is the same write, because the
+condition only decides over existing points (that disjunction over the cycle's documents,
+checked against every point, was the costliest part of a cycle's write).
 
 Every write runs under one lock and no other process can open the directory, so no write lands
 between steps 1 and 3: the Qdrant adapter's post-check (did a delete or a newer write land
@@ -140,10 +140,11 @@ class EdgeStore(EdgeCollections):
     ) -> list[bool]:
         """`write_document` for each of `docs` (distinct documents of one collection), with the
         same results, in at most four shard calls for the lot: the pre-checks in one retrieve, the
-        points of documents without any in one upsert, the others' in one whose condition holds
-        each document's own version guard (a point id belongs to one document, so the
-        disjunction is exact), their older points in one delete. Raises on the first document it refuses
-        (nothing is left of the lot's new points); the caller then writes one by one."""
+        points of documents none of whose points is there yet in one upsert, the others' in one
+        whose condition holds each document's own version guard (a point id belongs to one
+        document, so the disjunction is exact), the older points in one delete. Raises on the
+        first document it refuses (nothing is left of the lot's new points); the caller then
+        writes one by one."""
         points = self._prepared("write_documents", collection, docs, model=model, dimensions=dimensions)
         with self._lock:
             try:
@@ -182,28 +183,24 @@ class EdgeStore(EdgeCollections):
         looked = self._looked_up(collection, docs)
         live = [i for i, (newer, _) in enumerate(looked) if newer is None]
         fresh = [point for i in live if not looked[i][1] for point in points[i]]
-        older = [i for i in live if looked[i][1]]  # documents with points: guarded, and cleaned up
-        if fresh:
+        if fresh:  # none of these points is there: the version condition has nothing to decide
             shard.update(qe.UpdateOperation.upsert_points(fresh))
-        guards: list[Any] = [
-            _doc_filter(docs[i].tenant, docs[i].doc_id, _versions(lte=docs[i].version))
-            for i in older
-            if points[i]
-        ]
-        if guards:
-            lot = [point for i in older for point in points[i]]
+        guarded = [i for i in live if looked[i][1] and points[i]]
+        if guarded:
+            guards: list[Any] = [
+                _doc_filter(docs[i].tenant, docs[i].doc_id, _versions(lte=docs[i].version)) for i in guarded
+            ]
+            lot = [point for i in guarded for point in points[i]]
             shard.update(qe.UpdateOperation.upsert_points(lot, condition=qe.Filter(should=guards)))
-        if older:
+        if live:
             stale: list[Any] = [
-                _doc_filter(docs[i].tenant, docs[i].doc_id, _versions(lt=docs[i].version)) for i in older
+                _doc_filter(docs[i].tenant, docs[i].doc_id, _versions(lt=docs[i].version)) for i in live
             ]
             shard.update(qe.UpdateOperation.delete_points_by_filter(qe.Filter(should=stale)))
         name = self._name(collection)
         self._written[name] = self._written.get(name, 0) + sum(len(points[i]) for i in live)
-        written = [False] * len(docs)
-        for i in live:
-            written[i] = True
-        return written
+        written = set(live)
+        return [i in written for i in range(len(docs))]
 
     def _discard(self, collection: str, tenant: str, doc_id: str, version: int) -> None:
         """Best effort after a refused write: remove the points of `version` it may have left."""
@@ -289,17 +286,22 @@ class EdgeStore(EdgeCollections):
         return self._looked_up(collection, [DocWrite(tenant, doc_id, version, [], {})])[0][0]
 
     def _looked_up(self, collection: str, docs: list[DocWrite]) -> list[tuple[tuple[int, bool] | None, bool]]:
-        """For each of `docs`, in one retrieve: `superseded_by`, and whether it has any point."""
+        """For each of `docs`, in one retrieve: `superseded_by`, and whether its tombstone or any
+        of the points it is about to write is there already."""
         shard = self._shard(self._name(collection))
         if shard is None or not docs:
             return [(None, False)] * len(docs)
         ids = [
-            (tombstone_id(d.tenant, collection, d.doc_id), point_id(d.tenant, collection, d.doc_id, 0))
+            (
+                tombstone_id(d.tenant, collection, d.doc_id),
+                point_id(d.tenant, collection, d.doc_id, 0),
+                [point_id(d.tenant, collection, d.doc_id, c.chunk_index) for c in d.chunks],
+            )
             for d in docs
         ]
-        wanted: list[Any] = [point for pair in ids for point in pair]
+        wanted: list[Any] = list({p for tombstone, first, own in ids for p in (tombstone, first, *own)})
         found = {str(r.id): r.payload or {} for r in shard.retrieve(wanted, ["version"], False)}
         return [
-            (_newer(found, tombstone, first, d.version), tombstone in found or first in found)
-            for (tombstone, first), d in zip(ids, docs, strict=True)
+            (_newer(found, tombstone, first, d.version), any(p in found for p in (tombstone, *own)))
+            for (tombstone, first, own), d in zip(ids, docs, strict=True)
         ]
