@@ -109,6 +109,12 @@ class Backend:
             sparse = record.vector["sparse"]
         return sorted(zip(sparse.indices, sparse.values, strict=True))
 
+    def delete_point(self, store, pid: str) -> None:
+        if self.kind == "edge":
+            store._shard(store._name(COLL)).update(qe.UpdateOperation.delete_points([pid]))
+        else:
+            store.client.delete(store.prefix + COLL, points_selector=[pid])
+
     def close(self) -> None:
         if self.kind == "edge":
             for store in self.opened:
@@ -234,11 +240,7 @@ def test_an_older_write_keeps_off_newer_chunks_even_without_chunk_0(store, backe
     failed half-way, then cleaned up its own version): an older version writes only where no
     newer point stands, so the newer chunks stay."""
     write(store, "doc-1", 5, 3)
-    first = point_id("t1", COLL, "doc-1", 0)
-    if backend.kind == "edge":
-        store._shard(store._name(COLL)).update(qe.UpdateOperation.delete_points([first]))
-    else:
-        store.client.delete(store.prefix + COLL, points_selector=[first])
+    backend.delete_point(store, point_id("t1", COLL, "doc-1", 0))
     assert write(store, "doc-1", 4, 3)
     assert versions(store, "doc-1") == [(0, 4), (1, 5), (2, 5)]
 

@@ -31,6 +31,7 @@ transport options to `create_engine`, so the interval is a class attribute.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -82,7 +83,6 @@ class Channel(kombu_sqla.Channel):
         self._acked: list[int] = []  # rows acknowledged since the last take: deleted by the next
         self._acked_lock = threading.Lock()
         self._queue_ids: dict[str, int] = {}  # queue name -> its row (kombu never deletes one)
-        self._statements: _Statements | None = None
 
     def _get_and_deliver(self, queue: str, callback: Any) -> None:
         """As many messages as the prefetch limit leaves room for, taken in one transaction, each
@@ -106,7 +106,7 @@ class Channel(kombu_sqla.Channel):
         a third of the embedded worker's CPU at one event a message."""
         self._restore_once(queue)
         queue_id = self._queue_id(queue)
-        statements = self._statements or self._build_statements()
+        statements = self._statements
         session = self.session
         if session.bind.name == "sqlite":
             session.execute(sa.text("BEGIN IMMEDIATE TRANSACTION"))
@@ -138,10 +138,11 @@ class Channel(kombu_sqla.Channel):
             self._queue_ids[queue] = found
         return found
 
-    def _build_statements(self) -> _Statements:
+    @functools.cached_property
+    def _statements(self) -> _Statements:
         table = self.message_cls.__table__
         rows = table.c.id.in_(sa.bindparam("ids", expanding=True))
-        self._statements = _Statements(
+        return _Statements(
             visible=sa.select(table.c.id, table.c.payload)
             .where(table.c.queue_id == sa.bindparam("queue_id"), table.c.visible != False)  # noqa: E712
             .order_by(table.c.timestamp, table.c.id)  # the column of kombu's `sent_at`
@@ -150,7 +151,6 @@ class Channel(kombu_sqla.Channel):
             hide=sa.update(table).where(rows).values(visible=False),
             delete=sa.delete(table).where(rows),
         )
-        return self._statements
 
     def _handed_out(self, queue: str, row: int, stored: Any) -> dict[str, Any]:
         """The message a taken row holds (or the sidecar.undeliverable task about it, whose ack

@@ -38,9 +38,7 @@ class LoopScale:
         self.active = 1
         self._clock, self._cpu = clock, cpu
         self._changed = threading.Condition()
-        self._since = (clock(), cpu())
-        self._waited_s = 0.0
-        self._wall_s = 0.0
+        self._restart(clock(), cpu())
 
     def admitted(self, index: int, stop: threading.Event, timeout_s: float) -> bool:
         """Wait until loop `index` may work (True) or `timeout_s` passed or `stop` was set (False);
@@ -60,7 +58,7 @@ class LoopScale:
         with self._changed:
             now, used = self._clock(), self._cpu()
             if not full:  # and what was measured so far no longer says anything of a backlog
-                self._since, self._waited_s, self._wall_s = (now, used), 0.0, 0.0
+                self._restart(now, used)
                 self._set(self.active - 1, "no backlog")
                 return
             self._wall_s += wall_s
@@ -70,11 +68,17 @@ class LoopScale:
                 return
             cpu_share = (used - self._since[1]) / span
             wait_share = self._waited_s / self._wall_s if self._wall_s > 0 else 0.0
-            self._since, self._waited_s, self._wall_s = (now, used), 0.0, 0.0
+            self._restart(now, used)
             if cpu_share >= BUSY_CPU_SHARE:
                 self._set(self.active - 1, f"cpu {cpu_share:.2f}")
             elif wait_share >= GROW_WAIT_SHARE:
                 self._set(self.active + 1, f"waiting {wait_share:.2f}")
+
+    def _restart(self, now: float, used: float) -> None:
+        """Measure afresh from this moment (wall clock `now`, process CPU `used`)."""
+        self._since = (now, used)
+        self._waited_s = 0.0
+        self._wall_s = 0.0
 
     def _set(self, active: int, why: str) -> None:
         active = min(self.most, max(1, active))

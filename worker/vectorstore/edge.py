@@ -18,9 +18,9 @@ checked against every point, was the costliest part of a cycle's write).
 
 Every write runs under one lock and no other process can open the directory, so no write lands
 between steps 1 and 3: the Qdrant adapter's post-check (did a delete or a newer write land
-meanwhile?) has nothing to find here. A tombstone is a point with no vector at
-all. Metadata nested deeper than `MAX_META_DEPTH` is refused before it is written: Edge 0.9.0
-accepts it but cannot replay it from its WAL, so the shard would not open again. Collections and
+meanwhile?) has nothing to find here. A tombstone is a point with no vector at all. Metadata
+nested deeper than `MAX_META_DEPTH` is refused before it is written: Edge 0.9.0 accepts it but
+cannot replay it from its WAL, so the shard would not open again. Collections and
 their optimisation: worker/vectorstore/edge_collections.py.
 """
 
@@ -179,7 +179,8 @@ class EdgeStore(EdgeCollections):
             ]
 
     def _write_many(self, collection: str, docs: list[DocWrite], points: list[list[qe.Point]]) -> list[bool]:
-        shard = self._shards[self._name(collection)]
+        name = self._name(collection)
+        shard = self._shards[name]
         looked = self._looked_up(collection, docs)
         live = [i for i, (newer, _) in enumerate(looked) if newer is None]
         fresh = [point for i in live if not looked[i][1] for point in points[i]]
@@ -197,7 +198,6 @@ class EdgeStore(EdgeCollections):
                 _doc_filter(docs[i].tenant, docs[i].doc_id, _versions(lt=docs[i].version)) for i in live
             ]
             shard.update(qe.UpdateOperation.delete_points_by_filter(qe.Filter(should=stale)))
-        name = self._name(collection)
         self._written[name] = self._written.get(name, 0) + sum(len(points[i]) for i in live)
         written = set(live)
         return [i in written for i in range(len(docs))]
